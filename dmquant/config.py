@@ -1,0 +1,183 @@
+"""Typed, frozen configuration: what to quantize and how. Round-trips through dicts, JSON and YAML.
+
+Unknown keys are refused with the list of valid ones, so a typo in a recipe never silently falls back
+to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .formats import BlockFormat, FloatFormat, get_format
+from .granularity import PerGroup, PerTensor, PerToken, parse_granularity
+
+RECIPE_VERSION = 1
+BACKENDS = ("fake", "fbgemm", "cuda")
+COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")
+
+
+def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    return data
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: format, granularity, symmetry, static or dynamic scales."""
+
+    format: str
+    granularity: str = "channel"
+    symmetric: bool = True
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.format)  # raises on unknown names / bits out of range
+        gran = parse_granularity(self.granularity)
+        if isinstance(fmt, BlockFormat):
+            if not (isinstance(gran, PerGroup) and gran.size == fmt.block_size):
+                # Block formats fix their own granularity: normalise rather than refuse a default.
+                object.__setattr__(self, "granularity", str(PerGroup(fmt.block_size)))
+        if not self.symmetric and isinstance(fmt, (FloatFormat, BlockFormat)):
+            raise ValueError(f"{self.format}: floating-point formats are symmetric only")
+        if isinstance(gran, PerToken) and not self.dynamic:
+            raise ValueError("per-token scales are computed at run time: set dynamic: true")
+        object.__setattr__(self, "granularity", str(parse_granularity(self.granularity)))
+
+    @property
+    def fmt(self):
+        return get_format(self.format)
+
+    @property
+    def gran(self):
+        return parse_granularity(self.granularity)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales must be observed on data before use."""
+        return not self.dynamic
+
+    def short(self) -> str:
+        tail = "dyn" if self.dynamic else ""
+        return "/".join(p for p in (self.format, self.granularity, "" if self.symmetric else "asym", tail) if p)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str, where: str = "spec") -> "QuantSpec":
+        if isinstance(data, str):
+            data = {"format": data}
+        return cls(**_strict(cls, data, where))
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Quantization of attention internals: Q, K, V and the softmax output (probabilities)."""
+
+    qkv: QuantSpec | None = None
+    probs: QuantSpec | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "attention") -> "AttentionSpec":
+        data = _strict(cls, data, where)
+        return cls(**{k: None if v is None else QuantSpec.from_dict(v, f"{where}.{k}") for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-layer exception (mixed precision): layers whose name matches `pattern` (regex search)."""
+
+    pattern: str
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    skip: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "override") -> "Override":
+        data = dict(_strict(cls, data, where))
+        for k in ("weight", "input"):
+            if data.get(k) is not None:
+                data[k] = QuantSpec.from_dict(data[k], f"{where}.{k}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named quantization recipe: what is quantized (components, filters) and how (specs)."""
+
+    name: str
+    description: str = ""
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    attention: AttentionSpec | None = None
+    components: tuple[str, ...] = ("denoiser",)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] | None = None
+    overrides: tuple[Override, ...] = ()
+    backend: str = "fake"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
+        bad = [c for c in self.components if c not in COMPONENTS]
+        if bad:
+            raise ValueError(f"unknown component(s) {bad}; use any of {COMPONENTS}")
+        if self.version > RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is newer than this dmquant ({RECIPE_VERSION})")
+        if self.weight is None and self.input is None and self.attention is None:
+            raise ValueError(f"recipe {self.name!r} quantizes nothing: give weight, input or attention")
+
+    @property
+    def needs_calibration(self) -> bool:
+        specs = [self.input, *(o.input for o in self.overrides)]
+        if self.attention is not None:
+            specs += [self.attention.qkv, self.attention.probs]
+        return any(s is not None and s.needs_calibration for s in specs)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        data = dict(_strict(cls, data, "recipe"))
+        if "name" not in data:
+            raise ValueError("recipe: missing required key 'name'")
+        for k in ("weight", "input"):
+            if data.get(k) is not None:
+                data[k] = QuantSpec.from_dict(data[k], f"recipe.{k}")
+        if data.get("attention") is not None:
+            data["attention"] = AttentionSpec.from_dict(data["attention"], "recipe.attention")
+        for k in ("components", "include"):
+            if k in data:
+                data[k] = tuple(data[k])
+        if data.get("exclude") is not None:
+            data["exclude"] = tuple(data["exclude"])
+        data["overrides"] = tuple(
+            Override.from_dict(o, f"recipe.overrides[{i}]") for i, o in enumerate(data.get("overrides", ()))
+        )
+        return cls(**data)
+
+
+def _plain(obj: Any) -> Any:
+    """asdict output with tuples as lists, so JSON/YAML dumps stay plain."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,44 @@
+"""Which layers get quantized: module types plus name patterns, with the papers' defaults.
+
+Defaults keep in high precision what Q-Diffusion, PTQ4DiT, ViDiT-Q and SVDQuant keep there: time and
+text embeddings, patch/position embeddings, adaLN modulation, norms, and the first and last layers.
+Patterns are regexes searched in the module's dotted name (relative to the quantized component).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+_EMBEDDINGS = (
+    "time_embed", "time_embedding", "add_embedding", "time_proj", "time_emb_proj", "adaln_single",
+    "caption_projection", "pos_embed", "patch_embed", "patch_embedding", "x_embedder", "context_embedder",
+    "time_text_embed", "condition_embedder", "timestep_embedder", "guidance_embedder",
+)
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"(^|\.)(" + "|".join(_EMBEDDINGS) + r")(\.|$)",
+    r"(^|\.)norm[\w]*(\.|$)",  # adaLN / AdaLayerNorm modulation linears live under norm*
+    r"^(conv_in|conv_out|proj_in|proj_out|conv_norm_out|norm_out)$",  # first and last layers
+)
+
+
+def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"invalid {what} pattern {p!r}: {err}") from err
+    return out
+
+
+class LayerFilter:
+    """`name -> bool`: selected when it matches an include (or includes are empty) and no exclude."""
+
+    def __init__(self, include: Iterable[str] = (), exclude: Iterable[str] | None = None) -> None:
+        self.include = _compile(include, "include")
+        self.exclude = _compile(DEFAULT_EXCLUDE if exclude is None else exclude, "exclude")
+
+    def __call__(self, name: str) -> bool:
+        if self.include and not any(p.search(name) for p in self.include):
+            return False
+        return not any(p.search(name) for p in self.exclude)

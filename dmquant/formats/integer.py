@@ -1,0 +1,46 @@
+"""Integer formats: signed two's complement `intN` and unsigned `uintN` (used with a zero point)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Format
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(
+                f"integer bits out of range: {self.bits} (dmquant supports {MIN_BITS}-{MAX_BITS} bits)"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def decode_table(self) -> torch.Tensor:
+        p = torch.arange(2**self.bits, dtype=torch.float64)
+        if self.signed:  # two's complement
+            p = torch.where(p >= 2 ** (self.bits - 1), p - 2**self.bits, p)
+        return p
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.round is round-half-to-even, as the integer grid needs.
+        return torch.round(x).clamp(self.qmin, self.qmax)
+
+    def encode(self, values: torch.Tensor) -> torch.Tensor:
+        return (values.to(torch.int16) & (2**self.bits - 1)).to(torch.uint8)
+
+    def unsigned(self) -> "IntFormat":
+        """The same width without sign, for asymmetric (zero-point) quantization."""
+        return IntFormat(name=f"uint{self.bits}", bits=self.bits, signed=False)

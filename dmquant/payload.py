@@ -1,0 +1,76 @@
+"""The stored form of a quantized weight: packed codes plus compactly encoded scales.
+
+Codes are bit-packed at the format's width; MX scales are stored as E8M0 bytes and NVFP4 block scales
+as e4m3 bytes (both exact), other scales as float32, zero points as bytes. Decoding reproduces the
+in-memory weight bit for bit, so a loaded model computes exactly what the saved one did.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import QuantSpec
+from .formats import BlockFormat, e8m0_decode, e8m0_encode, get_format
+from .nn.qmodule import QuantModule
+from .packing import pack, packed_nbytes, unpack
+from .primitives import QParams, dequantize, element_format
+
+E4M3 = get_format("fp8_e4m3")
+
+
+def _scale_codec(fmt) -> str:
+    return fmt.scale_kind if isinstance(fmt, BlockFormat) else "float32"
+
+
+def encode_weight(layer: QuantModule, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors that replace `{prefix}weight` and the weight quantizer's buffers in a state dict."""
+    wq = layer.weight_quantizer
+    spec, qp = wq.spec, wq.qparams
+    codes = element_format(spec.fmt, spec.symmetric).encode(wq.codes(layer.weight.detach()))
+    q = f"{prefix}weight_quantizer."
+    out = {f"{prefix}weight.packed": pack(codes, spec.bits)}
+    kind = _scale_codec(spec.fmt)
+    if kind == "e8m0":
+        out[q + "scale.e8m0"] = e8m0_encode(qp.scale)
+    elif kind == "fp8_e4m3":
+        out[q + "scale.e4m3"] = E4M3.encode(qp.scale)
+    else:
+        out[q + "scale"] = qp.scale.float()
+    if qp.zero_point is not None:
+        out[q + "zero_point"] = qp.zero_point.to(torch.uint8)
+    if qp.tensor_scale is not None:
+        out[q + "tensor_scale"] = qp.tensor_scale.float()
+    return out
+
+
+def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], shape: list[int],
+                  dtype: torch.dtype) -> None:
+    """Replace the layer's payload in `state` by its plain form: the weight and float scale buffers."""
+    q = f"{prefix}weight_quantizer."
+    if q + "scale.e8m0" in state:
+        scale = e8m0_decode(state.pop(q + "scale.e8m0"))
+    elif q + "scale.e4m3" in state:
+        scale = E4M3.decode(state.pop(q + "scale.e4m3"))
+    else:
+        scale = state.pop(q + "scale")
+    zero = state.pop(q + "zero_point", None)
+    qp = QParams(scale, None if zero is None else zero.float(), state.get(q + "tensor_scale"))
+    state[q + "scale"] = qp.scale
+    if qp.zero_point is not None:
+        state[q + "zero_point"] = qp.zero_point
+    codes = unpack(state.pop(f"{prefix}weight.packed"), spec.bits, math.prod(shape))
+    values = element_format(spec.fmt, spec.symmetric).decode(codes).reshape(shape[0], -1)
+    state[f"{prefix}weight"] = dequantize(values, spec.gran, qp, dtype).reshape(shape)
+
+
+def weight_nbytes(layer: QuantModule) -> int:
+    """Bytes of the stored weight payload (codes + scales), without building it."""
+    wq = layer.weight_quantizer
+    if wq is None:
+        return layer.weight.numel() * layer.weight.element_size()
+    qp = wq.qparams
+    scale_bytes = 1 if _scale_codec(wq.spec.fmt) != "float32" else 4
+    n = packed_nbytes(layer.weight.numel(), wq.spec.bits) + qp.scale.numel() * scale_bytes
+    n += 0 if qp.zero_point is None else qp.zero_point.numel()
+    return n + (0 if qp.tensor_scale is None else 4)

@@ -1,0 +1,199 @@
+"""save_quantized / load_quantized: packed safetensors + a JSON manifest, written atomically.
+
+Layout of a saved directory:
+  quantization.json        manifest: format version, recipe, plans, provenance, sha256 of every file
+  <component>/config.json  the component's own config (diffusers or transformers)
+  <component>/dmquant.safetensors   packed quantized weights + every other tensor of the component
+  model_index.json, <other>/...     for a pipeline: the untouched components via save_pretrained
+A bare model is saved the same way with the component folder "model". Nothing is pickled; loading
+verifies hashes, rebuilds the skeleton on the meta device, re-applies the plan and assigns tensors.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .api import LayerPlan, QuantState, apply_plan, quant_layers, quantized_components
+from .atomic import MANIFEST, atomic_directory, hash_tree, verify_tree
+from .components import BARE
+from .config import QuantSpec, Recipe
+from .nn.quantizer import TensorQuantizer
+from .payload import decode_weight, encode_weight
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+WEIGHTS = "dmquant.safetensors"
+
+
+# -- plans as JSON ------------------------------------------------------------------------------
+def _plan_to_json(plan: dict[str, LayerPlan]) -> dict[str, Any]:
+    spec = lambda s: None if s is None else s.__dict__.copy()  # noqa: E731
+    return {n: {"kind": p.kind, "weight": spec(p.weight), "input": spec(p.input)} for n, p in plan.items()}
+
+
+def _plan_from_json(data: dict[str, Any]) -> dict[str, LayerPlan]:
+    spec = lambda s: None if s is None else QuantSpec.from_dict(s)  # noqa: E731
+    return {n: LayerPlan(p["kind"], spec(p["weight"]), spec(p["input"])) for n, p in data.items()}
+
+
+# -- saving -------------------------------------------------------------------------------------
+def save_quantized(obj: Any, directory: str | Path) -> Path:
+    """Save a quantized pipeline or model to `directory` (atomically; replaces a previous save)."""
+    comps = quantized_components(obj)
+    if not comps:
+        raise ValueError("nothing to save: the object carries no dmquant quantization (call dmquant.quantize)")
+    tops: dict[str, dict[str, nn.Module]] = {}
+    for path, module in comps.items():
+        top, _, sub = path.partition(".")
+        tops.setdefault(top, {})[sub] = module
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        manifest: dict[str, Any] = {"format": "dmquant", "format_version": FORMAT_VERSION,
+                                    "kind": "model" if isinstance(obj, nn.Module) else "pipeline",
+                                    "components": {}}
+        if manifest["kind"] == "pipeline":
+            obj.save_config(tmp)
+            for name, comp in obj.components.items():
+                if comp is not None and name not in tops and hasattr(comp, "save_pretrained"):
+                    comp.save_pretrained(tmp / name)
+        for top, subs in tops.items():
+            module = obj if top == BARE else getattr(obj, top)
+            manifest["components"][top] = _save_component(module, subs, tmp / top)
+        manifest["files"] = hash_tree(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    log.info("saved quantized %s to %s", manifest["kind"], directory)
+    return directory
+
+
+def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path) -> dict[str, Any]:
+    folder.mkdir(parents=True)
+    library = _save_config(module, folder)
+    state = module.state_dict()
+    entry: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}",
+                             "library": library, "parts": {}}
+    for sub, part in subs.items():
+        prefix = f"{sub}." if sub else ""
+        st: QuantState = part.dmquant_state
+        layers = {}
+        for name, layer in quant_layers(part).items():
+            if layer.weight_quantizer is None:
+                continue
+            full = f"{prefix}{name}."
+            for key in [k for k in state if k.startswith(full + "weight_quantizer.")] + [full + "weight"]:
+                state.pop(key)
+            state.update(encode_weight(layer, full))
+            layers[name] = {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch.")}
+        entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": _plan_to_json(st.plan),
+                               "weights": layers, "provenance": st.provenance}
+    save_file(_unshared(state), str(folder / WEIGHTS), metadata={"format": "dmquant"})
+    return entry
+
+
+def _save_config(module: nn.Module, folder: Path) -> str | None:
+    if hasattr(module, "save_config"):  # diffusers ModelMixin
+        module.save_config(folder)
+        return "diffusers"
+    config = getattr(module, "config", None)
+    if hasattr(config, "save_pretrained"):  # transformers PreTrainedModel
+        config.save_pretrained(folder)
+        return "transformers"
+    return None
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (tied weights): copy the repeats."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        out[k] = v.contiguous().clone() if key in seen or not v.is_contiguous() else v
+        seen.add(key)
+    return out
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_quantized(directory: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu") -> Any:
+    """Load what `save_quantized` wrote. For a model that is neither a diffusers nor a transformers
+    model, pass a float skeleton of the same architecture as `model`."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    verify_tree(directory, manifest.get("files", {}))
+    loaded = {top: _load_component(directory / top, entry, model if top == BARE else None)
+              for top, entry in manifest["components"].items()}
+    if manifest["kind"] == "model":
+        return loaded[BARE].to(device)
+    diffusers = importlib.import_module("diffusers")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(directory, local_files_only=True, **loaded)
+    return pipe.to(device)
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a dmquant checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupt checkpoint {directory}: {MANIFEST} is not valid JSON ({err})") from err
+    if manifest.get("format") != "dmquant" or not isinstance(manifest.get("components"), dict):
+        raise ValueError(f"{path} is not a dmquant manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{directory} was saved by a newer dmquant (format {manifest['format_version']})")
+    return manifest
+
+
+def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | None) -> nn.Module:
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"corrupt checkpoint: cannot read {folder / WEIGHTS}: {err}") from err
+    module = skeleton if skeleton is not None else _skeleton(folder, entry)
+    for sub, part in entry["parts"].items():
+        target = module.get_submodule(sub) if sub else module
+        recipe = Recipe.from_dict(part["recipe"])
+        plan = _plan_from_json(part["plan"])
+        try:
+            apply_plan(target, plan, recipe, init_scales=False)
+        except AttributeError as err:
+            raise ValueError(f"checkpoint does not match the model: {err}") from err
+        prefix = f"{sub}." if sub else ""
+        for name, meta in part["weights"].items():
+            decode_weight(plan[name].weight, f"{prefix}{name}.", state, meta["shape"], getattr(torch, meta["dtype"]))
+        target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}))
+    _restore_quantizer_buffers(module, state)
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"checkpoint {folder} does not match the model: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return module.eval()
+
+
+def _restore_quantizer_buffers(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Quantizer buffers start as None, so load_state_dict would see them as unexpected: set them first."""
+    for name, q in module.named_modules():
+        if isinstance(q, TensorQuantizer):
+            for buf in ("scale", "zero_point", "tensor_scale"):
+                if f"{name}.{buf}" in state:
+                    setattr(q, buf, state[f"{name}.{buf}"])
+
+
+def _skeleton(folder: Path, entry: dict[str, Any]) -> nn.Module:
+    """Rebuild the float architecture from its config without allocating weights."""
+    from accelerate import init_empty_weights
+
+    module_name, _, cls_name = entry["class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    with init_empty_weights():
+        if entry["library"] == "diffusers":
+            return cls.from_config(cls.load_config(folder))
+        if entry["library"] == "transformers":
+            return cls(cls.config_class.from_pretrained(folder))
+    raise ValueError(f"cannot rebuild {entry['class']}: pass a float skeleton as load_quantized(..., model=...)")
