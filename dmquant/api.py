@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibrate import observing
 from .components import DENOISER_ATTRS, TEXT_ENCODER_ATTRS, find_components, get_path, set_path
@@ -71,7 +72,7 @@ def _search(pattern: str, name: str) -> bool:
 
 def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, init_scales: bool = True) -> None:
     """Swap layers per the plan (weights quantized from their current values when init_scales)."""
-    for name, step in plan.items():
+    for name, step in tqdm(plan.items(), desc="quantize", unit="layer", leave=False, disable=None):
         child = module.get_submodule(name)
         if step.kind == "attention":
             quantize_attention(child, recipe.attention, name)

@@ -63,7 +63,7 @@ def from_blocks(xb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _nonzero(s: torch.Tensor) -> torch.Tensor:
     # An all-zero block quantizes to zero with any scale; 1 avoids 0/0.
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: Format, symmetric: bool = True) -> QParams:

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .api import quant_layers, quantized_components
+from .nn.quantizer import TensorQuantizer
 from .payload import weight_nbytes
 
 
@@ -48,15 +49,25 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-def _tensor_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _float_and_quantizer_bytes(module: nn.Module) -> tuple[int, int]:
+    """Bytes of the float model (quantizer buffers excluded), and of activation-quantizer buffers
+    (weight-quantizer scales are counted in each layer's stored payload instead)."""
+    act = sum(_nbytes(q.buffers()) for n, q in module.named_modules()
+              if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
+    weights = sum(_nbytes(q.buffers()) for q in module.modules()
+                  if isinstance(q, TensorQuantizer) and q.channel_axis is None)
+    return _nbytes(module.parameters()) + _nbytes(module.buffers()) - act - weights, act
 
 
 def report(obj: Any) -> QuantReport:
     """Per-layer formats and sizes of every quantized component of `obj`."""
     rep = QuantReport()
     for path, module in quantized_components(obj).items():
-        total = _tensor_bytes(module)
+        total, act_bytes = _float_and_quantizer_bytes(module)
         rep.fp_bytes += total
         saved = 0
         for name, layer in quant_layers(module).items():
@@ -67,7 +78,7 @@ def report(obj: Any) -> QuantReport:
             wq, iq = layer.weight_quantizer, layer.input_quantizer
             rep.rows.append(LayerRow(path, name, type(layer).__name__, spec(wq and wq.spec), spec(iq and iq.spec),
                                      w.numel(), fp, q))
-        rep.quant_bytes += total - saved
+        rep.quant_bytes += total - saved + act_bytes
     if not rep.rows:
         raise ValueError("nothing quantized: call dmquant.quantize first")
     return rep

@@ -169,7 +169,10 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
             decode_weight(plan[name].weight, f"{prefix}{name}.", state, meta["shape"], getattr(torch, meta["dtype"]))
         target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}))
     _restore_quantizer_buffers(module, state)
-    result = module.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {folder} does not match the model: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")

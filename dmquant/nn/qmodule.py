@@ -50,8 +50,8 @@ class QuantModule:
         wq = self.weight_quantizer
         if wq is None:
             return self.weight
-        if self.training or torch.is_grad_enabled():
-            return wq(self.weight)
+        if torch.is_grad_enabled() and (self.weight.requires_grad or wq.scale.requires_grad):
+            return wq(self.weight)  # training: no cache, gradients flow through the STE
         key = (self.weight.data_ptr(), self.weight._version, wq.scale.data_ptr(), wq.scale._version)
         if self._wcache is None or self._wcache[0] != key:
             self._wcache = (key, wq(self.weight))

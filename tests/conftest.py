@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny denoisers of each family with random weights, built offline from configs."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=32, caption_channels=24, patch_size=2, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    )
+
+
+def _latte():
+    from diffusers import LatteTransformer3DModel
+
+    return LatteTransformer3DModel(
+        sample_size=8, num_layers=1, attention_head_dim=16, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=32, caption_channels=24, patch_size=2, video_length=3,
+    )
+
+
+def _inputs(family, batch=2):
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([10, 700][:batch])
+    if family == "unet":
+        return (torch.randn(batch, 4, 8, 8, generator=g),), dict(
+            timestep=t, encoder_hidden_states=torch.randn(batch, 5, 32, generator=g))
+    text = torch.randn(batch, 5, 24, generator=g)
+    if family == "pixart":
+        return (torch.randn(batch, 4, 8, 8, generator=g),), dict(
+            encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return (torch.randn(batch, 4, 3, 8, 8, generator=g),), dict(
+        encoder_hidden_states=text, timestep=t, enable_temporal_attentions=True)
+
+
+BUILDERS = {"unet": _unet, "pixart": _pixart, "latte": _latte}
+
+
+@pytest.fixture(params=list(BUILDERS))
+def denoiser(request):
+    """(family, model in eval mode, run(model) -> output tensor) for each family."""
+    torch.manual_seed(0)
+    model = BUILDERS[request.param]().eval()
+    args, kwargs = _inputs(request.param)
+
+    def run(m):
+        with torch.no_grad():
+            return m(*args, **kwargs, return_dict=False)[0]
+
+    return request.param, model, run
