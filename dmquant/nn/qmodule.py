@@ -33,6 +33,7 @@ class QuantModule:
         self.backend = backend
         self.qname = name
         self._wcache: tuple[tuple, torch.Tensor] | None = None
+        self._kcache: tuple[tuple, object] | None = None  # (key, packed kernel weights or None)
         if init_scales and self.weight_quantizer is not None:
             self.weight_quantizer.init_from(self.weight.detach())
 
@@ -46,29 +47,50 @@ class QuantModule:
         q.setup_quant(weight, input, backend, name, init_scales)
         return q
 
+    def _needs_grad(self) -> bool:
+        wq = self.weight_quantizer
+        return torch.is_grad_enabled() and (self.weight.requires_grad or (wq is not None and wq.scale.requires_grad))
+
+    def _weight_key(self) -> tuple:
+        w, s = self.weight, self.weight_quantizer.scale
+        return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version)
+
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
         if wq is None:
             return self.weight
-        if torch.is_grad_enabled() and (self.weight.requires_grad or wq.scale.requires_grad):
+        if self._needs_grad():
             return wq(self.weight)  # training: no cache, gradients flow through the STE
-        key = (self.weight.data_ptr(), self.weight._version, wq.scale.data_ptr(), wq.scale._version)
+        key = self._weight_key()
         if self._wcache is None or self._wcache[0] != key:
             self._wcache = (key, wq(self.weight))
         return self._wcache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.input_quantizer(x) if self.input_quantizer is not None else x
-        out = self.kernel_forward(xq) if self.backend != "fake" else None
+        out = self.kernel_forward(x)
         if out is None:
+            xq = self.input_quantizer(x) if self.input_quantizer is not None else x
             out = self.float_forward(xq, self.quantized_weight())
         if self.lowrank is not None:
             out = out + self.lowrank(x)
         return out
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Run on a real low-bit kernel; None means this layer falls back to fake quantization."""
-        return None
+        """Run on the backend's real low-bit kernel; None falls back to fake quantization (the
+        reference), e.g. for shapes or formats the kernel lacks, or when gradients are needed."""
+        if self.backend == "fake" or self.weight_quantizer is None or self._needs_grad():
+            return None
+        from ..kernels import get_kernel
+
+        kernel = get_kernel(self.backend)
+        key = self._weight_key()
+        if self._kcache is None or self._kcache[0] != key:
+            reason = kernel.unsupported_reason(self)
+            if reason is not None and (self._kcache is None or self._kcache[1] is not None):
+                log.info("%s stays on fake quantization (%s backend: %s)", self.qname, self.backend, reason)
+            self._kcache = (key, None if reason else kernel.prepare(self))
+        packed = self._kcache[1]
+        return None if packed is None else kernel.run(self, packed, x)
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
