@@ -36,12 +36,18 @@ def encode_weight(layer: QuantModule, prefix: str) -> dict[str, torch.Tensor]:
     elif kind == "fp8_e4m3":
         out[q + "scale.e4m3"] = E4M3.encode(qp.scale)
     else:
-        out[q + "scale"] = qp.scale.float()
+        out[q + "scale"] = _compact(qp.scale.float())
     if qp.zero_point is not None:
         out[q + "zero_point"] = qp.zero_point.to(torch.uint8)
     if qp.tensor_scale is not None:
         out[q + "tensor_scale"] = qp.tensor_scale.float()
     return out
+
+
+def _compact(scale: torch.Tensor) -> torch.Tensor:
+    """float16 when that is lossless (scales of half-precision models), else float32."""
+    half = scale.half()
+    return half if torch.equal(half.float(), scale) else scale
 
 
 def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], shape: list[int],
@@ -53,7 +59,7 @@ def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], 
     elif q + "scale.e4m3" in state:
         scale = E4M3.decode(state.pop(q + "scale.e4m3"))
     else:
-        scale = state.pop(q + "scale")
+        scale = state.pop(q + "scale").float()
     zero = state.pop(q + "zero_point", None)
     qp = QParams(scale, None if zero is None else zero.float(), state.get(q + "tensor_scale"))
     state[q + "scale"] = qp.scale
@@ -70,7 +76,7 @@ def weight_nbytes(layer: QuantModule) -> int:
     if wq is None:
         return layer.weight.numel() * layer.weight.element_size()
     qp = wq.qparams
-    scale_bytes = 1 if _scale_codec(wq.spec.fmt) != "float32" else 4
+    scale_bytes = 1 if _scale_codec(wq.spec.fmt) != "float32" else _compact(qp.scale.float()).element_size()
     n = packed_nbytes(layer.weight.numel(), wq.spec.bits) + qp.scale.numel() * scale_bytes
     n += 0 if qp.zero_point is None else qp.zero_point.numel()
     return n + (0 if qp.tensor_scale is None else 4)

@@ -131,3 +131,18 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path):
 def test_unquantized_object_refused(tmp_path):
     with pytest.raises(ValueError, match="nothing to save"):
         dmquant.save_quantized(nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_half_precision_model_stores_half_scales_and_roundtrips(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32)).half()
+    dmquant.quantize(model, Recipe(name="w4", weight=dmquant.QuantSpec("int4", "group:32")))
+    x = torch.randn(4, 128).half()
+    with torch.no_grad():
+        out = model(x)
+    dmquant.save_quantized(model, tmp_path / "q")
+    st = load_file(str(tmp_path / "q" / "model" / WEIGHTS))
+    assert st["0.weight_quantizer.scale"].dtype == torch.float16 and st["0.bias"].dtype == torch.float16
+    loaded = dmquant.load_quantized(tmp_path / "q", model=nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)

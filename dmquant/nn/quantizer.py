@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import QuantSpec
+from ..formats import BlockFormat
 from ..granularity import PerTensor
 from ..primitives import QParams, choose_qparams, fake_quantize, qparams_from_range, quantize
 
@@ -59,9 +60,15 @@ class TensorQuantizer(nn.Module):
         self.scale, self.zero_point, self.tensor_scale = qp.scale, qp.zero_point, qp.tensor_scale
 
     def init_from(self, x: torch.Tensor) -> None:
-        """Set static scales from a tensor (min-max), e.g. a weight at quantization time."""
-        self.set_qparams(choose_qparams(as_rows(x, self.channel_axis), self.spec.fmt, self.spec.gran,
-                                        self.spec.symmetric))
+        """Set static scales from a tensor (min-max), e.g. a weight at quantization time.
+
+        Scales of a half-precision tensor are rounded to its dtype (as GPTQ/AWQ checkpoints store
+        them), so they are stored in 2 bytes and the codes are computed with the stored value."""
+        qp = choose_qparams(as_rows(x, self.channel_axis), self.spec.fmt, self.spec.gran, self.spec.symmetric)
+        if x.dtype in (torch.float16, torch.bfloat16) and not isinstance(self.spec.fmt, BlockFormat):
+            tiny = torch.finfo(x.dtype).tiny
+            qp.scale = qp.scale.clamp_min(tiny).to(x.dtype).float()
+        self.set_qparams(qp)
 
     def start_observing(self) -> None:
         self.observing, self._range = True, None
