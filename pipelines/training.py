@@ -1,0 +1,120 @@
+"""Training the miniatures from scratch on procedural data (CPU, minutes each).
+
+Stage 1 trains the shared VAE on images; stage 2 encodes the data once and trains each denoiser and
+its text encoder jointly with the standard epsilon-prediction objective, dropping 10 % of captions so
+classifier-free guidance works. Everything is seeded: the same command reproduces the checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import make_images, make_videos
+from .miniature import FRAMES, TRAIN_SCHEDULER, VAE, build_components
+
+log = logging.getLogger(__name__)
+CFG_DROP = 0.1
+LATTE_TEXT_LENGTH = 120
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, step: int, total: int, base: float, warmup: int = 100) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def train_vae(steps: int, batch: int = 64, seed: int = 0, lr: float = 1e-3, kl_weight: float = 1e-6):
+    """Reconstruction + tiny KL: the latent space only needs to be smooth enough to diffuse in."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    for step in (bar := tqdm(range(steps), desc="vae")):
+        x = make_images(batch, seed=seed * 1_000_003 + step).pixels * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        _cosine_lr(opt, step, steps, lr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():  # unit-variance latents, as SD's scaling_factor does for its VAE
+        z = vae.encode(make_images(512, seed=seed + 7).pixels * 2 - 1).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1 / z.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of images (N,3,H,W) or videos (N,F,3,H,W) -> (N,C,h,w) or (N,C,F,h,w)."""
+    video = pixels.dim() == 5
+    flat = pixels.flatten(0, 1) if video else pixels
+    z = torch.cat([vae.encode(c * 2 - 1).latent_dist.mode() for c in flat.split(256)]) * vae.config.scaling_factor
+    return z.unflatten(0, pixels.shape[:2]).transpose(1, 2) if video else z
+
+
+def _text(parts: dict[str, Any], prompts: list[str], video: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings exactly as each stock pipeline computes them at inference."""
+    tok = parts["tokenizer"]
+    # LattePipeline pads to 120 tokens and gives the transformer no mask (we call it with
+    # mask_feature=False, so samples do not depend on which prompts share a batch).
+    length = LATTE_TEXT_LENGTH if video else tok.model_max_length
+    enc = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    if "unet" in parts:  # the SD pipeline passes no attention mask to CLIP
+        return parts["text_encoder"](enc.input_ids)[0], None
+    emb = parts["text_encoder"](enc.input_ids, attention_mask=enc.attention_mask)[0]
+    return emb, None if video else enc.attention_mask
+
+
+def _predict(parts: dict[str, Any], x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask) -> torch.Tensor:
+    if "unet" in parts:
+        return parts["unet"](x, t, encoder_hidden_states=emb).sample
+    model = parts["transformer"]
+    if x.dim() == 5:  # Latte: no text mask in its pipeline; half the output channels are unused
+        return model(x, encoder_hidden_states=emb, timestep=t, enable_temporal_attentions=True).sample[:, : x.shape[1]]
+    return model(x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
+                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, : x.shape[1]]
+
+
+def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, lr: float = 5e-4,
+                   num_samples: int = 20000) -> dict[str, Any]:
+    """Train a miniature's denoiser and text encoder; returns its components (VAE included)."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    parts = build_components(name)
+    parts["vae"] = vae
+    video = name == "miniature-latte"
+    data = make_videos(num_samples // 4, seed=seed, frames=FRAMES) if video else make_images(num_samples, seed=seed)
+    latents = encode(vae, data.pixels)
+    noise_sched = DDPMScheduler(**TRAIN_SCHEDULER)
+    denoiser = parts.get("unet") or parts["transformer"]
+    params = [*denoiser.parameters(), *parts["text_encoder"].parameters()]
+    denoiser.train(), parts["text_encoder"].train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for step in (bar := tqdm(range(steps), desc=name)):
+        idx = torch.randint(len(data.prompts), (batch,), generator=g)
+        prompts = ["" if torch.rand((), generator=g) < CFG_DROP else data.prompts[i] for i in idx.tolist()]
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
+        emb, mask = _text(parts, prompts, video)
+        pred = _predict(parts, noise_sched.add_noise(x0, noise, t), t, emb, mask)
+        loss = F.mse_loss(pred, noise)
+        _cosine_lr(opt, step, steps, lr)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    denoiser.eval(), parts["text_encoder"].eval()
+    return parts

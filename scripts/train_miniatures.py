@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Reproduce the trained miniatures (and the judges) from a seed, on CPU.
+
+    python scripts/train_miniatures.py                       # everything, into pipelines/weights/
+    python scripts/train_miniatures.py --only miniature-sd   # one pipeline (reuses the saved VAE)
+    python scripts/train_miniatures.py --only judge          # the image and video judges
+    python scripts/train_miniatures.py --steps-scale 0.01 --out /tmp/w   # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from dmquant.pipelines.miniature import NAMES, WEIGHTS, assemble
+
+STEPS = {"vae": 800, "miniature-sd": 1500, "miniature-pixart": 2000, "miniature-latte": 1000,
+         "judge-image": 600, "judge-video": 1200}
+BATCH = {"vae": 32, "miniature-sd": 64, "miniature-pixart": 64, "miniature-latte": 32,
+         "judge-image": 128, "judge-video": 64}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("vae", *NAMES, "judge"), action="append")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count")
+    parser.add_argument("--num-samples", type=int, default=20000)
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(args.threads)
+    from dmquant.pipelines.training import train_denoiser, train_vae
+
+    todo = args.only or ["vae", *NAMES, "judge"]
+    steps = {k: max(2, int(v * args.steps_scale)) for k, v in STEPS.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    vae_dir = args.out / "vae"
+    if "vae" in todo:
+        train_vae(steps["vae"], BATCH["vae"], args.seed).save_pretrained(vae_dir)
+    from diffusers import AutoencoderKL
+
+    for name in NAMES:
+        if name in todo:
+            vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+            parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed, num_samples=args.num_samples)
+            assemble(name, parts).save_pretrained(args.out / name)
+    if "judge" in todo:
+        from dmquant.pipelines import judge as judges
+
+        for kind in ("image", "video"):
+            key = f"judge-{kind}"
+            judges.train_judge(kind, steps[key], BATCH[key], args.seed).save(args.out / key)
+
+
+if __name__ == "__main__":
+    main()
