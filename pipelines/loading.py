@@ -33,7 +33,9 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
                                     "run `python scripts/train_miniatures.py --only " + key + "`")
         pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     elif key.startswith(TINY_PREFIX):
-        pipe = build_tiny_pipeline(key[len(TINY_PREFIX):]).to(dtype=dtype)
+        pipe = build_tiny_pipeline(key[len(TINY_PREFIX):])
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     elif (Path(key) / "quantization.json").is_file():
         import dmquant
 
