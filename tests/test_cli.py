@@ -1,0 +1,33 @@
+"""The dmquant CLI end to end on a tiny pipeline, and its error exits."""
+import json
+
+from dmquant.cli import main
+
+
+def test_quantize_info_recipes(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--pipeline", "tiny-pixart", "--recipe", "w4a8", "--out", str(out)]) == 0
+    assert json.loads((out / "quantization.json").read_text())["kind"] == "pipeline"
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "recipe=w4a8" in text and "W int4 / A int8" in text and "MB on disk" in text
+    assert main(["recipes"]) == 0 and "nvfp4" in capsys.readouterr().out
+
+
+def test_static_recipe_calibrates_from_prompts(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "s"
+    assert main(["quantize", "--pipeline", "tiny-sd", "--recipe", "w8a8-static", "--out", str(out),
+                 "--calibration-prompts", str(prompts), "--steps", "2"]) == 0
+    prov = json.loads((out / "quantization.json").read_text())["components"]["unet"]["parts"][""]["provenance"]
+    assert prov["calibration"]["prompts"] == ["a red circle", "a blue square"]
+
+
+def test_errors_exit_2(tmp_path, capsys):
+    assert main(["quantize", "--pipeline", "tiny-pixart", "--recipe", "w3a3", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert main(["quantize", "--pipeline", "nobody/nothing", "--recipe", "w8a8", "--out", str(tmp_path / "y")]) == 2
+    assert "never downloads" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
