@@ -1,4 +1,4 @@
-"""The `dmquant` command line: quantize, info, recipes, demo."""
+"""The `dmquant` command line: quantize, info, recipes, eval, grid, regress, demo."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...]):
+    from .eval import EvalConfig, load_prompts
+
+    models = [m for m in (args.recipe or "").split(",") if m] + (args.quantized or []) + (args.backend or [])
+    if not models:
+        raise ValueError("nothing to compare with FP: give --recipe, --quantized or --backend")
+    prompts = load_prompts(args.prompts or args.pipeline, args.num_prompts)
+    return EvalConfig(pipeline=args.pipeline, models=models, prompts=prompts, seed=args.seed, steps=args.steps,
+                      metrics=metrics, out=Path(args.out), batch_size=args.batch_size,
+                      extra={"clip_checkpoint": args.clip_checkpoint, "lpips_backbone": args.lpips_backbone})
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+
+    evaluate(_eval_config(args, tuple(args.metrics.split(","))))
+    print(f"\nwrote {args.out}/metrics.json, results.md, grid, report.html")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+
+    evaluate(_eval_config(args, ("psnr",)))
+    return 0
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from .eval import check_baseline
+
+    checks = check_baseline(args.baseline, update=args.update)
+    print("\n".join(map(str, checks)))
+    if args.update:
+        print(f"baseline {args.baseline} rewritten")
+        return 0
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--recipe", help="comma-separated recipe names or YAML paths")
+    p.add_argument("--quantized", action="append", help="a saved dmquant directory (repeatable)")
+    p.add_argument("--backend", action="append", help="another library, e.g. quanto:int8, torchao:int8dq")
+    p.add_argument("--prompts", help="prompt file (.txt/.json/.csv); default: the miniature's prompts")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--clip-checkpoint", default=None, help="open_clip checkpoint file for the CLIP score")
+    p.add_argument("--lpips-backbone", default=None, help="torchvision backbone weights for LPIPS")
+    if metrics:
+        p.add_argument("--metrics", default="psnr,ssim,fid,adherence,vbench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(func=cmd_recipes)
+    e = sub.add_parser("eval", help="FP vs quantized on identical seeds: metrics, table, grid, HTML")
+    _add_eval_args(e, metrics=True)
+    e.set_defaults(func=cmd_eval)
+    g = sub.add_parser("grid", help="comparison grid (PNG/GIF + HTML) of FP and recipes")
+    _add_eval_args(g, metrics=False)
+    g.set_defaults(func=cmd_grid)
+    rg = sub.add_parser("regress", help="re-run a recorded evaluation; exit 1 if a metric regressed")
+    rg.add_argument("--baseline", required=True)
+    rg.add_argument("--update", action="store_true", help="rewrite the baseline with the new values")
+    rg.set_defaults(func=cmd_regress)
     d = sub.add_parser("demo", help="quantize the built-in model, compare with FP, write a PNG grid")
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--pipeline", default=None, help="default: miniature-pixart")

@@ -1,0 +1,84 @@
+"""Quality regression tests: a baseline records an evaluation (pipeline, model, prompts, seed, steps)
+and its metrics with tolerances; re-running it fails with a readable diff when a metric got worse.
+
+    dmquant regress --baseline baselines/miniature-pixart-w8a8.json            # check
+    dmquant regress --baseline baselines/miniature-pixart-w8a8.json --update   # rewrite deliberately
+
+In a user's own test suite: `assert_quality("miniature-pixart", "w8a8", "baselines/....json")`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runner import EvalConfig, evaluate
+from .table import METRICS
+
+DEFAULT_TOLERANCE = {"psnr": 1.0, "ssim": 0.02, "adherence": 0.1, "fid_fp": 0.5, "fid_real": 1.0, "lpips": 0.02}
+
+
+@dataclass
+class Check:
+    metric: str
+    baseline: float
+    value: float
+    tolerance: float
+    direction: str
+
+    @property
+    def worse_by(self) -> float:
+        return self.baseline - self.value if self.direction == "higher" else self.value - self.baseline
+
+    @property
+    def ok(self) -> bool:
+        return self.worse_by <= self.tolerance
+
+    def __str__(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        arrow = "↑" if self.direction == "higher" else "↓"
+        return (f"{mark} {self.metric:<12}{arrow} baseline {self.baseline:9.4f}  now {self.value:9.4f}  "
+                f"worse by {self.worse_by:+.4f} (tolerance {self.tolerance})")
+
+
+def _config(base: dict[str, Any], model: str, out: Path) -> EvalConfig:
+    return EvalConfig(pipeline=base["pipeline"], models=[model], prompts=base["prompts"], seed=base["seed"],
+                      steps=base.get("steps"), metrics=tuple(base["metric_set"]), out=out)
+
+
+def check_baseline(path: str | Path, model: str | None = None, out: str | Path | None = None,
+                   update: bool = False) -> list[Check]:
+    """Re-run a baseline's evaluation (optionally for another model) and compare metric by metric."""
+    path = Path(path)
+    base = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = evaluate(_config(base, model or base["model"], Path(out or tmp)))
+    now = rows[-1]
+    if update:
+        base["metrics"] = {k: {"value": now[k], "tolerance": v["tolerance"]} for k, v in base["metrics"].items()}
+        path.write_text(json.dumps(base, indent=1) + "\n")
+    return [Check(k, v["value"], now[k], v["tolerance"], METRICS[k][1]) for k, v in base["metrics"].items()]
+
+
+def record_baseline(path: str | Path, pipeline: str, model: str, prompts: list[str], seed: int = 0,
+                    steps: int | None = None, metrics: tuple[str, ...] = ("psnr", "ssim", "adherence", "fid")) -> Path:
+    """Evaluate once and write a new baseline with default tolerances."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = EvalConfig(pipeline=pipeline, models=[model], prompts=prompts, seed=seed, steps=steps,
+                         metrics=metrics, out=Path(tmp))
+        row = evaluate(cfg)[-1]
+    tracked = {k: {"value": row[k], "tolerance": DEFAULT_TOLERANCE[k]} for k in DEFAULT_TOLERANCE if k in row}
+    data = {"pipeline": pipeline, "model": model, "prompts": prompts, "seed": seed, "steps": steps,
+            "metric_set": list(metrics), "metrics": tracked}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    return Path(path)
+
+
+def assert_quality(baseline: str | Path, model: str | None = None) -> None:
+    """One-line quality gate for test suites: raises AssertionError listing every regressed metric."""
+    checks = check_baseline(baseline, model)
+    if not all(c.ok for c in checks):
+        raise AssertionError(f"quality regression against {baseline}:\n" + "\n".join(map(str, checks)))
