@@ -1,0 +1,74 @@
+"""The evaluation harness: identical seeds, FP cache, other backends, multi-process sharding, prompt files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dmquant.eval import EvalConfig, evaluate, load_prompts
+from dmquant.eval import runner
+
+PROMPTS = ["a red circle at the top", "a blue square", "a cyan cross in the center"]
+
+
+def config(tmp_path, models, metrics=("psnr", "ssim")):
+    return EvalConfig(pipeline="tiny-pixart", models=models, prompts=PROMPTS, steps=2, metrics=metrics,
+                      out=tmp_path / "ev")
+
+
+def test_evaluate_writes_results_and_reuses_fp_cache(tmp_path, monkeypatch):
+    rows = evaluate(config(tmp_path, ["w8a8", "w4a4"]))
+    assert [r["name"] for r in rows] == ["FP", "w8a8", "w4a4"]
+    assert rows[1]["psnr"] > rows[2]["psnr"] > 10 and 0 < rows[2]["ssim"] <= 1
+    out = tmp_path / "ev"
+    for f in ("metrics.json", "results.md", "grid.png", "report.html"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 3
+    loads = []
+    real_load = runner.load
+    monkeypatch.setattr(runner, "load", lambda name: loads.append(name) or real_load(name))
+    again = evaluate(config(tmp_path, ["w8a8"]))
+    assert len(loads) == 1  # only the quantized copy: FP samples came from the cache
+    assert again[1]["psnr"] == rows[1]["psnr"]
+
+
+@pytest.mark.parametrize("backend", ["quanto:int8", "torchao:int8dq"])
+def test_other_libraries_through_the_same_harness(tmp_path, backend):
+    rows = evaluate(config(tmp_path, [backend]))
+    assert rows[1]["name"] == backend and rows[1]["psnr"] > 20
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(config(tmp_path, ["w8a8"], metrics=("psnr", "vibes")))
+    with pytest.raises(ValueError, match="unknown backend"):
+        evaluate(config(tmp_path, ["quanto:int3"]))
+
+
+def test_two_processes_give_identical_numbers(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    args = ["-m", "dmquant.cli", "eval", "--pipeline", "tiny-pixart", "--recipe", "w8a8", "--prompts", str(prompts),
+            "--steps", "2", "--metrics", "psnr,ssim"]
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], check=True, capture_output=True, timeout=300)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text())["rows"] for d in ("one", "two"))
+    assert one[1]["psnr"] == two[1]["psnr"] and one[1]["ssim"] == two[1]["ssim"]
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("a\n\nb\n")
+    (tmp_path / "p.json").write_text(json.dumps({"annotations": [{"caption": "x"}, {"caption": "y"}]}))
+    (tmp_path / "p.csv").write_text("Prompt,Category\nhello,c\nworld,d\n")
+    assert load_prompts(tmp_path / "p.txt") == ["a", "b"]
+    assert load_prompts(tmp_path / "p.json") == ["x", "y"]
+    assert load_prompts(tmp_path / "p.csv", limit=1) == ["hello"]
+    assert len(load_prompts("miniature-sd", 5)) == 5
+    with pytest.raises(FileNotFoundError):
+        load_prompts(tmp_path / "missing.txt")
+    (tmp_path / "bad.json").write_text(json.dumps([{"nothing": 1}]))
+    with pytest.raises(ValueError, match="caption"):
+        load_prompts(tmp_path / "bad.json")
