@@ -92,7 +92,8 @@ def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...]):
     prompts = load_prompts(args.prompts or args.pipeline, args.num_prompts)
     return EvalConfig(pipeline=args.pipeline, models=models, prompts=prompts, seed=args.seed, steps=args.steps,
                       metrics=metrics, out=Path(args.out), batch_size=args.batch_size,
-                      extra={"clip_checkpoint": args.clip_checkpoint, "lpips_backbone": args.lpips_backbone})
+                      extra={"clip_checkpoint": args.clip_checkpoint, "lpips_backbone": args.lpips_backbone,
+                             "fid_extractor": args.fid_extractor, "inception_weights": args.inception_weights})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -134,6 +135,9 @@ def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
     p.add_argument("--out", default="outputs/eval")
     p.add_argument("--clip-checkpoint", default=None, help="open_clip checkpoint file for the CLIP score")
     p.add_argument("--lpips-backbone", default=None, help="torchvision backbone weights for LPIPS")
+    p.add_argument("--fid-extractor", choices=("judge", "inception", "clean-fid"), default=None,
+                   help="features for FID (default: the judge for miniatures)")
+    p.add_argument("--inception-weights", default=None, help="local Inception weights file for FID")
     if metrics:
         p.add_argument("--metrics", default="psnr,ssim,fid,adherence,vbench")
 

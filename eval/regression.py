@@ -17,7 +17,8 @@ from typing import Any
 from .runner import EvalConfig, evaluate
 from .table import METRICS
 
-DEFAULT_TOLERANCE = {"psnr": 1.0, "ssim": 0.02, "adherence": 0.1, "fid_fp": 0.5, "fid_real": 1.0, "lpips": 0.02}
+# FID is left out: at regression-test sample counts (n << feature dim) it is too unstable to gate on.
+DEFAULT_TOLERANCE = {"psnr": 1.0, "ssim": 0.02, "adherence": 0.1, "lpips": 0.02}
 
 
 @dataclass
@@ -63,7 +64,7 @@ def check_baseline(path: str | Path, model: str | None = None, out: str | Path |
 
 
 def record_baseline(path: str | Path, pipeline: str, model: str, prompts: list[str], seed: int = 0,
-                    steps: int | None = None, metrics: tuple[str, ...] = ("psnr", "ssim", "adherence", "fid")) -> Path:
+                    steps: int | None = None, metrics: tuple[str, ...] = ("psnr", "ssim", "adherence")) -> Path:
     """Evaluate once and write a new baseline with default tolerances."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = EvalConfig(pipeline=pipeline, models=[model], prompts=prompts, seed=seed, steps=steps,

@@ -111,8 +111,10 @@ def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pip
         m["clip"] = float(clip_score(images, cfg.prompts, checkpoint=cfg.extra["clip_checkpoint"]).mean())
     if "vbench" in cfg.metrics and images.dim() == 5:  # per-frame features from the image judge
         m.update(video_metrics(images, judge("image").features if referee is not None else None))
+    extractor = _fid_extractor(cfg, referee)
     if "fid" in cfg.metrics and referee is not None:
-        m["fid_real"] = fid(images, _real_samples(cfg.pipeline, images.shape[0]), extractor=referee).value
+        m["fid_real"] = fid(images, _real_samples(cfg.pipeline, images.shape[0]), extractor=extractor,
+                            weights=cfg.extra.get("inception_weights")).value
     if fp is None:
         return m
     if "psnr" in cfg.metrics:
@@ -123,13 +125,19 @@ def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pip
         from .metrics.similarity import lpips
 
         m["lpips"] = float(lpips(images, fp, backbone=cfg.extra.get("lpips_backbone")).mean())
-    if "fid" in cfg.metrics and referee is not None:
-        m["fid_fp"] = fid(images, fp, extractor=referee).value
+    if "fid" in cfg.metrics and extractor is not None:
+        m["fid_fp"] = fid(images, fp, extractor=extractor, weights=cfg.extra.get("inception_weights")).value
     try:
         m["model_mb"] = dmquant.report(pipe).quant_bytes / 2**20
     except ValueError:  # other libraries' models carry no dmquant report
         pass
     return m
+
+
+def _fid_extractor(cfg: EvalConfig, referee: Any) -> Any:
+    """The judge for miniatures unless an Inception extractor is asked for (local weights only)."""
+    name = cfg.extra.get("fid_extractor") or ("judge" if referee is not None else None)
+    return referee if name == "judge" else name
 
 
 def _real_samples(pipeline: str, n: int) -> torch.Tensor:
