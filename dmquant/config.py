@@ -110,6 +110,30 @@ class Override:
         return cls(**data)
 
 
+STEPS = ("gptq",)
+
+
+@dataclass(frozen=True)
+class Step:
+    """An algorithm a recipe runs after the layers are swapped, e.g. {name: gptq, args: {...}}."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in STEPS:
+            raise ValueError(f"unknown recipe step {self.name!r}; available steps: {STEPS}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str, where: str = "step") -> "Step":
+        if isinstance(data, str):
+            data = {"name": data}
+        return cls(**_strict(cls, data, where))
+
+    def __hash__(self) -> int:
+        return hash((self.name, json.dumps(self.args, sort_keys=True)))
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A named quantization recipe: what is quantized (components, filters) and how (specs)."""
@@ -123,6 +147,7 @@ class Recipe:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] | None = None
     overrides: tuple[Override, ...] = ()
+    steps: tuple[Step, ...] = ()
     backend: str = "fake"
     version: int = RECIPE_VERSION
 
@@ -142,7 +167,7 @@ class Recipe:
         specs = [self.input, *(o.input for o in self.overrides)]
         if self.attention is not None:
             specs += [self.attention.qkv, self.attention.probs]
-        return any(s is not None and s.needs_calibration for s in specs)
+        return bool(self.steps) or any(s is not None and s.needs_calibration for s in specs)
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -168,6 +193,7 @@ class Recipe:
                 data[k] = tuple(data[k])
         if data.get("exclude") is not None:
             data["exclude"] = tuple(data["exclude"])
+        data["steps"] = tuple(Step.from_dict(s, f"recipe.steps[{i}]") for i, s in enumerate(data.get("steps", ())))
         data["overrides"] = tuple(
             Override.from_dict(o, f"recipe.overrides[{i}]") for i, o in enumerate(data.get("overrides", ()))
         )
