@@ -49,11 +49,11 @@ def main() -> None:
             parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed, num_samples=args.num_samples)
             assemble(name, parts).save_pretrained(args.out / name)
     if "judge" in todo:
-        from dmquant.pipelines import judge as judges
+        from dmquant.pipelines.judge import train_judge
 
         for kind in ("image", "video"):
             key = f"judge-{kind}"
-            judges.train_judge(kind, steps[key], BATCH[key], args.seed).save(args.out / key)
+            train_judge(kind, steps[key], BATCH[key], args.seed).save(args.out / key)
 
 
 if __name__ == "__main__":
