@@ -1,0 +1,70 @@
+"""Activation scale math and shape padding shared by the CPU and GPU kernels (plain torch).
+
+Kept free of any kernel call so CPU tests can check it against float64 references. The rules mirror
+dmquant's fake-quant primitives exactly (symmetric scale = amax / qmax, an all-zero row gets scale 1,
+round half to even, clamp to the grid), so a kernel fed these codes sees the reference's codes.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ActGranularity = Literal["token", "tensor"]
+E4M3_MAX = 448.0
+
+
+def dynamic_scale(x2: torch.Tensor, granularity: ActGranularity, qmax: float) -> torch.Tensor:
+    """Symmetric scale of a 2-D activation view: (M, 1) per token (row) or (1, 1) per tensor."""
+    if granularity not in ("token", "tensor"):
+        raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
+    xf = x2.float()
+    if xf.numel() == 0:
+        return xf.new_ones(xf.shape[0] if granularity == "token" else 1, 1)
+    if granularity == "token":
+        lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
+    else:
+        lo, hi = (v.reshape(1, 1) for v in torch.aminmax(xf))
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise FloatingPointError("non-finite (NaN/inf) activations reached a quantized kernel: "
+                                 "check the model's inputs or run it in higher precision")
+    amax = torch.maximum(lo.abs(), hi.abs())
+    scale = amax / qmax
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def int_codes(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """round(x / scale) clamped to [qmin, qmax], as exact integer values in float32.
+
+    Division (not multiplication by 1/scale) and torch.round (half to even) match the fake-quant
+    reference bit for bit, which multiplying by a reciprocal would not at rounding ties."""
+    return torch.div(x.float(), scale).round_().clamp_(qmin, qmax)
+
+
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x / scale saturated to e4m3's range and rounded to float8_e4m3fn (nearest, ties to even)."""
+    return torch.div(x.float(), scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def pad_to(t: torch.Tensor, dim: int, multiple: int, minimum: int = 0) -> torch.Tensor:
+    """Zero-pad `dim` up to a multiple of `multiple` (and at least `minimum`); zeros do not change a
+    matmul's valid block, so kernels with shape rules slice the padding off afterwards."""
+    size = t.shape[dim]
+    target = max(-(-size // multiple) * multiple, minimum)
+    if target == size:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, target - size]
+    return torch.nn.functional.pad(t, pad)
+
+
+def channel_scale(scale: torch.Tensor | float, out_features: int) -> torch.Tensor:
+    """A weight scale given per tensor or per output channel, as a float32 vector of length `out`."""
+    s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(out_features)
+    if s.numel() != out_features:
+        raise ValueError(f"weight scale has {s.numel()} values for {out_features} output channels "
+                         "(give one per output channel or a single per-tensor value)")
+    if not (torch.isfinite(s).all() and (s > 0).all()):
+        raise ValueError("weight scales must be finite and positive")
+    return s.contiguous()

@@ -1,0 +1,312 @@
+"""CPU W8A8 linear and convolution on PyTorch's x86 int8 kernels (oneDNN, fbgemm), called directly.
+
+Which op, and why (measured by `scripts/benchmark_kernels.py` on this project's 2-core AVX512-VNNI
+machine; fp32 is the baseline):
+- Linear: `onednn::qlinear_pointwise` (uint8 activations, prepacked int8 weights, fp32 output) where
+  the build has oneDNN; otherwise fbgemm's `quantized.linear_with_input_q_dq_qweight_dq_output_fp32`.
+- Convolution (1-3 spatial dims): `onednn::qconv{1,2,3}d_pointwise` with fp32 output. fbgemm offers
+  no usable alternative: `quantized.conv*d` needs a calibrated *output* scale (8-bit outputs) and
+  `quantized.conv2d_dynamic` requantizes its output with the input's range (relative error 0.25-0.6
+  at UNet shapes on torch 2.14). Builds without oneDNN keep convolutions on fake quantization.
+
+Numerics, compared with dmquant's fake quantization (the reference):
+- Weights: the layer's symmetric int8 codes and per-channel float32 scales, bit for bit.
+- Activations: symmetric int8 with the reference's scales (static per tensor; dynamic amax / 127 per
+  tensor or per token). We compute the codes ourselves exactly as the reference does (divide, round
+  half to even, clamp; `_uint8_codes`), which is also faster here than `torch.quantize_per_tensor`.
+  The kernels take uint8 with a zero point; 128 makes {0..255} - 128 exactly the grid {-128..127}.
+  Per-token scales do not fit the kernels' single input scale: rows are quantized with their own
+  scale, the GEMM runs with scale 1 and the output rows are multiplied by their scale afterwards.
+  Accumulation is exact int32, so outputs differ from a float64 reference computed from the same
+  codes only by fp32 rounding of the rescaling (relative ~1e-7).
+- reduce_range: without VNNI, AVX2 int8 kernels sum pairs of u8*s8 products in int16 (vpmaddubsw),
+  which saturates for large uint8 values (255*127*2 > 32767). There activations use a 7-bit grid
+  (step 2s, zero point 64, uint8 codes <= 128, so pair sums fit int16 for any int8 weight), as
+  PyTorch's x86 qconfig does: one bit coarser than the reference, never wrong. VNNI CPUs accumulate
+  in int32 and keep all 8 bits. `reduce_range=None` picks this from the CPU.
+- `int8_linear_fbgemm_dynamic` is fbgemm's own dynamic linear (`quantized.linear_dynamic`, one
+  asymmetric uint8 range per call): it matches no dmquant recipe and exists for the benchmark.
+
+Packed objects hold opaque oneDNN tensors or fbgemm ScriptObjects: they cannot be pickled, saved in a
+state_dict or moved between devices. Quantized modules keep them as plain attributes and rebuild them
+lazily from their codes and scales (which are what gets saved).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .common import ActGranularity, channel_scale, dynamic_scale
+
+NAME = "fbgemm"
+MAX_IN_FEATURES = 131072  # K * 128 * 127 must fit the int32 accumulator
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")
+
+
+def vnni_available() -> bool:
+    """AVX512-VNNI / AVX-VNNI: int8 kernels then accumulate u8*s8 without int16 saturation."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe is not None and probe())
+
+
+def supports_linear(in_features: int, out_features: int, fmt: str = "int8") -> str | None:
+    """Why a linear of this size and format cannot run here (None when it can)."""
+    if fmt != "int8":
+        return f"the CPU kernels multiply int8 only, not {fmt}"
+    if not (onednn_available() or fbgemm_available()):
+        return "this torch build has neither oneDNN nor fbgemm int8 kernels"
+    if in_features < 1 or out_features < 1:
+        return f"empty linear ({in_features} -> {out_features})"
+    if in_features > MAX_IN_FEATURES:
+        return f"in_features {in_features} > {MAX_IN_FEATURES} could overflow int32 accumulation"
+    return None
+
+
+def supports_conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], groups: int = 1,
+                  padding_mode: str = "zeros") -> str | None:
+    """Why a convolution of this shape cannot run here (None when it can)."""
+    if not onednn_available():
+        return "int8 convolutions need oneDNN, which this torch build lacks"
+    if not 1 <= len(kernel_size) <= 3:
+        return f"only 1-3 spatial dims are supported, got kernel {tuple(kernel_size)}"
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        return f"channels ({in_channels}, {out_channels}) are not divisible by groups={groups}"
+    if padding_mode not in PADDING_MODES:
+        return f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}"
+    return supports_linear(in_channels // groups * math.prod(kernel_size), out_channels)
+
+
+# -- activations -------------------------------------------------------------------------------
+def _grid(reduce_range: bool | None) -> tuple[float, int]:
+    """(activation step in units of the 8-bit scale, uint8 zero point); see the module docstring."""
+    reduced = not vnni_available() if reduce_range is None else reduce_range
+    return (2.0, 64) if reduced else (1.0, 128)
+
+
+def _uint8_codes(x: torch.Tensor, scale: torch.Tensor | float, zero_point: int) -> torch.Tensor:
+    """clamp(round(x / scale) + zp) as uint8: the reference's rounding (division, half to even)."""
+    hi = 255 if zero_point == 128 else 128  # 7-bit grid: codes <= 128 keep int16 pair sums exact
+    return torch.div(x.float(), scale).round_().add_(zero_point).clamp_(0, hi).to(torch.uint8)
+
+
+def _input_scale(x: torch.Tensor, input_scale: torch.Tensor | float | None,
+                 granularity: ActGranularity) -> torch.Tensor | float:
+    """Static scalar, or dynamic (M, 1) per-token / scalar per-tensor symmetric scale."""
+    if input_scale is None:
+        if granularity == "token":
+            return dynamic_scale(x.reshape(-1, x.shape[-1]), "token", 127.0)
+        return float(dynamic_scale(x, "tensor", 127.0))
+    s = float(input_scale)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"static input scale must be finite and positive, got {s}")
+    return s
+
+
+# -- linear ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedLinear:
+    """Prepacked int8 weight for one kernel ("onednn" or "fbgemm"); the bias stays fp32."""
+
+    weight: object  # opaque oneDNN tensor or fbgemm LinearPackedParamsBase
+    scale: torch.Tensor  # (out,) float32 weight scales
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+    impl: str
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():  # quantized-tensor constructors warn of their deprecation
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _check_codes(codes: torch.Tensor, dims: str) -> None:
+    if codes.dtype != torch.int8 or (codes.dim() != 2 if dims == "2" else codes.dim() < 3):
+        shape = "(out, in)" if dims == "2" else "(out, in/groups, *kernel)"
+        raise ValueError(f"weight codes must be torch.int8 {shape}, got {codes.dtype} {tuple(codes.shape)}")
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.numel() != n:
+        raise ValueError(f"bias has {bias.numel()} values for {n} output channels")
+    return bias.detach().float().cpu().reshape(n).contiguous()
+
+
+def prepack_linear(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None = None,
+                   impl: str | None = None) -> PackedLinear:
+    """Pack int8 weight codes (out, in) with per-channel (or one) scale: weight = codes * scale[:, None].
+
+    `impl` forces "onednn" or "fbgemm" (default: oneDNN when present, it is the faster here)."""
+    _check_codes(codes, "2")
+    out_f, in_f = codes.shape
+    reason = supports_linear(in_f, out_f)
+    if reason:
+        raise ValueError(f"no CPU int8 kernel for this linear: {reason} (keep the layer on the fake backend)")
+    impl = impl or ("onednn" if onednn_available() else "fbgemm")
+    s, w = channel_scale(scale, out_f).cpu(), codes.detach().cpu().contiguous()
+    if impl == "onednn":
+        weight = torch.ops.onednn.qlinear_prepack(w, None)
+    elif impl == "fbgemm":
+        previous = torch.backends.quantized.engine
+        try:  # pack with fbgemm whatever engine the user selected
+            torch.backends.quantized.engine = "fbgemm"
+            with _quiet():
+                qw = torch._make_per_channel_quantized_tensor(w, s.double(), torch.zeros(out_f, dtype=torch.long), 0)
+                weight = torch.ops.quantized.linear_prepack(qw, None)
+        finally:
+            torch.backends.quantized.engine = previous
+    else:
+        raise ValueError(f"unknown CPU linear implementation {impl!r}; use 'onednn' or 'fbgemm'")
+    return PackedLinear(weight, s, _check_bias(bias, out_f), in_f, out_f, impl)
+
+
+def _linear_int(x2: torch.Tensor, packed: PackedLinear, div: torch.Tensor | float, x_scale: float, zp: int,
+                with_bias: bool) -> torch.Tensor:
+    """fp32 x_scale * w_scale * (codes(x2 / div) @ codes(W).T) (+ bias) for a 2-D view."""
+    q = _uint8_codes(x2, div, zp)
+    bias = packed.bias if with_bias else None
+    if packed.impl == "onednn":
+        zeros = torch.zeros(packed.out_features, dtype=torch.long)  # tiny; symmetric weights
+        return torch.ops.onednn.qlinear_pointwise(q, x_scale, zp, packed.weight, packed.scale, zeros,
+                                                  bias, 1.0, 0, torch.float32, "none", [], "")
+    # fbgemm quantizes a float input itself: signed integer values with scale 1 make that exact.
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(q.float().sub_(zp), 1.0, zp, packed.weight)
+    y = y.mul_(x_scale)
+    return y if bias is None else y.add_(bias)
+
+
+def int8_linear(x: torch.Tensor, packed: PackedLinear, input_scale: torch.Tensor | float | None = None,
+                granularity: ActGranularity = "token", reduce_range: bool | None = None) -> torch.Tensor:
+    """W8A8 linear of `x` (..., in): static symmetric int8 `input_scale`, or dynamic per token/tensor."""
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed linear expects {packed.in_features}")
+    step, zp = _grid(reduce_range)
+    x2 = x.detach().reshape(-1, packed.in_features)
+    scale = _input_scale(x2, input_scale, granularity)
+    if isinstance(scale, torch.Tensor):  # per token: GEMM with scale 1, then rescale the output rows
+        row = scale * step
+        y = _linear_int(x2, packed, row, 1.0, zp, with_bias=False)
+        y = y.mul_(row) if packed.bias is None else torch.addcmul(packed.bias, y, row)
+    else:
+        y = _linear_int(x2, packed, scale * step, scale * step, zp, with_bias=True)
+    return y.reshape(*x.shape[:-1], packed.out_features).to(x.dtype)
+
+
+def int8_linear_fbgemm_dynamic(x: torch.Tensor, packed: PackedLinear, reduce_range: bool | None = None) -> torch.Tensor:
+    """fbgemm's own dynamic path: one asymmetric uint8 range per call (benchmarks only)."""
+    if packed.impl != "fbgemm":
+        raise ValueError("int8_linear_fbgemm_dynamic needs a linear packed with impl='fbgemm'")
+    x2 = x.detach().reshape(-1, packed.in_features).float().contiguous()
+    y = torch.ops.quantized.linear_dynamic(x2, packed.weight, _grid(reduce_range)[1] == 64)
+    if packed.bias is not None:
+        y = y.add_(packed.bias)
+    return y.reshape(*x.shape[:-1], packed.out_features).to(x.dtype)
+
+
+# -- convolution ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedConv:
+    """oneDNN-prepacked int8 convolution weight plus its geometry; the bias stays fp32."""
+
+    weight: torch.Tensor  # opaque oneDNN tensor
+    scale: torch.Tensor  # (out,) float32
+    bias: torch.Tensor | None
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]  # (before, after) per spatial dim
+    groups: int
+    padding_mode: str
+
+
+def _split_padding(padding: tuple[tuple[int, int], ...], mode: str) -> tuple[list[int], list[int]]:
+    """(F.pad list applied to the input first, padding left to the conv op): the op pads with zeros
+    symmetrically, so other modes and uneven 'same' padding are applied explicitly."""
+    explicit = [(a, b) if mode != "zeros" or a != b else (0, 0) for a, b in padding]
+    inner = [a if mode == "zeros" and a == b else 0 for a, b in padding]
+    return [v for pair in reversed(explicit) for v in pair], inner
+
+
+def _tuple(v: int | Sequence[int], nd: int, what: str) -> tuple[int, ...]:
+    t = (int(v),) * nd if isinstance(v, int) else tuple(int(i) for i in v)
+    if len(t) != nd or min(t) < (0 if what == "padding" else 1):
+        raise ValueError(f"conv {what} {v!r} does not fit {nd} spatial dims")
+    return t
+
+
+def _padding(padding: int | Sequence[int] | str, kernel: tuple[int, ...], dilation: tuple[int, ...]
+             ) -> tuple[tuple[int, int], ...]:
+    if padding == "valid":
+        return tuple((0, 0) for _ in kernel)
+    if padding == "same":  # PyTorch's split: the odd element goes after
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    if isinstance(padding, str):
+        raise ValueError(f"conv padding {padding!r} must be 'same', 'valid' or integers")
+    return tuple((p, p) for p in _tuple(padding, len(kernel), "padding"))
+
+
+def prepack_conv(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None = None,
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros") -> PackedConv:
+    """Pack int8 conv weight codes (out, in/groups, *kernel) with per-channel (or one) scale."""
+    _check_codes(codes, "nd")
+    out_c, in_g, *kernel = codes.shape
+    nd = len(kernel)
+    reason = supports_conv(in_g * groups, out_c, kernel, groups, padding_mode)
+    if reason:
+        raise ValueError(f"no CPU int8 kernel for this convolution: {reason} (keep the layer on the fake backend)")
+    s, st, dil = channel_scale(scale, out_c).cpu(), _tuple(stride, nd, "stride"), _tuple(dilation, nd, "dilation")
+    pad = _padding(padding, tuple(kernel), dil)
+    inner = _split_padding(pad, padding_mode)[1]
+    # The input scale given here only guides oneDNN's weight layout; each call passes its own scale.
+    weight = torch.ops.onednn.qconv_prepack(codes.detach().cpu().contiguous(), s, 1.0, 128, list(st),
+                                            inner, list(dil), groups, None)
+    return PackedConv(weight, s, _check_bias(bias, out_c), in_g * groups, out_c, tuple(kernel), st, dil,
+                      pad, groups, padding_mode)
+
+
+def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | float | None = None,
+              reduce_range: bool | None = None) -> torch.Tensor:
+    """W8A8 convolution of `x` (N, C, *S) or unbatched (C, *S); per-tensor static or dynamic input scale.
+
+    oneDNN computes channels-last; the output is made contiguous like F.conv2d's, because diffusers
+    code calls `.view` on conv outputs (one copy of the output, ~1 ms at UNet shapes)."""
+    p, nd = packed, len(packed.kernel_size)
+    unbatched = x.dim() == nd + 1
+    xb = x.detach().unsqueeze(0) if unbatched else x.detach()
+    if xb.dim() != nd + 2 or xb.shape[1] != p.in_channels:
+        raise ValueError(f"conv input {tuple(x.shape)} does not match {p.in_channels} channels, {nd} spatial dims")
+    step, zp = _grid(reduce_range)
+    scale = step * _input_scale(xb, input_scale, "tensor")  # type: ignore[operator]
+    explicit, inner = _split_padding(p.padding, p.padding_mode)
+    if any(explicit):
+        xb = torch.nn.functional.pad(xb, explicit, mode="constant" if p.padding_mode == "zeros" else p.padding_mode)
+    q = _uint8_codes(xb, scale, zp)
+    if nd in _CHANNELS_LAST:
+        q = q.contiguous(memory_format=_CHANNELS_LAST[nd])
+    zeros = torch.zeros(p.out_channels, dtype=torch.long)
+    op = getattr(torch.ops.onednn, f"qconv{nd}d_pointwise")
+    y = op(q, scale, zp, p.weight, p.scale, zeros, p.bias, list(p.stride), inner, list(p.dilation), p.groups,
+           1.0, 0, torch.float32, "none", [], "")
+    return (y.squeeze(0) if unbatched else y).contiguous().to(x.dtype)
