@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 import dmquant
 from dmquant.pipelines import generate, load
@@ -54,21 +55,29 @@ def _state():
 
 
 def _generate_sharded(pipe: Any, cfg: EvalConfig, tag: str) -> torch.Tensor:
-    """Each process generates its contiguous slice; the main process reassembles the full set."""
+    """Batches are dealt round-robin to processes and reassembled in order on the main process.
+    Every batch holds the same prompts as in a single-process run, so results are bitwise equal."""
     state = _state()
-    n = len(cfg.prompts)
-    per = -(-n // state.num_processes)
-    lo, hi = state.process_index * per, min(n, (state.process_index + 1) * per)
+    n, bs = len(cfg.prompts), cfg.batch_size
+    starts = list(range(0, n, bs))
+    mine = starts[state.process_index::state.num_processes]
     shard_dir = cfg.out / "shards" / tag
     shard_dir.mkdir(parents=True, exist_ok=True)
-    if lo < hi:
-        part = generate(pipe, cfg.prompts[lo:hi], seed=cfg.seed, steps=cfg.steps, batch_size=cfg.batch_size,
-                        start_index=lo, progress=state.is_main_process)
-        save_file({"samples": part.contiguous()}, str(shard_dir / f"{state.process_index}.safetensors"))
+    done = {str(s): generate(pipe, cfg.prompts[s:s + bs], seed=cfg.seed, steps=cfg.steps, batch_size=bs,
+                             start_index=s, progress=False).contiguous()
+            for s in tqdm(mine, desc=f"generate {tag.split('-')[0]}", unit="batch", disable=not state.is_main_process)}
+    if done:
+        save_file(done, str(shard_dir / f"{state.process_index}.safetensors"))
     state.wait_for_everyone()
-    parts = [load_file(str(shard_dir / f"{i}.safetensors"))["samples"] for i in range(state.num_processes)
-             if (shard_dir / f"{i}.safetensors").is_file()]
-    return torch.cat(parts)
+    files = [shard_dir / f"{i}.safetensors" for i in range(state.num_processes)]
+    batches = {int(k): v for f in files if f.is_file() for k, v in load_file(str(f)).items()}
+    samples = torch.cat([batches[s] for s in starts])
+    state.wait_for_everyone()
+    if state.is_main_process:  # shards are only a hand-over between processes
+        for f in files:
+            f.unlink(missing_ok=True)
+        shard_dir.rmdir()
+    return samples
 
 
 def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float]:
@@ -86,14 +95,28 @@ def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float]:
     return samples, seconds
 
 
+def calibration_prompts(pipeline: str, fallback: list[str], n: int = 16) -> list[str]:
+    """Held-out captions for calibration (never the evaluation prompts) where the data is known."""
+    from dmquant.pipelines import make_images, make_videos
+
+    if pipeline in NAMES:
+        return (make_videos if pipeline == "miniature-latte" else make_images)(n, seed=4242).prompts
+    return fallback[:n]
+
+
 def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     if Path(model).is_dir():
         return dmquant.load_quantized(model)
     pipe = load(cfg.pipeline)
+    prompts = calibration_prompts(cfg.pipeline, cfg.prompts)
+
+    def calibrate(p: Any = pipe) -> None:
+        generate(p, prompts, seed=cfg.seed + 10**6, steps=cfg.steps, progress=False)
+
+    calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": cfg.seed + 10**6}
     if ":" in model:
-        calib = cfg.prompts[:4]
-        return apply_backend(pipe, model, lambda: generate(pipe, calib, seed=cfg.seed, steps=cfg.steps, progress=False))
-    return dmquant.quantize(pipe, model)
+        return apply_backend(pipe, model, calibrate)
+    return dmquant.quantize(pipe, model, calibration=calibrate)
 
 
 def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pipe: Any) -> dict[str, Any]:
@@ -177,5 +200,5 @@ def _write(cfg: EvalConfig, rows: list[dict[str, Any]], columns: dict[str, torch
     shown = min(len(cfg.prompts), 8)
     grid = save_grid(cfg.out / "grid", cfg.prompts[:shown], {k: v[:shown] for k, v in columns.items()})
     (cfg.out / "results.md").write_text(f"# {cfg.pipeline}: {len(cfg.prompts)} prompts, seed {cfg.seed}\n\n{table}\n")
-    html_report(cfg.out / "report.html", f"dmquant eval: {cfg.pipeline}", table, [grid])
+    html_report(cfg.out / "report.html", f"dmquant eval: {cfg.pipeline}", rows, [grid], n_samples=len(cfg.prompts))
     print(table)

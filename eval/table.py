@@ -1,46 +1,81 @@
-"""Readable tables of results, keeping the two metric families apart:
-vs prompts/dataset (FID vs real, CLIP, adherence) and vs FP on the same seeds (PSNR, SSIM, LPIPS, FID vs FP)."""
+"""Readable results tables that keep the metric families apart: against the prompts/dataset (FID vs
+real, CLIP score, adherence) and against the FP model's own samples on the same seeds (PSNR, SSIM,
+LPIPS, FID vs FP), plus video and cost. Every column carries its direction (↑ higher is better).
+
+>>> print(format_table([{"name": "FP", "adherence": 0.91}, {"name": "w8a8", "adherence": 0.9, "psnr": 31.2}], 64))
+"""
 from __future__ import annotations
 
 from typing import Any
 
-# metric key -> (column title, "higher"/"lower" is better, family)
-METRICS: dict[str, tuple[str, str, str]] = {
-    "fid_real": ("FID vs real", "lower", "prompts"),
-    "clip": ("CLIP", "higher", "prompts"),
-    "adherence": ("adherence", "higher", "prompts"),
-    "psnr": ("PSNR dB", "higher", "fp"),
-    "ssim": ("SSIM", "higher", "fp"),
-    "lpips": ("LPIPS", "lower", "fp"),
-    "fid_fp": ("FID vs FP", "lower", "fp"),
-    "subject_consistency": ("subj.cons", "higher", "video"),
-    "background_consistency": ("bg.cons", "higher", "video"),
-    "temporal_flickering": ("flicker", "higher", "video"),
-    "motion_smoothness": ("smooth", "higher", "video"),
-    "dynamic_degree": ("dynamic", "compare", "video"),
-    "model_mb": ("denoiser MB", "lower", "cost"),
-    "latency_ratio": ("time/FP", "lower", "cost"),
+# metric key -> (column title, "higher" / "lower" is better or "compare" with FP, family, decimals)
+METRICS: dict[str, tuple[str, str, str, int]] = {
+    "fid_real": ("FID vs real", "lower", "prompts", 3),
+    "clip": ("CLIP score", "higher", "prompts", 2),
+    "adherence": ("adherence", "higher", "prompts", 3),
+    "psnr": ("PSNR dB", "higher", "fp", 2),
+    "ssim": ("SSIM", "higher", "fp", 4),
+    "lpips": ("LPIPS", "lower", "fp", 4),
+    "fid_fp": ("FID vs FP", "lower", "fp", 3),
+    "frame_psnr": ("frame PSNR dB", "higher", "fp", 2),
+    "frame_ssim": ("frame SSIM", "higher", "fp", 4),
+    "subject_consistency": ("subject cons.", "higher", "video", 4),
+    "background_consistency": ("background cons.", "higher", "video", 4),
+    "temporal_flickering": ("flicker score", "higher", "video", 4),
+    "motion_smoothness": ("smoothness", "higher", "video", 4),
+    "dynamic_degree": ("dynamic px/frame", "compare", "video", 3),
+    "model_mb": ("denoiser MiB", "lower", "cost", 2),
+    "latency_ratio": ("time / FP", "lower", "cost", 2),
 }
-FAMILY_TITLES = {"prompts": "vs prompts/dataset", "fp": "vs FP (same seeds)", "video": "video (VBench-style)",
-                 "cost": "cost"}
-ARROW = {"higher": "↑", "lower": "↓", "compare": "~FP"}
+FAMILY_TITLES = {"prompts": "vs prompts / dataset", "fp": "vs FP on the same seeds",
+                 "video": "video (VBench-style, no reference)", "cost": "cost"}
+ARROW = {"higher": "↑", "lower": "↓", "compare": "≈FP"}
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
+def _fmt(value: Any, decimals: int) -> str:
+    if value is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
+    if isinstance(value, float):
+        return f"{value:.{decimals}f}" if abs(value) < 1e5 else f"{value:.3g}"
+    return str(value)
+
+
+def _cell(row: dict[str, Any], key: str, n_samples: int | None) -> str:
+    """A value with its column's decimals; FID also shows its sample count (`<key>_n`, else n_samples)."""
+    text = _fmt(row.get(key), METRICS[key][3])
+    n = row.get(f"{key}_n", n_samples)
+    return f"{text} (n={n})" if key.startswith("fid") and key in row and n is not None else text
+
+
+def table_sections(rows: list[dict[str, Any]], n_samples: int | None = None
+                   ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(family title, header, body) per metric family present; a model with no value in a family
+    (FP in "vs FP") is left out of that family's table."""
+    sections = []
+    for family, title in FAMILY_TITLES.items():
+        keys = [k for k, (_, _, fam, _) in METRICS.items() if fam == family and any(k in r for r in rows)]
+        if not keys:
+            continue
+        head = ["model"] + [f"{METRICS[k][0]} {ARROW[METRICS[k][1]]}" for k in keys]
+        body = [[str(r.get("name", "?"))] + [_cell(r, k, n_samples) for k in keys]
+                for r in rows if any(k in r for k in keys)]
+        sections.append((title, head, body))
+    return sections
+
+
+def _markdown(head: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(  # noqa: E731  (model column left, numbers right-aligned)
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return [line(head), rule, *map(line, body)]
 
 
 def format_table(rows: list[dict[str, Any]], n_samples: int | None = None) -> str:
-    """Markdown table: one row per model ("name" key), columns grouped by metric family."""
-    present = [k for k in METRICS if any(k in r for r in rows)]
-    head = ["model"] + [f"{METRICS[k][0]} {ARROW[METRICS[k][1]]} ({FAMILY_TITLES[METRICS[k][2]]})" for k in present]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([str(r.get("name", "?")), *(_fmt(r.get(k)) for k in present)]) + " |")
-    if n_samples is not None and any(k.startswith("fid") for k in present):
-        lines.append(f"\nFID from {n_samples} samples per model (judge features): compare only at equal sample counts.")
-    return "\n".join(lines)
+    """Markdown, one aligned table per metric family (rows: dicts with "name" and metric keys)."""
+    out: list[str] = []
+    for title, head, body in table_sections(rows, n_samples):
+        out += [f"**{title}**", "", *_markdown(head, body), ""]
+    if any(k.startswith("fid") for r in rows for k in r):
+        out.append("FID needs many samples: compare values only at equal n (and with the same extractor).")
+    return "\n".join(out).rstrip() + "\n"

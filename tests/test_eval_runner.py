@@ -50,7 +50,7 @@ def test_two_processes_give_identical_numbers(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
     args = ["-m", "dmquant.cli", "eval", "--pipeline", "tiny-pixart", "--recipe", "w8a8", "--prompts", str(prompts),
-            "--steps", "2", "--metrics", "psnr,ssim"]
+            "--steps", "2", "--metrics", "psnr,ssim", "--batch-size", "1"]
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

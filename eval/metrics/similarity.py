@@ -3,6 +3,7 @@ or videos (N, F, 3, H, W) (scored per frame, averaged per sample). All return pe
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03),
-    averaged over channels and valid windows, per sample (1 = identical, higher is better)."""
+    averaged over channels and valid windows, per sample (1 = identical, higher is better).
+    torchmetrics 1.9 instead averages over a reflect-padded full image: values differ by ~1e-3."""
     x, y, f = _frames(a, b)
     x, y = x.double(), y.double()
     c = x.shape[1]
@@ -54,7 +56,8 @@ _BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pt
 
 def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex", backbone: str | os.PathLike | None = None) -> torch.Tensor:
     """LPIPS perceptual distance per sample (lower is better), with the torchvision backbone from a
-    local file: `backbone=`, $DMQUANT_LPIPS_BACKBONE, or $TORCH_HOME/hub/checkpoints/."""
+    local file: `backbone=`, $DMQUANT_LPIPS_BACKBONE, or $TORCH_HOME/hub/checkpoints/ (the linear
+    heads ship inside the lpips package). Never downloads: a missing file is a FileNotFoundError."""
     if net not in _BACKBONE_FILES:
         raise ValueError(f"net must be one of {list(_BACKBONE_FILES)}")
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
@@ -69,6 +72,7 @@ def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex", backbone: str | o
     return d.reshape(-1, f).mean(1)
 
 
+@lru_cache(maxsize=2)
 def _lpips_model(net: str, backbone_file: str):
     import lpips as lpips_pkg
     import torchvision
