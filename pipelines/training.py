@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,12 +86,16 @@ def _predict(parts: dict[str, Any], x: torch.Tensor, t: torch.Tensor, emb: torch
 
 
 def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, lr: float = 5e-4,
-                   num_samples: int = 20000) -> dict[str, Any]:
-    """Train a miniature's denoiser and text encoder; returns its components (VAE included)."""
-    from diffusers import DDPMScheduler
+                   num_samples: int = 20000, resume: Path | None = None) -> dict[str, Any]:
+    """Train a miniature's denoiser and text encoder (from scratch, or continuing from a saved
+    pipeline folder `resume`); returns its components (VAE included)."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
 
     torch.manual_seed(seed)
     parts = build_components(name)
+    if resume is not None:
+        saved = DiffusionPipeline.from_pretrained(resume, local_files_only=True).components
+        parts.update({k: saved[k] for k in ("text_encoder", "unet", "transformer") if k in saved})
     parts["vae"] = vae
     video = name == "miniature-latte"
     data = make_videos(num_samples // 4, seed=seed, frames=FRAMES) if video else make_images(num_samples, seed=seed)

@@ -5,6 +5,7 @@
     python scripts/train_miniatures.py --only miniature-sd   # one pipeline (reuses the saved VAE)
     python scripts/train_miniatures.py --only judge          # the image and video judges
     python scripts/train_miniatures.py --steps-scale 0.01 --out /tmp/w   # a smoke run
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 2   # train longer
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints already in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
@@ -46,7 +48,9 @@ def main() -> None:
     for name in NAMES:
         if name in todo:
             vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-            parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed, num_samples=args.num_samples)
+            resume = args.out / name if args.resume else None
+            parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed + int(args.resume),
+                                   num_samples=args.num_samples, resume=resume)
             assemble(name, parts).save_pretrained(args.out / name)
     if "judge" in todo:
         from dmquant.pipelines.judge import train_judge
