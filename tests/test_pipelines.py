@@ -112,3 +112,19 @@ def test_quantized_pipeline_save_load_bitwise(family, recipe, tmp_path):
     again = generate(load(tmp_path / "q"), prompts, seed=1, steps=2, progress=False)
     assert torch.equal(before, again)
     assert type(load(tmp_path / "q")).__name__ == type(pipe).__name__
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_table_matches_the_real_classes(family):
+    """The per-family data (denoiser attribute, timestep/text kwargs, FP-kept layers) is checked
+    against the actual diffusers classes, so the table cannot drift from the code it describes."""
+    import inspect
+
+    pipe = build_tiny_pipeline(family)
+    fam = family_of(pipe)
+    denoiser = getattr(pipe, fam.denoiser)
+    params = inspect.signature(denoiser.forward).parameters
+    assert fam.timestep_kwarg in params and fam.text_kwarg in params
+    kept = dmquant.filters.LayerFilter(exclude=fam.keep_fp)
+    first_last = [n for n, _ in denoiser.named_children() if n in ("conv_in", "conv_out", "proj_out")]
+    assert all(not kept(n) for n in first_last)
