@@ -49,7 +49,7 @@ def run_demo(out: Path, pipeline: str | None = None, recipe_names: list[str] = (
             again = generate(load_quantized(out / recipe), prompts, seed=0)
             log.info("saved %s to %s; reloaded samples bitwise identical: %s", recipe, out / recipe,
                      torch.equal(again, images))
-            print(report(pipe))
+            print(str(report(pipe)).splitlines()[-1].strip())  # `dmquant.report(pipe)` has the per-layer table
     grid = save_grid(out / "grid", prompts, columns)
     table = format_table(rows)
     (out / "results.md").write_text(f"# dmquant demo: {name}\n\n{table}\n\n![grid]({grid.name})\n")
