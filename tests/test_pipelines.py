@@ -116,15 +116,23 @@ def test_quantized_pipeline_save_load_bitwise(family, recipe, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_table_matches_the_real_classes(family):
-    """The per-family data (denoiser attribute, timestep/text kwargs, FP-kept layers) is checked
-    against the actual diffusers classes, so the table cannot drift from the code it describes."""
+    """The per-family data (denoiser class and attribute, conditioning kwargs, FP-kept layers) is
+    checked against the actual diffusers classes, so the table cannot drift from the code it describes."""
     import inspect
+    import re
 
     pipe = build_tiny_pipeline(family)
     fam = family_of(pipe)
     denoiser = getattr(pipe, fam.denoiser)
+    assert type(denoiser).__name__ == fam.denoiser_class and family_of(fam.denoiser_class).denoiser == fam.denoiser
     params = inspect.signature(denoiser.forward).parameters
-    assert fam.timestep_kwarg in params and fam.text_kwarg in params
-    kept = dmquant.filters.LayerFilter(exclude=fam.keep_fp)
+    assert {fam.timestep_kwarg, fam.text_kwarg, *fam.extra_conditioning} <= set(params)
+    names = [n for n, _ in denoiser.named_modules() if n]
+    for pattern in fam.keep_fp:  # every pattern names something real
+        assert any(re.search(pattern, n) for n in names), (family, pattern)
+    # the family's own list keeps exactly the layers the core's generic default keeps
+    layers = [n for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d))]
+    own, generic = dmquant.filters.LayerFilter(exclude=fam.keep_fp), dmquant.filters.LayerFilter()
+    assert [n for n in layers if not own(n)] == [n for n in layers if not generic(n)]
     first_last = [n for n, _ in denoiser.named_children() if n in ("conv_in", "conv_out", "proj_out")]
-    assert all(not kept(n) for n in first_last)
+    assert first_last and all(not own(n) for n in first_last)
