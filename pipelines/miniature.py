@@ -13,8 +13,6 @@ from typing import Any
 WEIGHTS = Path(__file__).parent / "weights"
 NAMES = ("miniature-sd", "miniature-pixart", "miniature-latte")
 IMAGE_SIZE, FRAMES = 32, 8
-DEFAULT_STEPS = {"miniature-sd": 20, "miniature-pixart": 20, "miniature-latte": 20}
-GUIDANCE = 4.0
 
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
