@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dmquant
+from dmquant.api import quantized_components
 from dmquant.pipelines import generate, load
 from dmquant.pipelines.miniature import NAMES
 
@@ -150,10 +151,8 @@ def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pip
         m["lpips"] = float(lpips(images, fp, backbone=cfg.extra.get("lpips_backbone")).mean())
     if "fid" in cfg.metrics and extractor is not None:
         m["fid_fp"] = fid(images, fp, extractor=extractor, weights=cfg.extra.get("inception_weights")).value
-    try:
+    if quantized_components(pipe):  # other libraries' models carry no dmquant report
         m["model_mb"] = dmquant.report(pipe).quant_bytes / 2**20
-    except ValueError:  # other libraries' models carry no dmquant report
-        pass
     return m
 
 
