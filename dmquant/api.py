@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import observing
 from .components import DENOISER_ATTRS, TEXT_ENCODER_ATTRS, find_components, get_path, set_path
-from .algorithms import apply_gptq
+from .algorithms import STEPS
 from .config import QuantSpec, Recipe
 from .filters import LayerFilter
 from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
@@ -25,9 +25,6 @@ from .provenance import provenance
 from .recipes import get_recipe
 
 log = logging.getLogger(__name__)
-
-
-STEP_FUNCTIONS: dict[str, Callable[..., Any]] = {"gptq": apply_gptq}
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Callable[[An
         modules = list(components.values())
         for step in recipe.steps:  # static activation quantizers pass data through while steps observe
             with observing(*modules):
-                STEP_FUNCTIONS[step.name](modules, lambda: calibration(obj), **step.args)
+                STEPS[step.name](modules, lambda: calibration(obj), **step.args)
         with observing(*modules):  # activation ranges of the final weights
             calibration(obj)
         calib_info = getattr(calibration, "description", getattr(calibration, "__name__", "callable"))

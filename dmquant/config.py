@@ -110,9 +110,6 @@ class Override:
         return cls(**data)
 
 
-STEPS = ("gptq",)
-
-
 @dataclass(frozen=True)
 class Step:
     """An algorithm a recipe runs after the layers are swapped, e.g. {name: gptq, args: {...}}."""
@@ -121,8 +118,10 @@ class Step:
     args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from .algorithms import STEPS  # late: the algorithms import configs
+
         if self.name not in STEPS:
-            raise ValueError(f"unknown recipe step {self.name!r}; available steps: {STEPS}")
+            raise ValueError(f"unknown recipe step {self.name!r}; available steps: {sorted(STEPS)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str, where: str = "step") -> "Step":

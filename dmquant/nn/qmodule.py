@@ -57,7 +57,7 @@ class QuantModule:
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
-        if wq is None:
+        if wq is None or not wq.enabled:
             return self.weight
         if self._needs_grad():
             return wq(self.weight)  # training: no cache, gradients flow through the STE
@@ -79,6 +79,8 @@ class QuantModule:
         """Run on the backend's real low-bit kernel; None falls back to fake quantization (the
         reference), e.g. for shapes or formats the kernel lacks, or when gradients are needed."""
         if self.backend == "fake" or self.weight_quantizer is None or self._needs_grad():
+            return None
+        if not (self.weight_quantizer.enabled and (self.input_quantizer is None or self.input_quantizer.enabled)):
             return None
         from ..kernels import get_kernel
 

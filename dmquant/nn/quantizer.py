@@ -47,6 +47,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("tensor_scale", None)
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observing = False
+        self.enabled = True  # False passes tensors through: the float reference (see nn.switch)
 
     # -- scales -------------------------------------------------------------------------------
     @property
@@ -93,6 +94,8 @@ class TensorQuantizer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if self.observing:
             self._observe(x)
             return x
