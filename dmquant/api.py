@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,14 +16,15 @@ from typing import Any, Callable
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import observing
-from .components import DENOISER_ATTRS, TEXT_ENCODER_ATTRS, find_components, get_path, set_path
+from .calibrate import StepRun, observing, prepare_calibration, uncalibrated_passthrough
+from .components import BARE, DENOISER_ATTRS, TEXT_ENCODER_ATTRS, find_components, get_path, set_path
 from .algorithms import STEPS
 from .config import QuantSpec, Recipe
 from .filters import LayerFilter
 from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
 from .provenance import provenance
 from .recipes import get_recipe
+from .timestep import attach_timestep_hook
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,13 @@ class QuantState:
     recipe: Recipe
     plan: dict[str, LayerPlan]
     provenance: dict[str, Any] = field(default_factory=dict)
+    timestep_scale: float | None = None  # denoisers: t / timestep_scale is the noise level quantizers key on
+
+
+def track_timesteps(module: nn.Module, timestep_scale: float | None) -> None:
+    """Attach the noise-level hook to a denoiser whose forward takes a timestep."""
+    if timestep_scale is not None:
+        attach_timestep_hook(module, timestep_scale)
 
 
 def plan_for(module: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
@@ -84,16 +93,23 @@ def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, in
         set_path(module, name, cls.from_float(child, step.weight, step.input, recipe.backend, name, init_scales))
 
 
-def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Callable[[Any], Any] | None = None,
-             backend: str | None = None) -> Any:
+def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, backend: str | None = None,
+             timestep_scale: float = 1000.0) -> Any:
     """Quantize a diffusers pipeline (its denoiser, and any other components the recipe names) or a
     bare model in place, and return it.
 
-    >>> pipe = dmquant.quantize(pipe, "w8a8")          # built-in recipe
+    >>> pipe = dmquant.quantize(pipe, "w8a8")                  # built-in recipe
+    >>> pipe = dmquant.quantize(pipe, "q-diffusion-w4a8")      # calibrates on the recipe's default prompts
+    >>> pipe = dmquant.quantize(pipe, "tfmq-w4a8", calibration={"prompts": prompts, "timesteps": "uniform:10"})
     >>> model = dmquant.quantize(model, "my_recipe.yaml", calibration=lambda m: m(**example))
 
-    `calibration` is called once with `obj` to run representative data when the recipe has static
-    activation scales. `backend` overrides the recipe's ("fake", "fbgemm", "cuda").
+    Recipes with static activation scales or algorithm steps need data. On a pipeline it is recorded
+    from the float model (a `dmquant.calibration.CalibrationSet`: the recipe's defaults, overridden by
+    `calibration` given as a dict of settings or a list of prompts); a callable is called with `obj`
+    to run representative inputs (the only way for a bare model). `backend` overrides the recipe's
+    ("fake", "fbgemm", "cuda"). `timestep_scale` normalises the denoiser's timestep into the noise
+    level per-timestep scales key on (1000 for DDPM-trained and most flow models, 1 for FLUX, whose
+    pipeline already passes t / 1000).
     """
     recipe = get_recipe(recipe)
     if backend is not None:
@@ -102,27 +118,40 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Callable[[An
     for path, module in components.items():
         if getattr(module, "dmquant_state", None) is not None:
             raise ValueError(f"{path} is already quantized (recipe {module.dmquant_state.recipe.name})")
+    runner, t0 = None, time.perf_counter()
+    if recipe.needs_calibration:
+        runner = prepare_calibration(obj, recipe.calibration, calibration)  # float-model data, before any swap
     for path, module in components.items():
         plan = plan_for(module, recipe)
         if not plan:
             log.warning("recipe %s selects no layers in %s", recipe.name, path)
         apply_plan(module, plan, recipe)
-        module.dmquant_state = QuantState(recipe, plan)
+        scale = timestep_scale if path in (*DENOISER_ATTRS, BARE) else None
+        module.dmquant_state = QuantState(recipe, plan, timestep_scale=scale)
+        track_timesteps(module, scale)
     calib_info = None
-    if recipe.needs_calibration:
-        if calibration is None:
-            raise ValueError(f"recipe {recipe.name!r} needs calibration data (static activation scales or "
-                             f"algorithm steps): pass calibration=<callable that runs the model on representative inputs>")
-        modules = list(components.values())
-        for step in recipe.steps:  # static activation quantizers pass data through while steps observe
-            with observing(*modules):
-                STEPS[step.name](modules, lambda: calibration(obj), **step.args)
-        with observing(*modules):  # activation ranges of the final weights
-            calibration(obj)
-        calib_info = getattr(calibration, "description", getattr(calibration, "__name__", "callable"))
+    if runner is not None:
+        calib_info = _calibrate(obj, recipe, runner, list(components.values()))
+        calib_info["seconds"] = round(time.perf_counter() - t0, 3)
     for module in components.values():
         module.dmquant_state.provenance = provenance(recipe, calibration=calib_info)
     return obj
+
+
+def _calibrate(obj: Any, recipe: Recipe, runner: Any, modules: list[nn.Module]) -> dict[str, Any]:
+    """Run the recipe's steps in order, then freeze the static activation scales still missing."""
+    run = StepRun(runner, obj)
+    steps = {}
+    with uncalibrated_passthrough(*modules):
+        for step in recipe.steps:
+            t0 = time.perf_counter()
+            STEPS[step.name](modules, run, **step.args)
+            steps[step.name] = round(time.perf_counter() - t0, 3)
+            log.info("step %s took %.1f s", step.name, steps[step.name])
+    with observing(*modules, uncalibrated_only=True):  # activation ranges of the final weights
+        run()
+    data = getattr(runner, "description", getattr(runner, "__name__", "callable"))
+    return {**(data if isinstance(data, dict) else {"data": data}), "step_seconds": steps}
 
 
 def quantized_components(obj: Any) -> dict[str, nn.Module]:

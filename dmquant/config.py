@@ -13,6 +13,7 @@ from typing import Any
 
 from .formats import BlockFormat, FloatFormat, get_format
 from .granularity import PerGroup, PerTensor, PerToken, parse_granularity
+from .observers import parse_observer
 
 RECIPE_VERSION = 1
 BACKENDS = ("fake", "fbgemm", "cuda")
@@ -31,12 +32,17 @@ def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized: format, granularity, symmetry, static or dynamic scales."""
+    """How one tensor is quantized: format, granularity, symmetry, static or dynamic scales.
+
+    `observer` picks how a static range is estimated (minmax, ema:<momentum>, percentile:<p>, mse,
+    lp:<p>); `timestep_groups` > 1 gives static activations one scale per group of noise levels."""
 
     format: str
     granularity: str = "channel"
     symmetric: bool = True
     dynamic: bool = False
+    observer: str = "minmax"
+    timestep_groups: int = 1
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)  # raises on unknown names / bits out of range
@@ -49,6 +55,14 @@ class QuantSpec:
             raise ValueError(f"{self.format}: floating-point formats are symmetric only")
         if isinstance(gran, PerToken) and not self.dynamic:
             raise ValueError("per-token scales are computed at run time: set dynamic: true")
+        estimator = parse_observer(self.observer)  # raises on unknown observers
+        if isinstance(fmt, BlockFormat) and estimator.kind != "minmax":
+            raise ValueError(f"{self.format} derives each block's scale from its data: observer must be minmax")
+        if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
+            raise ValueError(f"timestep_groups must be a positive integer, got {self.timestep_groups!r}")
+        if self.timestep_groups > 1 and self.dynamic:
+            raise ValueError("timestep_groups applies to static scales; dynamic scales already follow every input")
+        object.__setattr__(self, "observer", str(estimator))
         object.__setattr__(self, "granularity", str(parse_granularity(self.granularity)))
 
     @property
@@ -70,7 +84,9 @@ class QuantSpec:
 
     def short(self) -> str:
         tail = "dyn" if self.dynamic else ""
-        return "/".join(p for p in (self.format, self.granularity, "" if self.symmetric else "asym", tail) if p)
+        extra = ("" if self.observer == "minmax" else self.observer,
+                 f"t{self.timestep_groups}" if self.timestep_groups > 1 else "")
+        return "/".join(p for p in (self.format, self.granularity, "" if self.symmetric else "asym", tail, *extra) if p)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str, where: str = "spec") -> "QuantSpec":
@@ -147,6 +163,7 @@ class Recipe:
     exclude: tuple[str, ...] | None = None
     overrides: tuple[Override, ...] = ()
     steps: tuple[Step, ...] = ()
+    calibration: dict[str, Any] = field(default_factory=dict)  # default CalibrationSet settings for pipelines
     backend: str = "fake"
     version: int = RECIPE_VERSION
 
@@ -167,6 +184,9 @@ class Recipe:
         if self.attention is not None:
             specs += [self.attention.qkv, self.attention.probs]
         return bool(self.steps) or any(s is not None and s.needs_calibration for s in specs)
+
+    def __hash__(self) -> int:
+        return hash(self.config_hash())
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import LayerPlan, QuantState, apply_plan, quant_layers, quantized_components
+from .api import LayerPlan, QuantState, apply_plan, quant_layers, quantized_components, track_timesteps
 from .atomic import MANIFEST, atomic_directory, hash_tree, verify_tree
 from .components import BARE
 from .config import QuantSpec, Recipe
@@ -92,7 +92,7 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
             state.update(encode_weight(layer, full))
             layers[name] = {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch.")}
         entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": _plan_to_json(st.plan),
-                               "weights": layers, "provenance": st.provenance}
+                               "weights": layers, "provenance": st.provenance, "timestep_scale": st.timestep_scale}
     save_file(_unshared(state), str(folder / WEIGHTS), metadata={"format": "dmquant"})
     return entry
 
@@ -167,7 +167,8 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
         prefix = f"{sub}." if sub else ""
         for name, meta in part["weights"].items():
             decode_weight(plan[name].weight, f"{prefix}{name}.", state, meta["shape"], getattr(torch, meta["dtype"]))
-        target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}))
+        target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}), part.get("timestep_scale"))
+        track_timesteps(target, part.get("timestep_scale"))
     _restore_quantizer_buffers(module, state)
     try:
         result = module.load_state_dict(state, strict=False, assign=True)
@@ -183,7 +184,7 @@ def _restore_quantizer_buffers(module: nn.Module, state: dict[str, torch.Tensor]
     """Quantizer buffers start as None, so load_state_dict would see them as unexpected: set them first."""
     for name, q in module.named_modules():
         if isinstance(q, TensorQuantizer):
-            for buf in ("scale", "zero_point", "tensor_scale"):
+            for buf in ("scale", "zero_point", "tensor_scale", "noise_edges", "split_at"):
                 if f"{name}.{buf}" in state:
                     setattr(q, buf, state[f"{name}.{buf}"])
 

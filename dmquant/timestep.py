@@ -21,7 +21,8 @@ _NOISE: contextvars.ContextVar[float | None] = contextvars.ContextVar("dmquant_n
 
 
 def current_noise_level() -> float | None:
-    """Normalised noise level of the denoiser call in progress (None outside a hooked call)."""
+    """Normalised noise level of the denoiser call in progress (None outside a hooked call, NaN for
+    a batch that mixes timesteps)."""
     return _NOISE.get()
 
 
@@ -40,10 +41,8 @@ def _timestep_value(t: Any) -> float:
         if t.numel() == 0:
             raise ValueError("empty timestep tensor")
         flat = t.detach().reshape(-1).float()
-        if not torch.all(flat == flat[0]):  # samplers use one t per call; mixed batches need per-sample scales
-            raise ValueError("timestep-aware quantization needs one timestep per denoiser call, got "
-                             f"{flat.unique().tolist()[:4]}...")
-        return float(flat[0])
+        # Samplers use one t per call; a batch of mixed timesteps has no single noise level (NaN).
+        return float(flat[0]) if torch.all(flat == flat[0]) else float("nan")
     return float(t)
 
 
@@ -66,8 +65,9 @@ class TimestepHook:
         elif self._position is not None and self._position < len(args):
             t = args[self._position]
         else:
-            raise ValueError(f"denoiser call without a {self.kwarg!r} argument: timestep-aware quantizers need it")
-        self._tokens.append(_NOISE.set(_timestep_value(t) / self.timestep_scale))
+            t = None  # no timestep: per-timestep quantizers raise their own error if reached
+        level = None if t is None else _timestep_value(t) / self.timestep_scale
+        self._tokens.append(_NOISE.set(level))
 
     def _exit(self, *_: Any) -> None:
         if self._tokens:

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..calibrate import calibrate_ranges
+from .adaround import SoftRounding, annealed_beta, grid_neighbours, layer_rounding, soft_rounding
 from .gptq import GPTQResult, gptq
 from .hessian import HessianCollector, apply_gptq
+from .reconstruction import DEFAULT_BLOCKS, UnitResult, apply_block_reconstruction, find_units
 
 StepFunction = Callable[..., Any]
-STEPS: dict[str, StepFunction] = {"gptq": apply_gptq}
+STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges,
+                               "adaround": apply_block_reconstruction}
 
-__all__ = ["gptq", "GPTQResult", "apply_gptq", "HessianCollector", "STEPS", "StepFunction"]
+__all__ = ["gptq", "GPTQResult", "apply_gptq", "HessianCollector", "STEPS", "StepFunction",
+           "SoftRounding", "soft_rounding", "layer_rounding", "grid_neighbours", "annealed_beta",
+           "apply_block_reconstruction", "find_units", "UnitResult", "DEFAULT_BLOCKS"]

@@ -51,6 +51,8 @@ class Kernel:
             return f"weights must be quantized per channel or per tensor, not {w.granularity}"
         if not isinstance(a.gran, (PerToken, PerTensor)):
             return f"activations must be quantized per token or per tensor, not {a.granularity}"
+        if iq.split_at is not None:
+            return "a split-shortcut input has two activation scales"
         if not self.available():
             return f"the {self.name} kernels are not available here"
         if layer.weight.device.type != self.device:

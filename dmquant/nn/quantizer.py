@@ -5,13 +5,17 @@ Calibration is a protocol: `start_observing()` -> run data -> `finish_observing(
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..config import QuantSpec
 from ..formats import BlockFormat
 from ..granularity import PerTensor
-from ..primitives import QParams, choose_qparams, fake_quantize, qparams_from_range, quantize
+from ..observers import RangeObserver, estimate_qparams, parse_observer
+from ..primitives import QParams, choose_qparams, fake_quantize, quantize
+from ..timestep import current_noise_level
 
 
 def as_rows(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
@@ -32,87 +36,156 @@ def from_rows(y: torch.Tensor, like: torch.Tensor, channel_axis: int | None) -> 
 
 
 class TensorQuantizer(nn.Module):
-    """Fake-quantizes tensors per a `QuantSpec`; `channel_axis=None` marks a weight quantizer."""
+    """Fake-quantizes tensors per a `QuantSpec`; `channel_axis=None` marks a weight quantizer.
+
+    Static activation scales have shape (groups, segments): one row per timestep group (looked up
+    from the current noise level, edges in `noise_edges`) and one column per channel segment (two
+    when `split_at` splits a skip concatenation, Q-Diffusion's shortcut splitting)."""
 
     def __init__(self, spec: QuantSpec, channel_axis: int | None = -1, name: str = "") -> None:
         super().__init__()
         if channel_axis is not None and not spec.dynamic and not isinstance(spec.gran, PerTensor):
             raise ValueError(f"static activation scales must be per tensor, got {spec.granularity} "
                              "(use dynamic: true for per-token or per-group activations)")
+        if channel_axis is None and spec.timestep_groups > 1:
+            raise ValueError("timestep_groups is for activations: weights do not change with the timestep")
         self.spec = spec
         self.channel_axis = channel_axis
         self.name = name
-        self.register_buffer("scale", None)
-        self.register_buffer("zero_point", None)
-        self.register_buffer("tensor_scale", None)
-        self._range: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.observing = False
+        for buf in ("scale", "zero_point", "tensor_scale", "noise_edges", "split_at"):
+            self.register_buffer(buf, None)
+        self._observers: dict[float, list[RangeObserver]] | None = None
         self.enabled = True  # False passes tensors through: the float reference (see nn.switch)
+        self.allow_uncalibrated = False  # pass through while no scale exists (recipe steps before calibration)
+
+    @property
+    def observing(self) -> bool:
+        return self._observers is not None
 
     # -- scales -------------------------------------------------------------------------------
     @property
+    def calibrated(self) -> bool:
+        return self.scale is not None
+
+    @property
     def qparams(self) -> QParams:
+        """Scales in use now (the current timestep group's, first segment for split inputs)."""
+        return self._qparams(self._group(), 0)
+
+    def _qparams(self, group: int, segment: int) -> QParams:
         if self.scale is None:
             raise RuntimeError(f"quantizer {self.name or ''} has no scale yet: calibrate the model first "
                                "(recipes with static activation scales need calibration data)")
-        return QParams(self.scale, self.zero_point, self.tensor_scale)
+        if self.channel_axis is None or self.spec.dynamic:
+            return QParams(self.scale, self.zero_point, self.tensor_scale)
+        pick = lambda t: None if t is None else t[group, segment].reshape(1, 1)  # noqa: E731
+        return QParams(pick(self.scale), pick(self.zero_point))
+
+    def _group(self) -> int:
+        if self.noise_edges is None:
+            return 0
+        return int(torch.bucketize(torch.tensor(_known_level(self.name)), self.noise_edges.float().cpu()))
 
     def set_qparams(self, qp: QParams) -> None:
         self.scale, self.zero_point, self.tensor_scale = qp.scale, qp.zero_point, qp.tensor_scale
 
     def init_from(self, x: torch.Tensor) -> None:
-        """Set static scales from a tensor (min-max), e.g. a weight at quantization time.
+        """Set static scales from a tensor (the spec's observer: min-max, percentile, MSE/L_p search),
+        e.g. a weight at quantization time.
 
         Scales of a half-precision tensor are rounded to its dtype (as GPTQ/AWQ checkpoints store
         them), so they are stored in 2 bytes and the codes are computed with the stored value."""
-        qp = choose_qparams(as_rows(x, self.channel_axis), self.spec.fmt, self.spec.gran, self.spec.symmetric)
+        qp = estimate_qparams(as_rows(x, self.channel_axis), self.spec.fmt, self.spec.gran, self.spec.symmetric,
+                              parse_observer(self.spec.observer))
         if x.dtype in (torch.float16, torch.bfloat16) and not isinstance(self.spec.fmt, BlockFormat):
             tiny = torch.finfo(x.dtype).tiny
             qp.scale = qp.scale.clamp_min(tiny).to(x.dtype).float()
         self.set_qparams(qp)
 
+    def set_split(self, channels: int | None) -> None:
+        """Quantize channels [:channels] and [channels:] with separate scales (skip concatenations)."""
+        if self.channel_axis is None or self.spec.dynamic:
+            raise ValueError(f"{self.name}: only static activation quantizers take split scales")
+        self.split_at = None if channels is None else torch.tensor(int(channels))
+        if self.observing:
+            self.start_observing()  # segments changed: restart the statistics
+
     def start_observing(self) -> None:
-        self.observing, self._range = True, None
+        self._observers = {}
 
     def finish_observing(self) -> None:
-        """Freeze the observed min-max range into static scales."""
-        self.observing = False
-        if self._range is None:
+        """Freeze the observed ranges into static scales, one per timestep group and segment."""
+        observed, self._observers = self._observers, None
+        if not observed:
             raise RuntimeError(f"quantizer {self.name} saw no data during calibration: "
                                "the calibration run never reached this layer")
-        lo, hi = self._range
-        self.set_qparams(qparams_from_range(lo.reshape(1, 1), hi.reshape(1, 1), self.spec.fmt, self.spec.symmetric))
-        self._range = None
+        levels = sorted(observed)
+        groups = [list(g) for g in torch.tensor_split(torch.tensor(levels), min(self.spec.timestep_groups, len(levels)))]
+        fmt, sym = self.spec.fmt, self.spec.symmetric
+        rows = []
+        for g in groups:
+            merged = [observed[float(g[0])][k] for k in range(len(observed[float(g[0])]))]
+            for level in g[1:]:
+                merged = [a.merge(b) for a, b in zip(merged, observed[float(level)])]
+            rows.append([m.qparams(fmt, sym) for m in merged])
+        self.scale = torch.stack([torch.cat([qp.scale.reshape(1) for qp in r]) for r in rows])
+        self.zero_point = None if rows[0][0].zero_point is None else \
+            torch.stack([torch.cat([qp.zero_point.reshape(1) for qp in r]) for r in rows])
+        self.noise_edges = None if len(groups) == 1 else \
+            torch.tensor([(float(a[-1]) + float(b[0])) / 2 for a, b in zip(groups, groups[1:])])
 
     def _observe(self, x: torch.Tensor) -> None:
-        xd = x.detach().float()
-        lo, hi = xd.amin(), xd.amax()
-        _check_finite(torch.stack([lo, hi]), self.name)
-        if self._range is not None:
-            lo, hi = torch.minimum(lo, self._range[0]), torch.maximum(hi, self._range[1])
-        self._range = (lo, hi)
+        key = round(_known_level(self.name), 6) if self.spec.timestep_groups > 1 else 0.0
+        if key not in self._observers:
+            estimator = parse_observer(self.spec.observer)
+            self._observers[key] = [RangeObserver(estimator) for _ in range(1 if self.split_at is None else 2)]
+        try:
+            for obs, part in zip(self._observers[key], self._segments(as_rows(x, self.channel_axis))):
+                obs.update(part)
+        except FloatingPointError:
+            _check_finite(torch.tensor(float("nan")), self.name)
+
+    def _segments(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        if self.split_at is None:
+            return [rows]
+        k = int(self.split_at)
+        return [rows[:, :k], rows[:, k:]]
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
         if self.observing:
             self._observe(x)
+            return x
+        if not self.enabled or (self.allow_uncalibrated and self.scale is None):
             return x
         rows = as_rows(x, self.channel_axis)
         if self.spec.dynamic:
             qp = choose_qparams(rows, self.spec.fmt, self.spec.gran, self.spec.symmetric)
             _check_finite(qp.scale, self.name)
+            out = fake_quantize(rows, self.spec.fmt, self.spec.gran, qp)
         else:
-            qp = self.qparams
-        return from_rows(fake_quantize(rows, self.spec.fmt, self.spec.gran, qp), x, self.channel_axis)
+            g = self._group()
+            out = torch.cat([fake_quantize(part.contiguous(), self.spec.fmt, self.spec.gran, self._qparams(g, i))
+                             for i, part in enumerate(self._segments(rows))], dim=1)
+        return from_rows(out, x, self.channel_axis)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Grid values of `x` under the static scales (what serialization packs)."""
         return quantize(as_rows(x, self.channel_axis), self.spec.fmt, self.spec.gran, self.qparams)
 
     def extra_repr(self) -> str:
-        return self.spec.short()
+        extra = "" if self.split_at is None else f", split at {int(self.split_at)}"
+        return self.spec.short() + extra
+
+
+def _known_level(name: str) -> float:
+    level = current_noise_level()
+    if level is None or math.isnan(level):
+        why = "no timestep is known" if level is None else "the batch mixes timesteps"
+        raise RuntimeError(f"quantizer {name} has per-timestep scales but {why}: call the denoiser through its "
+                           "forward with one timestep per call (dmquant attaches a timestep hook) or set one with "
+                           "dmquant.timestep.noise_level(...)")
+    return float(level)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
