@@ -52,8 +52,9 @@ def uncalibrated_passthrough(*models: nn.Module) -> Iterator[None]:
 
 
 def calibrate_ranges(modules: list[nn.Module], run: Callable[[], Any]) -> dict[str, int]:
-    """Recipe step `ranges`: freeze static activation scales now (e.g. before a step that trains them)."""
-    with observing(*modules) as quantizers:
+    """Recipe step `ranges`: freeze the static activation scales still missing now (e.g. before a
+    step that trains them); scales an earlier step set (temporal layers) are kept."""
+    with observing(*modules, uncalibrated_only=True) as quantizers:
         run()
     return {"calibrated": len(quantizers)}
 

@@ -10,8 +10,8 @@ from .families import FAMILIES, family_of
 from .generate import generate
 from .judge import judge
 from .loading import available, load
-from .prompts import miniature_prompts
+from .prompts import calibration_prompts, miniature_name, miniature_prompts
 from .tiny import build_tiny_pipeline
 
 __all__ = ["load", "generate", "judge", "miniature_prompts", "build_tiny_pipeline", "family_of", "FAMILIES",
-           "available", "make_images", "make_videos", "parse_prompt"]
+           "available", "make_images", "make_videos", "parse_prompt", "calibration_prompts", "miniature_name"]

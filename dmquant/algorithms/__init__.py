@@ -13,11 +13,17 @@ from .adaround import SoftRounding, annealed_beta, grid_neighbours, layer_roundi
 from .gptq import GPTQResult, gptq
 from .hessian import HessianCollector, apply_gptq
 from .reconstruction import DEFAULT_BLOCKS, UnitResult, apply_block_reconstruction, find_units
+from .shortcut import split_shortcuts
+from .temporal import TEMPORAL, calibrate_temporal
+from ..transforms import apply_rotation, apply_smoothquant, apply_svd
 
 StepFunction = Callable[..., Any]
 STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges,
-                               "adaround": apply_block_reconstruction}
+                               "adaround": apply_block_reconstruction, "split_shortcut": split_shortcuts,
+                               "temporal": calibrate_temporal,
+                               "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd}
 
 __all__ = ["gptq", "GPTQResult", "apply_gptq", "HessianCollector", "STEPS", "StepFunction",
            "SoftRounding", "soft_rounding", "layer_rounding", "grid_neighbours", "annealed_beta",
-           "apply_block_reconstruction", "find_units", "UnitResult", "DEFAULT_BLOCKS"]
+           "apply_block_reconstruction", "find_units", "UnitResult", "DEFAULT_BLOCKS",
+           "split_shortcuts", "calibrate_temporal", "TEMPORAL"]

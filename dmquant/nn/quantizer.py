@@ -120,19 +120,21 @@ class TensorQuantizer(nn.Module):
             raise RuntimeError(f"quantizer {self.name} saw no data during calibration: "
                                "the calibration run never reached this layer")
         levels = sorted(observed)
-        groups = [list(g) for g in torch.tensor_split(torch.tensor(levels), min(self.spec.timestep_groups, len(levels)))]
+        n = min(self.spec.timestep_groups, len(levels))  # equal-count groups of the observed noise levels
+        bounds = [round(i * len(levels) / n) for i in range(n + 1)]
+        groups = [levels[a:b] for a, b in zip(bounds, bounds[1:])]
         fmt, sym = self.spec.fmt, self.spec.symmetric
         rows = []
         for g in groups:
-            merged = [observed[float(g[0])][k] for k in range(len(observed[float(g[0])]))]
+            merged = observed[g[0]]
             for level in g[1:]:
-                merged = [a.merge(b) for a, b in zip(merged, observed[float(level)])]
+                merged = [a.merge(b) for a, b in zip(merged, observed[level])]
             rows.append([m.qparams(fmt, sym) for m in merged])
         self.scale = torch.stack([torch.cat([qp.scale.reshape(1) for qp in r]) for r in rows])
         self.zero_point = None if rows[0][0].zero_point is None else \
             torch.stack([torch.cat([qp.zero_point.reshape(1) for qp in r]) for r in rows])
         self.noise_edges = None if len(groups) == 1 else \
-            torch.tensor([(float(a[-1]) + float(b[0])) / 2 for a, b in zip(groups, groups[1:])])
+            torch.tensor([(a[-1] + b[0]) / 2 for a, b in zip(groups, groups[1:])])
 
     def _observe(self, x: torch.Tensor) -> None:
         key = round(_known_level(self.name), 6) if self.spec.timestep_groups > 1 else 0.0

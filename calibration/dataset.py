@@ -1,0 +1,103 @@
+"""`CalibrationSet`: the settings of a calibration run, and what `dmquant.quantize` calls on them.
+
+    >>> dmquant.quantize(pipe, "q-diffusion-w4a8")   # the recipe's defaults: CalibrationSet(**recipe.calibration)
+    >>> dmquant.quantize(pipe, "tfmq-w4a8", calibration=CalibrationSet(num_prompts=32, timesteps="eda:8"))
+
+`prepare(pipe)` runs the float pipeline on the prompts and records the denoiser's inputs at the
+selected steps; the returned runner replays them through the (by then quantized) denoiser.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmquant.calibrate import static_quantizers
+from dmquant.components import denoiser_path, get_path
+
+from .timesteps import parse_selection, select_steps
+from .trajectory import Trajectory, TrajectoryRecorder, step_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSet:
+    """Prompts, sampler steps and timestep selection for calibration (defaults: a miniature's
+    held-out captions, 16 prompts, the pipeline's default step count, 10 uniformly chosen steps)."""
+
+    prompts: list[str] | None = None
+    num_prompts: int = 16
+    steps: int | None = None
+    timesteps: str | int = "uniform:10"
+    seed: int = 1_000_000  # far from evaluation seeds
+    batch_size: int = 8
+    guidance_scale: float | None = None
+    max_calls: int | None = None  # cap on recorded calls (memory bound)
+    timestep_scale: float = 1000.0
+
+    def __post_init__(self) -> None:
+        parse_selection(self.timesteps)  # fail early on a bad selection
+        if self.num_prompts < 1 or self.batch_size < 1:
+            raise ValueError("num_prompts and batch_size must be positive")
+
+    def prepare(self, pipe: Any) -> "TrajectoryRunner":
+        """Record the float denoiser's inputs along the trajectory of every calibration prompt."""
+        from dmquant.pipelines import calibration_prompts, generate
+        from dmquant.pipelines.generate import DEFAULT_STEPS
+
+        if isinstance(pipe, nn.Module):
+            raise TypeError("CalibrationSet generates data with a pipeline; for a bare model record a Trajectory "
+                            "yourself and pass TrajectoryRunner(trajectory) as calibration")
+        denoiser = get_path(pipe, denoiser_path(pipe))
+        prompts = list(self.prompts) if self.prompts else calibration_prompts(pipe, self.num_prompts)
+        steps = self.steps or DEFAULT_STEPS
+        selection = parse_selection(self.timesteps)
+        batches = [prompts[s:s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
+
+        def sample(batch_index: int) -> None:
+            generate(pipe, batches[batch_index], seed=self.seed, steps=steps, batch_size=self.batch_size,
+                     guidance_scale=self.guidance_scale, start_index=batch_index * self.batch_size, progress=False)
+
+        features = None
+        if selection.needs_features:  # EDA-DM: summarise every step on the first batch, then choose
+            with TrajectoryRecorder(denoiser, lambda _: False, self.timestep_scale, summary=step_summary) as probe:
+                probe.run(lambda: sample(0), first=True)
+            features = torch.stack([torch.stack(v).mean(0) for _, v in sorted(probe.summaries.items())])
+        keep = set(select_steps(selection, steps if features is None else features.shape[0], features))
+        with TrajectoryRecorder(denoiser, keep.__contains__, self.timestep_scale, max_calls=self.max_calls) as rec:
+            for i in tqdm(range(len(batches)), desc="calibration trajectory", unit="batch", disable=None):
+                rec.run(lambda: sample(i), first=i == 0)
+        trajectory = rec.trajectory
+        log.info("recorded %d denoiser calls at %d steps (%.1f MB)", len(trajectory.calls), len(keep),
+                 trajectory.nbytes / 2**20)
+        description = {**asdict(self), "prompts": prompts, "steps": steps, "recorded_steps": sorted(keep),
+                       "recorded_calls": len(trajectory.calls)}
+        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed)
+
+
+class TrajectoryRunner:
+    """Feeds calibration data: replays the trajectory through the denoiser; components outside the
+    denoiser that still need static scales (a text encoder, the VAE decoder) see a short sampling run."""
+
+    def __init__(self, trajectory: Trajectory, description: dict[str, Any] | None = None,
+                 prompts: list[str] | None = None, steps: int | None = None, seed: int = 1_000_000) -> None:
+        self.trajectory = trajectory
+        self.description = description or {"recorded_calls": len(trajectory.calls)}
+        self.prompts, self.steps, self.seed = prompts or [], steps, seed
+
+    def __call__(self, obj: Any) -> None:
+        denoiser = obj if isinstance(obj, nn.Module) else get_path(obj, denoiser_path(obj))
+        self.trajectory.replay(denoiser)
+        if isinstance(obj, nn.Module) or not self.prompts:
+            return
+        from dmquant.api import quantized_components
+        from dmquant.pipelines import generate
+
+        others = [m for m in quantized_components(obj).values() if m is not denoiser]
+        if any(q.observing or not q.calibrated for m in others for q in static_quantizers(m)):
+            generate(obj, self.prompts, seed=self.seed, steps=self.steps, progress=False)

@@ -1,0 +1,46 @@
+"""Temporal layers (TFMQ-DM): the time-embedding path depends on the timestep alone, so its inputs
+form a finite set, one per timestep the sampler visits. Finite set calibration observes those
+layers on exactly that set (every visited step, not the subset of steps kept for the other layers),
+one scale per visited noise level when the spec has timestep groups; reconstruction leaves them out.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from torch import nn
+
+from ..nn.qmodule import QuantModule
+
+log = logging.getLogger(__name__)
+
+# UNet time MLP and per-resnet projections; DiT adaLN-single timestep MLP and modulation.
+TEMPORAL = r"(^|\.)(time_embedding|time_emb_proj|adaln_single|timestep_embedder)(\.|$)"
+
+
+def temporal_layers(module: nn.Module, pattern: str = TEMPORAL) -> dict[str, QuantModule]:
+    rx = re.compile(pattern)
+    return {n: m for n, m in module.named_modules() if isinstance(m, QuantModule) and rx.search(n)}
+
+
+def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str = TEMPORAL) -> dict[str, int]:
+    """Recipe step `temporal`: static input scales of the temporal layers of the denoiser (the first
+    component) from one call per visited timestep. Needs the recorded trajectory (a CalibrationSet)."""
+    trajectory = getattr(run, "trajectory", None)
+    if trajectory is None or not trajectory.calls:
+        raise ValueError("the temporal step needs the recorded denoiser trajectory: quantize a pipeline "
+                         "(calibration=None, a dict or a CalibrationSet), not a plain callable")
+    denoiser = modules[0]
+    quantizers = [m.input_quantizer for m in temporal_layers(denoiser, pattern).values()
+                  if m.input_quantizer is not None and not m.input_quantizer.spec.dynamic]
+    if not quantizers:
+        log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern)
+        return {"layers": 0, "timesteps": 0}
+    calls = list(trajectory.timestep_calls())
+    for q in quantizers:
+        q.start_observing()
+    trajectory.replay(denoiser, calls)
+    for q in quantizers:
+        q.finish_observing()
+    return {"layers": len(quantizers), "timesteps": len(calls)}
