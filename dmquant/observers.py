@@ -171,8 +171,7 @@ class RangeObserver:
         lo, hi = self.lo.reshape(1, 1), self.hi.reshape(1, 1)
         if not self.estimator.searches:
             return qparams_from_range(lo, hi, fmt, symmetric)
-        sample = torch.cat([self.sample, lo.reshape(-1), hi.reshape(-1)]).reshape(1, -1)
-        return search_qparams(sample, lo, hi, fmt, PerTensor(), symmetric, self.estimator.p)
+        return search_qparams(self.sample.reshape(1, -1), lo, hi, fmt, PerTensor(), symmetric, self.estimator.p)
 
 
 def _percentile(flat: torch.Tensor, q: float) -> torch.Tensor:
