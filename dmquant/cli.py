@@ -1,4 +1,4 @@
-"""The `dmquant` command line: quantize, info, recipes, eval, grid, regress, demo."""
+"""The `dmquant` command line: quantize, calibrate, info, recipes, eval, grid, regress, demo."""
 from __future__ import annotations
 
 import argparse
@@ -14,34 +14,38 @@ log = logging.getLogger("dmquant")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    """quantize / calibrate: quantize (calibrating on the float trajectory when the recipe needs it),
+    print the layer report and, for calibrate, time and peak memory; save atomically."""
+    import resource
+    import time
+
     from . import quantize, report, save_quantized
+    from .api import quantized_components
     from .pipelines import load
 
     pipe = load(args.pipeline)
-    quantize(pipe, args.recipe, backend=args.backend, calibration=_calibration(args, pipe))
+    t0 = time.perf_counter()
+    quantize(pipe, args.recipe, backend=args.backend, calibration=_calibration(args))
+    seconds = time.perf_counter() - t0
     print(report(pipe))
+    if args.command == "calibrate":
+        state = next(iter(quantized_components(pipe).values())).dmquant_state
+        calib = state.provenance.get("calibration") or {}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        print(f"calibration: {calib.get('recorded_calls', '-')} denoiser calls at steps "
+              f"{calib.get('recorded_steps', '-')}, steps {calib.get('step_seconds', {})}")
+        print(f"quantize + calibrate: {seconds:.1f} s, peak memory {peak:.2f} GiB")
     save_quantized(pipe, args.out)
     print(f"saved to {args.out}")
     return 0
 
 
-def _calibration(args: argparse.Namespace, pipe):
-    """Static-scale recipes observe the pipeline on prompts: the miniature's own, or a file."""
-    from .pipelines import generate, miniature_prompts
-
+def _calibration(args: argparse.Namespace) -> dict:
+    """CalibrationSet settings from the flags; unset flags keep the recipe's defaults."""
+    settings: dict = {"num_prompts": args.num_prompts, "steps": args.steps, "timesteps": args.timesteps}
     if args.calibration_prompts:
-        prompts = [p.strip() for p in Path(args.calibration_prompts).read_text().splitlines() if p.strip()]
-    else:
-        try:
-            prompts = miniature_prompts(args.pipeline)[: args.num_prompts]
-        except (KeyError, ValueError):
-            prompts = ["a photo"] * args.num_prompts
-
-    def run(p) -> None:
-        generate(p, prompts, seed=0, steps=args.steps)
-
-    run.description = {"prompts": prompts, "steps": args.steps, "seed": 0}
-    return run
+        settings["prompts"] = [p.strip() for p in Path(args.calibration_prompts).read_text().splitlines() if p.strip()]
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -145,15 +149,18 @@ def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize a pipeline with a recipe and save it")
-    q.add_argument("--pipeline", required=True, help="miniature/tiny name, local diffusers folder or cached hub id")
-    q.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
-    q.add_argument("--out", required=True, help="output directory (written atomically)")
-    q.add_argument("--backend", choices=("fake", "fbgemm", "cuda"), default=None)
-    q.add_argument("--calibration-prompts", help="text file, one prompt per line (static-scale recipes)")
-    q.add_argument("--num-prompts", type=int, default=8)
-    q.add_argument("--steps", type=int, default=None, help="denoising steps during calibration")
-    q.set_defaults(func=cmd_quantize)
+    for verb, text in (("quantize", "quantize a pipeline with a recipe and save it"),
+                       ("calibrate", "quantize with calibration on the float trajectory; report time and memory")):
+        q = sub.add_parser(verb, help=text)
+        q.add_argument("--pipeline", required=True, help="miniature/tiny name, local diffusers folder or cached hub id")
+        q.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
+        q.add_argument("--out", required=True, help="output directory (written atomically)")
+        q.add_argument("--backend", choices=("fake", "fbgemm", "cuda"), default=None)
+        q.add_argument("--calibration-prompts", help="text file, one prompt per line (default: held-out captions)")
+        q.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (recipe default: 16)")
+        q.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")
+        q.add_argument("--timesteps", default=None, help="steps to record: K, uniform:K, eda:K or all")
+        q.set_defaults(func=cmd_quantize)
     i = sub.add_parser("info", help="describe a saved quantized model")
     i.add_argument("dir")
     i.set_defaults(func=cmd_info)

@@ -98,11 +98,9 @@ def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float]:
 
 def calibration_prompts(pipeline: str, fallback: list[str], n: int = 16) -> list[str]:
     """Held-out captions for calibration (never the evaluation prompts) where the data is known."""
-    from dmquant.pipelines import make_images, make_videos
+    from dmquant.pipelines import calibration_prompts as held_out
 
-    if pipeline in NAMES:
-        return (make_videos if pipeline == "miniature-latte" else make_images)(n, seed=4242).prompts
-    return fallback[:n]
+    return held_out(pipeline, n) if pipeline in NAMES else fallback[:n]
 
 
 def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
@@ -110,14 +108,15 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
         return dmquant.load_quantized(model)
     pipe = load(cfg.pipeline)
     prompts = calibration_prompts(cfg.pipeline, cfg.prompts)
+    seed = cfg.seed + 10**6
+    if ":" in model:  # other libraries calibrate by running the pipeline
+        def calibrate(p: Any = pipe) -> None:
+            generate(p, prompts, seed=seed, steps=cfg.steps, progress=False)
 
-    def calibrate(p: Any = pipe) -> None:
-        generate(p, prompts, seed=cfg.seed + 10**6, steps=cfg.steps, progress=False)
-
-    calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": cfg.seed + 10**6}
-    if ":" in model:
+        calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": seed}
         return apply_backend(pipe, model, calibrate)
-    return dmquant.quantize(pipe, model, calibration=calibrate)
+    # dmquant records the float trajectory on held-out prompts (recipe timestep selection kept)
+    return dmquant.quantize(pipe, model, calibration={"prompts": prompts, "steps": cfg.steps, "seed": seed})
 
 
 def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pipe: Any) -> dict[str, Any]:
@@ -153,6 +152,9 @@ def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pip
         m["fid_fp"] = fid(images, fp, extractor=extractor, weights=cfg.extra.get("inception_weights")).value
     if quantized_components(pipe):  # other libraries' models carry no dmquant report
         m["model_mb"] = dmquant.report(pipe).quant_bytes / 2**20
+        calib = next(iter(quantized_components(pipe).values())).dmquant_state.provenance.get("calibration")
+        if isinstance(calib, dict) and "seconds" in calib:
+            m["calib_seconds"] = calib["seconds"]
     return m
 
 

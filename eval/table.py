@@ -26,6 +26,7 @@ METRICS: dict[str, tuple[str, str, str, int]] = {
     "dynamic_degree": ("dynamic px/frame", "compare", "video", 3),
     "model_mb": ("denoiser MiB", "lower", "cost", 2),
     "latency_ratio": ("time / FP", "lower", "cost", 2),
+    "calib_seconds": ("calibration s", "lower", "cost", 1),
 }
 FAMILY_TITLES = {"prompts": "vs prompts / dataset", "fp": "vs FP on the same seeds",
                  "video": "video (VBench-style, no reference)", "cost": "cost"}
