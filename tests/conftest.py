@@ -1,10 +1,15 @@
 """Shared fixtures: tiny denoisers of each family with random weights, built offline from configs."""
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: on a shared 2-core machine OpenMP threads stall whenever another process holds
+# a core (a 3 us elementwise op took 12 ms with two threads); results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _unet():

@@ -1,35 +1,30 @@
 """BRECQ block reconstruction (Li et al. 2021) of AdaRound weights: the recipe step "adaround".
 
-The unit of reconstruction is a block (`DEFAULT_BLOCKS`: UNet ResnetBlock2D and Transformer2DModel,
-DiT and Latte transformer blocks; the outermost match wins). Weight-quantized layers outside every
-block are reconstructed one layer at a time (AdaRound's original setting) rather than left as RTN.
-Units are processed in the order they execute; for each one
-  1. run() with quantization disabled records the unit's float inputs and outputs (the targets);
-  2. run() quantized, earlier units already rounded, records its quantized inputs (BRECQ's choice);
-  3. Adam on the AdaRound V of its layers (and, with `lsq`, its static activation scales) minimises
-     MSE(unit_q(x_q), unit_fp(x_fp)) / mean(target^2) + weight * mean rounding regulariser.
-The relative MSE makes `weight` mean the same for blocks of very different output magnitude.
+Units are blocks (`DEFAULT_BLOCKS`, outermost match wins); weight-quantized layers outside every block
+are reconstructed one layer at a time (AdaRound's own setting) rather than left as RTN. In the order
+units execute, for each: (1) run() with quantization disabled records its float inputs and outputs,
+the targets; (2) run() quantized, earlier units already rounded, records its quantized inputs
+(BRECQ's choice); (3) Adam on the AdaRound V of its layers (with `lsq`, also its static activation
+scales) minimises MSE(unit_q(x_q), unit_fp(x_fp)) / mean(target^2) + weight * mean regulariser; the
+relative MSE lets one `weight` serve blocks of very different output magnitude. Float weights stay
+untouched until the end (decided layers are served their rounded weights), so float passes see the
+float model and a failure leaves the model at RTN; then each weight becomes its rounded value, on its
+grid with unchanged scales, so serialization packs exactly the chosen codes.
 
-Float weights stay untouched until the end: decided layers are served their rounded weights by an
-instance attribute shadowing `QuantModule.quantized_weight` (the float weight while quantizers are
-disabled), so the float passes see the float model. Only then is every weight replaced by its rounded
-value, on its grid with unchanged scales, so serialization packs exactly the chosen codes. If the
-step fails part-way, the model is left as it was (round-to-nearest).
-
-What BRECQ sees of activations: inside `dmquant.quantize` static activation quantizers observe (pass
-data through), so only dynamic ones (per-token inputs, dynamic attention) quantize during the step.
-Every captured call of a unit is one sample (`samples` keeps evenly spaced calls to bound memory;
-`batch_size` calls make one Adam step). run() must repeat the same calls each time: the float and
-quantized passes are paired call by call. Each pass is a whole run(): stopping after the unit would
-also drop the later calls of a calibration loop over timesteps.
+Activations: dynamic quantizers quantize; inside `dmquant.quantize` static ones pass data through
+until they have scales, so a `ranges` step first makes BRECQ see them quantized (and `lsq` learn
+them). Each captured call is a sample (`samples` keeps evenly spaced calls, bounding memory). run()
+must repeat its inputs (the passes pair up call by call); each pass is a whole run(), since stopping
+after the unit would drop a timestep loop's later calls.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,7 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCKS: tuple[str, ...] = (
     r"(^|\.)(down|up)_blocks\.\d+\.(resnets|attentions)\.\d+$",  # UNet ResnetBlock2D / Transformer2DModel
     r"(^|\.)mid_block\.(resnets|attentions)\.\d+$",
-    r"(^|\.)(temporal_|single_)?transformer_blocks\.\d+$",  # DiT, Latte temporal, Flux single blocks
+    r"(^|\.)((temporal_|single_)?transformer_)?blocks\.\d+$",  # DiT, Latte temporal, Flux single, Wan
 )
 
 
@@ -56,52 +51,37 @@ class UnitResult:
 
     layers: tuple[str, ...]
     samples: int
+    input_gap: float  # relative L2 distance of the quantized inputs from the float ones
     mse_rtn: float  # round-to-nearest weights
     mse: float  # the weights kept
     kept_rtn: bool  # the reconstruction did not beat RTN on the calibration data, so RTN stays
 
 
-@dataclass(frozen=True)
-class _Settings:
-    iters: int
-    lr: float
-    batch_size: int
-    weight: float
-    beta: tuple[float, float]
-    warmup: float
-    lsq: bool
-    lsq_lr: float
-    seed: int
+@dataclass(eq=False)
+class Unit:
+    """What is reconstructed together: a block (or a lone layer) and its weight-quantized layers."""
 
-
-@dataclass
-class _Unit:
     name: str
     module: nn.Module
     layers: dict[str, QuantModule]
 
 
-def _learnable(m: nn.Module) -> bool:
-    return isinstance(m, QuantModule) and m.weight_quantizer is not None and m.weight_quantizer.enabled
-
-
 def find_units(modules: Sequence[nn.Module], blocks: Sequence[str] = DEFAULT_BLOCKS,
-               skip: str | None = None) -> list[_Unit]:
-    """Blocks (outermost modules matching a pattern) with their non-skipped weight-quantized layers,
-    then every such layer outside all blocks as a unit of its own. Names are `{component}.{path}`."""
+               skip: str | None = None) -> list[Unit]:
+    """Blocks (outermost modules whose name matches a pattern) with their non-skipped weight-quantized
+    layers, then each such layer outside all blocks on its own. Names are `{component index}.{path}`."""
     units, lone = [], []
     for i, root in enumerate(modules):
         named = dict(root.named_modules())
         heads: list[str] = []
-        for name in named:  # pre-order: a block's ancestors come first, so the outermost match wins
+        for name in named:  # pre-order: ancestors come first, so the outermost match wins
             if name and any(re.search(p, name) for p in blocks) and not any(name.startswith(h + ".") for h in heads):
                 heads.append(name)
-        layers = {n: m for n, m in named.items() if _learnable(m) and not (skip and re.search(skip, n))}
-        for h in heads:
-            inner = {f"{i}.{n}": m for n, m in layers.items() if n.startswith(h + ".")}
-            if inner:
-                units.append(_Unit(f"{i}.{h}", named[h], inner))
-        lone += [_Unit(f"{i}.{n}", m, {f"{i}.{n}": m}) for n, m in layers.items()
+        layers = {n: m for n, m in named.items() if isinstance(m, QuantModule) and m.weight_quantizer is not None
+                  and m.weight_quantizer.enabled and not (skip and re.search(skip, n))}
+        inner = {h: {f"{i}.{n}": m for n, m in layers.items() if n.startswith(h + ".")} for h in heads}
+        units += [Unit(f"{i}.{h}", named[h], inner[h]) for h in heads if inner[h]]
+        lone += [Unit(f"{i}.{n}", m, {f"{i}.{n}": m}) for n, m in layers.items()
                  if not any(n == h or n.startswith(h + ".") for h in heads)]
     return units + lone
 
@@ -112,9 +92,7 @@ def _detached(obj: Any) -> Any:
         return obj.detach().clone()
     if isinstance(obj, (tuple, list)):
         return type(obj)(_detached(v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
-    return obj
+    return {k: _detached(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -127,8 +105,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 @dataclass
 class _Call:
-    """One recorded forward call of a unit; `level` is the denoiser's noise level at the time, which
-    per-timestep activation scales read (outside the denoiser's forward nobody sets it)."""
+    """A recorded call of a unit, with the noise level then (per-timestep scales read it on replay)."""
 
     args: tuple
     kwargs: dict
@@ -166,51 +143,39 @@ def _hooked_run(run: Callable[[], Any], hooks: list[tuple[nn.Module, Callable]])
             h.remove()
 
 
-def _spread(count: int, samples: int | None) -> set[int]:
-    if samples is None or samples >= count:
-        return set(range(count))
-    return set(torch.linspace(0, count - 1, samples).round().long().tolist())
+def _serve(layer: QuantModule, weight: Callable[[], torch.Tensor]) -> None:
+    """Give a layer a weight, its float Parameter untouched (an instance attribute shadows the method),
+    on the "fake" backend so that no kernel packs the stale float weight instead."""
+    layer.quantized_weight = lambda: weight() if layer.weight_quantizer.enabled else layer.weight
+    layer.backend = "fake"
 
 
-class _ServedWeights:
-    """Gives layers a chosen weight without touching their float Parameter, while the backend is held
-    at "fake" (no kernel may pack the stale float weight). Exit removes every override."""
-
-    def __init__(self, layers: list[QuantModule]) -> None:
-        self.backends = {layer: layer.backend for layer in layers}
-
-    def __enter__(self) -> "_ServedWeights":
-        for layer in self.backends:
-            layer.backend = "fake"
-        return self
-
-    @staticmethod
-    def serve(layer: QuantModule, weight: Callable[[], torch.Tensor]) -> None:
-        def quantized_weight() -> torch.Tensor:
-            return weight() if layer.weight_quantizer.enabled else layer.weight
-
-        layer.quantized_weight = quantized_weight  # instance attribute shadows the method
-
-    def __exit__(self, *exc: Any) -> None:
-        for layer, backend in self.backends.items():
+@contextlib.contextmanager
+def _serving(layers: list[QuantModule]) -> Iterator[None]:
+    """Undo every `_serve` on exit, restoring the layers' backends."""
+    backends = {layer: layer.backend for layer in layers}
+    try:
+        yield
+    finally:
+        for layer, backend in backends.items():
             layer.__dict__.pop("quantized_weight", None)
             layer.backend = backend
 
 
-def _soft_weight(layer: QuantModule, rounding: SoftRounding) -> Callable[[], torch.Tensor]:
-    return lambda: rounding.soft().to(layer.weight.dtype).reshape(layer.weight.shape)
-
-
 def _sq_error(output: Any, target: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    outs = _tensors(output)
-    if len(outs) != len(target):
-        raise RuntimeError(f"block returned {len(outs)} tensors, its float run {len(target)}")
-    return sum(((o.float() - t.float()) ** 2).sum() for o, t in zip(outs, target)), sum(t.numel() for t in target)
+    pairs = zip(_tensors(output), target, strict=True)
+    return sum(((o.float() - t.float()) ** 2).sum() for o, t in pairs), sum(t.numel() for t in target)
+
+
+def _input_gap(fp: list[_Call], q: list[_Call]) -> float:
+    """Relative L2 distance of a unit's quantized inputs from its float ones (first tensor of each call)."""
+    a, b = (torch.cat([_tensors((c.args, c.kwargs))[0].double().flatten() for c in calls]) for calls in (fp, q))
+    return float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
 @torch.no_grad()
-def _mse(unit: _Unit, inputs: list[_Call], targets: list[list[torch.Tensor]]) -> float:
-    errs = [_sq_error(call.replay(unit.module), t) for call, t in zip(inputs, targets)]
+def _mse(module: nn.Module, inputs: list[_Call], targets: list[list[torch.Tensor]]) -> float:
+    errs = [_sq_error(call.replay(module), t) for call, t in zip(inputs, targets)]
     return float(sum(e for e, _ in errs) / sum(n for _, n in errs))
 
 
@@ -220,115 +185,114 @@ def _lsq_scales(module: nn.Module) -> list[torch.Tensor]:
     if pending:
         raise ValueError(f"adaround lsq=True learns calibrated static activation scales, but {pending[:3]} have "
                          "none yet: put a `ranges` step before `adaround` in the recipe")
-    return [q.scale for q in quantizers]
+    return [q.scale.requires_grad_(True) for q in quantizers]
 
 
-def _optimise(unit: _Unit, rounding: dict[QuantModule, SoftRounding], scales: list[torch.Tensor],
-              inputs: list[_Call], targets: list[list[torch.Tensor]], s: _Settings) -> None:
-    groups = [{"params": [r.v for r in rounding.values()], "lr": s.lr}]
-    groups += [{"params": scales, "lr": s.lsq_lr}] if scales else []
-    opt = torch.optim.Adam(groups)
-    norm = max(sum(float(t.double().pow(2).sum()) for ts in targets for t in ts)
-               / sum(t.numel() for ts in targets for t in ts), 1e-30)
-    n_weights = sum(r.v.numel() for r in rounding.values())
-    gen = torch.Generator().manual_seed(s.seed)
-    for step in tqdm(range(s.iters), desc=unit.name, unit="it", leave=False, disable=None):
+def _optimise(unit: Unit, rounding: list[SoftRounding], scales: list[torch.Tensor], inputs: list[_Call],
+              targets: list[list[torch.Tensor]], *, iters: int, lr: float, batch_size: int, weight: float,
+              beta: tuple[float, float], warmup: float, lsq_lr: float, seed: int) -> None:
+    # Adam steps are about lr in absolute terms: each scale's lr follows its size (lsq_lr is relative).
+    groups = [{"params": [t], "lr": lsq_lr * float(t.detach().abs().mean())} for t in scales]
+    opt = torch.optim.Adam([{"params": [r.v for r in rounding], "lr": lr}, *groups])
+    flat = [t for ts in targets for t in ts]
+    norm = max(sum(float(t.double().pow(2).sum()) for t in flat) / sum(t.numel() for t in flat), 1e-30)
+    gen = torch.Generator().manual_seed(seed)
+    for step in tqdm(range(iters), desc=unit.name, unit="it", leave=False, disable=None):
         opt.zero_grad(set_to_none=True)
-        batch = torch.randperm(len(inputs), generator=gen)[: s.batch_size].tolist()
-        for i in batch:  # one backward per call: memory of a single sample's graph
+        batch = torch.randperm(len(inputs), generator=gen)[:batch_size].tolist()
+        for i in batch:  # one backward per call: the memory of a single sample's graph
             err, count = _sq_error(inputs[i].replay(unit.module), targets[i])
             (err / (count * norm * len(batch))).backward()
-        beta = annealed_beta(step, s.iters, s.warmup, s.beta)
-        if beta is not None:
-            (s.weight * sum(r.regularizer(beta) for r in rounding.values()) / n_weights).backward()
+        b = annealed_beta(step, iters, warmup, beta)
+        if b is not None:
+            (weight * sum(r.regularizer(b) for r in rounding) / sum(r.v.numel() for r in rounding)).backward()
         opt.step()
         with torch.no_grad():
             for t in scales:  # LSQ steps may not cross zero
                 t.clamp_(min=torch.finfo(t.dtype).tiny)
 
 
-def _reconstruct(unit: _Unit, inputs: list[_Call], targets: list[list[torch.Tensor]], s: _Settings) -> tuple[UnitResult, dict]:
-    """Optimise one unit; returns its result and {layer: uint8 codes} of the weights to keep."""
-    module = unit.module
-    scales = _lsq_scales(module) if s.lsq else []
-    initial = [t.clone() for t in scales]
+def _reconstruct(unit: Unit, inputs: list[_Call], targets: list[list[torch.Tensor]], gap: float, lsq: bool,
+                 optimise: Callable[..., None]) -> tuple[UnitResult, dict[QuantModule, torch.Tensor]]:
+    """Optimise one unit (in eval mode, its own parameters frozen); returns its result and the
+    uint8 codes to keep per layer, the unit's layers left serving them."""
+    module, layers = unit.module, list(unit.layers.values())
+    scales = _lsq_scales(module) if lsq else []
+    initial = [t.detach().clone() for t in scales]
     flags = [(p, p.requires_grad) for p in module.parameters()]
     was_training = module.training
     module.eval()
     try:
-        mse_rtn = _mse(unit, inputs, targets)
-        rounding = {layer: layer_rounding(layer) for layer in unit.layers.values()}
-        for layer, r in rounding.items():
-            _ServedWeights.serve(layer, _soft_weight(layer, r))
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for t in scales:
-            t.requires_grad_(True)
+        mse_rtn = _mse(module, inputs, targets)
+        rounding = [layer_rounding(layer) for layer in layers]
+        for layer, r in zip(layers, rounding):
+            _serve(layer, lambda layer=layer, r=r: r.soft().to(layer.weight.dtype).reshape(layer.weight.shape))
+        module.requires_grad_(False)
         with torch.enable_grad():
-            _optimise(unit, rounding, scales, inputs, targets, s)
-        codes = {layer: pack_codes(layer, r.codes()) for layer, r in rounding.items()}
-        del rounding
+            optimise(unit, rounding, scales, inputs, targets)
+        codes = {layer: pack_codes(layer, r.codes()) for layer, r in zip(layers, rounding)}
         for layer, c in codes.items():
-            _ServedWeights.serve(layer, lambda layer=layer, c=c: rounded_weight(layer, c))
-        mse = _mse(unit, inputs, targets)
+            _serve(layer, lambda layer=layer, c=c: rounded_weight(layer, c))
+        mse = _mse(module, inputs, targets)
         kept_rtn = mse > mse_rtn
-        if kept_rtn:
-            codes = {layer: pack_codes(layer, layer.weight_quantizer.codes(layer.weight.detach())) for layer in codes}
+        if kept_rtn:  # keep RTN (and the initial scales): never worse on the calibration data
+            codes = {layer: pack_codes(layer, layer.weight_quantizer.codes(layer.weight.detach())) for layer in layers}
+            for layer, c in codes.items():
+                _serve(layer, lambda layer=layer, c=c: rounded_weight(layer, c))
             with torch.no_grad():
                 for t, t0 in zip(scales, initial):
                     t.copy_(t0)
-            mse = mse_rtn
     finally:
         for t in scales:
             t.requires_grad_(False)
         for p, flag in flags:
             p.requires_grad_(flag)
         module.train(was_training)
-    return UnitResult(tuple(unit.layers), len(inputs), mse_rtn, mse, kept_rtn), codes
+    return UnitResult(tuple(unit.layers), len(inputs), gap, mse_rtn, min(mse, mse_rtn), kept_rtn), codes
 
 
 def apply_block_reconstruction(modules: list[nn.Module], run: Callable[[], Any], blocks: Sequence[str] | None = None,
-                               iters: int = 1000, lr: float = 1e-3, batch_size: int = 4, weight: float = 0.01,
+                               iters: int = 1000, lr: float = 1e-2, batch_size: int = 4, weight: float = 0.1,
                                beta: Sequence[float] = (20.0, 2.0), warmup: float = 0.2, lsq: bool = False,
-                               lsq_lr: float = 4e-5, skip: str | None = None, samples: int | None = None,
+                               lsq_lr: float = 1e-3, skip: str | None = None, samples: int | None = None,
                                seed: int = 0) -> dict[str, UnitResult]:
-    """AdaRound every weight-quantized layer of `modules`, block by block (BRECQ); `run()` feeds
-    the calibration data. `blocks`: regexes of block names (default `DEFAULT_BLOCKS`); `skip`: regex
-    of layer names kept at round-to-nearest; `samples`: cap on captured calls per unit; `weight`,
-    `beta` (start, end), `warmup`: AdaRound's regulariser and its schedule; `lsq`: also learn the
-    static activation scales inside each block (they must be calibrated already).
+    """AdaRound every weight-quantized layer of `modules`, block by block (BRECQ); `run()` feeds the
+    calibration data. `blocks`: regexes of block names (default `DEFAULT_BLOCKS`); `skip`: regex of
+    layer names kept at round-to-nearest; `samples`: cap on captured calls per unit; `weight`, `beta`
+    (start, end) and `warmup` (fraction of iters): AdaRound's regulariser and its schedule; `lsq`:
+    also learn the unit's static activation scales (calibrated already), `lsq_lr` relative to each.
 
-    >>> dmquant.quantize(pipe, "adaround-w4a8", calibration=lambda p: p(prompts, num_inference_steps=10))
+    >>> dmquant.quantize(pipe, "adaround-w4a8", calibration=prompts)  # replays one recorded float trajectory
     """
-    if iters < 0 or batch_size < 1 or len(beta) != 2:
-        raise ValueError("adaround: need iters >= 0, batch_size >= 1 and beta = [start, end]")
-    s = _Settings(iters, lr, batch_size, weight, (float(beta[0]), float(beta[1])), warmup, lsq, lsq_lr, seed)
+    if iters < 0 or batch_size < 1 or len(beta) != 2 or samples is not None and samples < 1:
+        raise ValueError("adaround: need iters >= 0, batch_size >= 1, samples >= 1 and beta = [start, end]")
+    optimise = functools.partial(_optimise, iters=iters, lr=lr, batch_size=batch_size, weight=weight,
+                                 beta=(float(beta[0]), float(beta[1])), warmup=warmup, lsq_lr=lsq_lr, seed=seed)
     units = find_units(modules, DEFAULT_BLOCKS if blocks is None else tuple(blocks), skip)
     results: dict[str, UnitResult] = {}
     codes: dict[QuantModule, torch.Tensor] = {}
-    with _ServedWeights([layer for u in units for layer in u.layers.values()]):
-        counts: dict[str, int] = {}  # calls per unit, in the order of each unit's first call
-        count = lambda name: lambda *_: counts.update({name: counts.get(name, 0) + 1})  # noqa: E731
+    with _serving([layer for u in units for layer in u.layers.values()]):
+        counts: dict[Unit, int] = {}  # calls per unit, in the order of each unit's first call
+        count = lambda u: lambda *_: counts.update({u: counts.get(u, 0) + 1})  # noqa: E731
         with quantization_disabled(*modules):
-            _hooked_run(run, [(u.module, count(u.name)) for u in units])
-        for u in units:
-            if u.name not in counts:
-                log.warning("adaround: %s saw no calibration data; keeping round-to-nearest", u.name)
-        by_name = {u.name: u for u in units}
-        for name in tqdm(counts, desc="adaround", unit="block", disable=None):
-            unit, keep = by_name[name], _spread(counts[name], samples)
+            _hooked_run(run, [(u.module, count(u)) for u in units])
+        for unseen in [u.name for u in units if u not in counts]:
+            log.warning("adaround: %s saw no calibration data; keeping round-to-nearest", unseen)
+        for unit, n_calls in tqdm(counts.items(), desc="adaround", unit="block", disable=None):
+            keep = set(torch.linspace(0, n_calls - 1, min(samples or n_calls, n_calls)).round().long().tolist())
             fp, q = _Capture(keep, outputs=True), _Capture(keep, outputs=False)
             with quantization_disabled(*modules):
                 _hooked_run(run, [(unit.module, fp)])
             _hooked_run(run, [(unit.module, q)])
             if q.calls != fp.calls:
-                raise RuntimeError(f"adaround: run() called {name} {fp.calls} times in float and {q.calls} times "
+                raise RuntimeError(f"adaround: run() called {unit.name} {fp.calls} times in float and {q.calls} times "
                                    "quantized; calibration must repeat the same calls (fix its seeds)")
-            results[name], unit_codes = _reconstruct(unit, q.inputs, fp.outputs, s)
-            for layer, c in unit_codes.items():
-                codes[layer] = c
-                _ServedWeights.serve(layer, lambda layer=layer, c=c: rounded_weight(layer, c))
-            log.info("adaround %s: block MSE %.3g (RTN) -> %.3g", name, results[name].mse_rtn, results[name].mse)
+            if (gap := _input_gap(fp.inputs, q.inputs)) > 1:  # unrelated samples, not quantization error
+                log.warning("adaround: %s's quantized inputs are %.0f%% off its float ones: is run() seeded?",
+                            unit.name, 100 * gap)
+            results[unit.name], unit_codes = _reconstruct(unit, q.inputs, fp.outputs, gap, lsq, optimise)
+            codes.update(unit_codes)
+            log.info("adaround %s: %s", unit.name, results[unit.name])
         with torch.no_grad():  # the single write-back: float weights become their rounded values
             for layer, c in codes.items():
                 layer.weight.copy_(rounded_weight(layer, c))
