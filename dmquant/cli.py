@@ -97,7 +97,8 @@ def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...]):
     return EvalConfig(pipeline=args.pipeline, models=models, prompts=prompts, seed=args.seed, steps=args.steps,
                       metrics=metrics, out=Path(args.out), batch_size=args.batch_size,
                       extra={"clip_checkpoint": args.clip_checkpoint, "lpips_backbone": args.lpips_backbone,
-                             "fid_extractor": args.fid_extractor, "inception_weights": args.inception_weights})
+                             "fid_extractor": args.fid_extractor, "inception_weights": args.inception_weights,
+                             "calib_prompts": args.calib_prompts, "calib_timesteps": args.calib_timesteps})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -142,6 +143,8 @@ def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
     p.add_argument("--fid-extractor", choices=("judge", "inception", "clean-fid"), default=None,
                    help="features for FID (default: the judge for miniatures)")
     p.add_argument("--inception-weights", default=None, help="local Inception weights file for FID")
+    p.add_argument("--calib-prompts", type=int, default=None, help="held-out calibration prompts (default 16)")
+    p.add_argument("--calib-timesteps", default=None, help="recorded steps for every recipe (default: each recipe's)")
     if metrics:
         p.add_argument("--metrics", default="psnr,ssim,fid,adherence,vbench")
 

@@ -45,8 +45,10 @@ class Check:
 
 
 def _config(base: dict[str, Any], model: str, out: Path) -> EvalConfig:
+    calib = base.get("calibration", {})  # {"prompts": n, "timesteps": "uniform:K"}: keeps gates cheap
     return EvalConfig(pipeline=base["pipeline"], models=[model], prompts=base["prompts"], seed=base["seed"],
-                      steps=base.get("steps"), metrics=tuple(base["metric_set"]), out=out)
+                      steps=base.get("steps"), metrics=tuple(base["metric_set"]), out=out,
+                      extra={"calib_prompts": calib.get("prompts"), "calib_timesteps": calib.get("timesteps")})
 
 
 def check_baseline(path: str | Path, model: str | None = None, out: str | Path | None = None,
@@ -64,15 +66,15 @@ def check_baseline(path: str | Path, model: str | None = None, out: str | Path |
 
 
 def record_baseline(path: str | Path, pipeline: str, model: str, prompts: list[str], seed: int = 0,
-                    steps: int | None = None, metrics: tuple[str, ...] = ("psnr", "ssim", "adherence")) -> Path:
-    """Evaluate once and write a new baseline with default tolerances."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = EvalConfig(pipeline=pipeline, models=[model], prompts=prompts, seed=seed, steps=steps,
-                         metrics=metrics, out=Path(tmp))
-        row = evaluate(cfg)[-1]
-    tracked = {k: {"value": row[k], "tolerance": DEFAULT_TOLERANCE[k]} for k in DEFAULT_TOLERANCE if k in row}
+                    steps: int | None = None, metrics: tuple[str, ...] = ("psnr", "ssim", "adherence"),
+                    calibration: dict[str, Any] | None = None) -> Path:
+    """Evaluate once and write a new baseline with default tolerances (`calibration`: held-out
+    calibration prompt count and timestep selection, for recipes that calibrate)."""
     data = {"pipeline": pipeline, "model": model, "prompts": prompts, "seed": seed, "steps": steps,
-            "metric_set": list(metrics), "metrics": tracked}
+            "metric_set": list(metrics), **({"calibration": calibration} if calibration else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        row = evaluate(_config(data, model, Path(tmp)))[-1]
+    data["metrics"] = {k: {"value": row[k], "tolerance": DEFAULT_TOLERANCE[k]} for k in DEFAULT_TOLERANCE if k in row}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
     return Path(path)

@@ -107,7 +107,7 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     if Path(model).is_dir():
         return dmquant.load_quantized(model)
     pipe = load(cfg.pipeline)
-    prompts = calibration_prompts(cfg.pipeline, cfg.prompts)
+    prompts = calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)
     seed = cfg.seed + 10**6
     if ":" in model:  # other libraries calibrate by running the pipeline
         def calibrate(p: Any = pipe) -> None:
@@ -116,7 +116,8 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
         calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": seed}
         return apply_backend(pipe, model, calibrate)
     # dmquant records the float trajectory on held-out prompts (recipe timestep selection kept)
-    return dmquant.quantize(pipe, model, calibration={"prompts": prompts, "steps": cfg.steps, "seed": seed})
+    settings = {"prompts": prompts, "steps": cfg.steps, "seed": seed, "timesteps": cfg.extra.get("calib_timesteps")}
+    return dmquant.quantize(pipe, model, calibration={k: v for k, v in settings.items() if v is not None})
 
 
 def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pipe: Any) -> dict[str, Any]:
