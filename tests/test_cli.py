@@ -31,3 +31,16 @@ def test_errors_exit_2(tmp_path, capsys):
     assert main(["quantize", "--pipeline", "nobody/nothing", "--recipe", "w8a8", "--out", str(tmp_path / "y")]) == 2
     assert "never downloads" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_calibrate_reports_time_memory_and_trajectory(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["calibrate", "--pipeline", "tiny-sd", "--recipe", "w4a8-tsa", "--num-prompts", "2", "--steps", "3",
+                 "--timesteps", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 denoiser calls at steps [0, 2]" in text and "peak memory" in text
+    prov = json.loads((out / "quantization.json").read_text())["components"]["unet"]["parts"][""]["provenance"]
+    assert prov["calibration"]["timesteps"] == "2" and len(prov["calibration"]["prompts"]) == 2
+    assert main(["calibrate", "--pipeline", "tiny-sd", "--recipe", "w4a8-tsa", "--timesteps", "sometimes",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "timestep selection" in capsys.readouterr().err and not (tmp_path / "bad").exists()
