@@ -18,11 +18,12 @@ from .recipes import get_recipe, recipes
 from .report import report
 from .serialization import load_quantized, save_quantized
 from .timestep import current_noise_level, noise_level
+from .transforms import merge_lora, unmerge_lora
 
 __version__ = "0.1.0"
 __all__ = [
     "quantize", "recipes", "get_recipe", "report", "save_quantized", "load_quantized", "observing",
     "Recipe", "QuantSpec", "AttentionSpec", "Override", "LayerPlan", "QuantState",
     "get_format", "list_formats", "fake_quantize", "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "quantization_disabled", "parse_observer", "noise_level", "current_noise_level",
+    "quantization_disabled", "parse_observer", "noise_level", "current_noise_level", "merge_lora", "unmerge_lora",
 ]

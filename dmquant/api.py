@@ -25,6 +25,7 @@ from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
 from .provenance import provenance
 from .recipes import get_recipe
 from .timestep import attach_timestep_hook
+from .transforms.layer import attach as attach_transforms
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,13 @@ class LayerPlan:
     kind: str  # "layer" | "attention"
     weight: QuantSpec | None = None
     input: QuantSpec | None = None
+    # What the transform steps left on the layer (dmquant.transforms), re-created on load:
+    smooth: str | None = None  # "online": x / s before the input quantizer; "folded": the previous op divides
+    output_scale: bool = False  # outputs carry 1/s of the next layer's folded smoothing
+    rotation: str | None = None  # input rotation: "hadamard" | "random" online, "folded:hadamard:<b>" upstream
+    output_rotation: str | None = None  # outputs carry a rotation folded for the next layer
+    lowrank_rank: int = 0  # SVD branch rank (SVDQuant), kept in the model's float dtype
+    lora: tuple[tuple[str, int], ...] = ()  # merged LoRA adapters (name, rank), after the SVD ranks
 
 
 @dataclass
@@ -90,7 +98,9 @@ def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, in
         cls = quant_class_for(child)
         if cls is None:
             raise TypeError(f"layer {name} ({type(child).__name__}) cannot be quantized")
-        set_path(module, name, cls.from_float(child, step.weight, step.input, recipe.backend, name, init_scales))
+        layer = cls.from_float(child, step.weight, step.input, recipe.backend, name, init_scales)
+        attach_transforms(layer, step)
+        set_path(module, name, layer)
 
 
 def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, backend: str | None = None,

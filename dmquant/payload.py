@@ -70,13 +70,20 @@ def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], 
     state[f"{prefix}weight"] = dequantize(values, spec.gran, qp, dtype).reshape(shape)
 
 
+def extra_nbytes(layer: QuantModule) -> int:
+    """Bytes the transforms add to a layer in high precision: its low-rank branch (SVD and LoRA ranks)
+    and its stored smoothing scales or rotation matrix (dmquant.transforms)."""
+    parts = [m for m in (layer.lowrank, layer.transform) if m is not None]
+    return sum(t.numel() * t.element_size() for m in parts for t in (*m.parameters(), *m.buffers()))
+
+
 def weight_nbytes(layer: QuantModule) -> int:
-    """Bytes of the stored weight payload (codes + scales), without building it."""
+    """Bytes of the stored weight payload (codes + scales + `extra_nbytes`), without building it."""
     wq = layer.weight_quantizer
     if wq is None:
-        return layer.weight.numel() * layer.weight.element_size()
+        return layer.weight.numel() * layer.weight.element_size() + extra_nbytes(layer)
     qp = wq.qparams
     scale_bytes = 1 if _scale_codec(wq.spec.fmt) != "float32" else _compact(qp.scale.float()).element_size()
     n = packed_nbytes(layer.weight.numel(), wq.spec.bits) + qp.scale.numel() * scale_bytes
     n += 0 if qp.zero_point is None else qp.zero_point.numel()
-    return n + (0 if qp.tensor_scale is None else 4)
+    return n + (0 if qp.tensor_scale is None else 4) + extra_nbytes(layer)

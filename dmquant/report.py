@@ -8,7 +8,7 @@ from torch import nn
 
 from .api import quant_layers, quantized_components
 from .nn.quantizer import TensorQuantizer
-from .payload import weight_nbytes
+from .payload import extra_nbytes, weight_nbytes
 
 
 @dataclass
@@ -68,9 +68,9 @@ def report(obj: Any) -> QuantReport:
     rep = QuantReport()
     for path, module in quantized_components(obj).items():
         total, act_bytes = _float_and_quantizer_bytes(module)
-        rep.fp_bytes += total
-        saved = 0
+        saved = extras = 0  # transform extras are counted in each layer's payload, not in the float model
         for name, layer in quant_layers(module).items():
+            extras += extra_nbytes(layer)
             w = layer.weight
             fp, q = w.numel() * w.element_size(), weight_nbytes(layer)
             saved += fp - q
@@ -78,7 +78,8 @@ def report(obj: Any) -> QuantReport:
             wq, iq = layer.weight_quantizer, layer.input_quantizer
             rep.rows.append(LayerRow(path, name, type(layer).__name__, spec(wq and wq.spec), spec(iq and iq.spec),
                                      w.numel(), fp, q))
-        rep.quant_bytes += total - saved + act_bytes
+        rep.fp_bytes += total - extras
+        rep.quant_bytes += total - extras - saved + act_bytes
     if not rep.rows:
         raise ValueError("nothing quantized: call dmquant.quantize first")
     return rep

@@ -10,6 +10,7 @@ verifies hashes, rebuilds the skeleton on the meta device, re-applies the plan a
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -34,14 +35,27 @@ WEIGHTS = "dmquant.safetensors"
 
 
 # -- plans as JSON ------------------------------------------------------------------------------
+# Transform records (smoothing, rotation, low-rank branch, LoRA) are written only where set, so plans
+# without them read as before and checkpoints older than them load with the defaults.
+_EXTRA = [f for f in dataclasses.fields(LayerPlan) if f.name not in ("kind", "weight", "input")]
+
+
 def _plan_to_json(plan: dict[str, LayerPlan]) -> dict[str, Any]:
     spec = lambda s: None if s is None else s.__dict__.copy()  # noqa: E731
-    return {n: {"kind": p.kind, "weight": spec(p.weight), "input": spec(p.input)} for n, p in plan.items()}
+    return {n: {"kind": p.kind, "weight": spec(p.weight), "input": spec(p.input),
+                **{f.name: getattr(p, f.name) for f in _EXTRA if getattr(p, f.name) != f.default}}
+            for n, p in plan.items()}
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def _plan_from_json(data: dict[str, Any]) -> dict[str, LayerPlan]:
     spec = lambda s: None if s is None else QuantSpec.from_dict(s)  # noqa: E731
-    return {n: LayerPlan(p["kind"], spec(p["weight"]), spec(p["input"])) for n, p in data.items()}
+    return {n: LayerPlan(p["kind"], spec(p["weight"]), spec(p["input"]),
+                         **{f.name: _tuples(p[f.name]) for f in _EXTRA if f.name in p})
+            for n, p in data.items()}
 
 
 # -- saving -------------------------------------------------------------------------------------

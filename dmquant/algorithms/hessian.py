@@ -38,7 +38,10 @@ class HessianCollector:
 
     def _hook(self, name: str) -> Callable:
         def hook(module: QuantModule, args: tuple, _out: Any) -> None:
-            rows = _input_rows(module, args[0].detach()).double()
+            x = args[0].detach()
+            if module.transform is not None:  # smoothing / rotation: the weight multiplies the transformed input
+                x = module.transform(x)
+            rows = _input_rows(module, x).double()
             n_old, n_new = self.counts.get(name, 0), rows.shape[0]
             h = self.hessians.get(name)
             h = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64) if h is None else h

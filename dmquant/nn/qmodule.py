@@ -24,12 +24,14 @@ class QuantModule:
     weight_quantizer: TensorQuantizer | None
     input_quantizer: TensorQuantizer | None
     lowrank: nn.Module | None
+    transform: nn.Module | None
 
     def setup_quant(self, weight: QuantSpec | None, input: QuantSpec | None, backend: str = "fake",
                     name: str = "", init_scales: bool = True) -> None:
         self.weight_quantizer = TensorQuantizer(weight, None, f"{name}.weight") if weight else None
         self.input_quantizer = TensorQuantizer(input, self.INPUT_AXIS, f"{name}.input") if input else None
         self.lowrank = None  # high-precision low-rank branch (SVDQuant / LoRA), filled by algorithms
+        self.transform = None  # input smoothing / rotation (dmquant.transforms), applied before the quantizer
         self.backend = backend
         self.qname = name
         self._wcache: tuple[tuple, torch.Tensor] | None = None
@@ -67,6 +69,8 @@ class QuantModule:
         return self._wcache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:  # kernel, fake quantization and low-rank branch all see (x / s) Q
+            x = self.transform(x)
         out = self.kernel_forward(x)
         if out is None:
             xq = self.input_quantizer(x) if self.input_quantizer is not None else x

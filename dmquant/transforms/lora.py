@@ -1,0 +1,128 @@
+"""Merging a user's LoRA into the low-rank branch of an already quantized model, and removing it again.
+
+A LoRA adds scale * B A to a layer's weight. The quantized weight stays as it is: A and B are mapped
+into the layer's transformed space (the smoothing scales and rotations the transforms left, see
+`LayerTransform.adapter_factors`) and concatenated to its high-precision low-rank branch, whose rank
+grows by r: no re-quantization, one more (r, in) + (out, r) pair. Unmerging slices the adapter's ranks
+off again, which restores the previous branch exactly. Reads peft / diffusers state dicts
+(`<layer>.lora_A[.<adapter>].weight`, `<layer>.lora_B...`, optional `<layer>.alpha`) and the older
+`<layer>.lora.down.weight` / `.lora.up.weight` names.
+
+    >>> from peft.utils import get_peft_model_state_dict
+    >>> merge_lora(pipe, get_peft_model_state_dict(lora_unet), scale=lora_alpha / r, name="style")
+    >>> unmerge_lora(pipe, "style")
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..components import DENOISER_ATTRS
+from ..nn.qmodule import QuantModule
+from .layer import sync_plan
+from .lowrank import LowRankBranch
+
+_KEY = re.compile(r"^(?P<layer>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
+                  r"(?:\.[\w-]+)?\.weight$")  # optional peft adapter name before .weight
+_DOWN = ("lora_A", "lora.down", "lora_down")
+
+
+def parse_lora(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """{layer name: (A, B, alpha or None)} from a LoRA state dict; refuses keys it does not understand."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        m = _KEY.match(key)
+        if m is not None:
+            parts.setdefault(m["layer"], {})["A" if m["part"] in _DOWN else "B"] = value
+        elif key.endswith(".alpha"):
+            parts.setdefault(key.removesuffix(".alpha"), {})["alpha"] = float(value)
+        else:
+            raise ValueError(f"not a LoRA weight: {key!r} (expected <layer>.lora_A.weight / .lora_B.weight)")
+    incomplete = [n for n, p in parts.items() if "A" not in p or "B" not in p]
+    if incomplete:
+        raise ValueError(f"LoRA layers without both factors: {incomplete[:5]}")
+    return {n: (p["A"], p["B"], p.get("alpha")) for n, p in parts.items()}
+
+
+def _components(obj: Any) -> dict[str, nn.Module]:
+    from ..api import quantized_components  # late: the api imports the transforms
+
+    comps = quantized_components(obj)
+    if not comps:
+        raise ValueError("LoRA merging needs a dmquant-quantized model (call dmquant.quantize first)")
+    return comps
+
+
+def _resolve(comps: dict[str, nn.Module], key: str) -> tuple[nn.Module, str, nn.Module | None]:
+    """(component, layer name in it, layer or None) for a LoRA key, with or without a component prefix."""
+    for path, module in comps.items():
+        for prefix in (f"{path}.", *(f"{a}." for a in DENOISER_ATTRS), ""):
+            if key.startswith(prefix):
+                try:
+                    return module, key[len(prefix):], module.get_submodule(key[len(prefix):])
+                except AttributeError:
+                    continue
+    return next(iter(comps.values())), key, None
+
+
+def merge_lora(obj: Any, lora: Mapping[str, torch.Tensor], name: str = "lora", scale: float = 1.0) -> list[str]:
+    """Add `scale * B A` (times alpha / r where the state dict has alphas) of every LoRA layer to the
+    low-rank branch of the matching quantized layer. All-or-nothing: unknown or unquantized targets
+    raise before anything changes. Returns the merged layer names."""
+    comps = _components(obj)
+    targets = {key: (_resolve(comps, key), factors) for key, factors in parse_lora(lora).items()}
+    bad = [k for k, ((_, _, layer), _) in targets.items() if not isinstance(layer, QuantModule)]
+    if bad:
+        raise ValueError(f"LoRA targets that are not quantized layers of this model: {bad[:5]} "
+                         "(merge those into the float model before quantizing)")
+    for key, ((_, _, layer), (a, b, _)) in targets.items():
+        w = layer.weight
+        if a.shape[1:] != w.shape[1:] or b.shape[0] != w.shape[0] or b.shape[1] != a.shape[0]:
+            raise ValueError(f"LoRA {key}: factors {tuple(a.shape)}, {tuple(b.shape)} do not fit the weight "
+                             f"{tuple(w.shape)}")
+        if layer.lowrank is not None and name in dict(layer.lowrank.adapters):
+            raise ValueError(f"an adapter named {name!r} is already merged into {key}")
+    merged = []
+    for key, ((module, layer_name, layer), (a, b, alpha)) in targets.items():
+        r = a.shape[0]
+        down, up = a.to(layer.weight.device).double(), b.to(layer.weight.device).double() * scale
+        up = up * (alpha / r if alpha is not None else 1.0)
+        if layer.transform is not None:
+            down, up = layer.transform.adapter_factors(down, up)
+        old = layer.lowrank
+        like = layer.weight if old is None else old.down.weight
+        down, up = down.to(like.dtype), up.to(like.dtype)
+        if old is not None:
+            d0, u0 = old.factors()
+            down, up = torch.cat([d0, down]), torch.cat([u0, up], 1)
+        layer.lowrank = LowRankBranch.build(layer, down, up, old.svd_rank if old else 0,
+                                            [*(old.adapters if old else ()), (name, r)])
+        sync_plan(module, layer_name, layer)
+        merged.append(key)
+    return merged
+
+
+def unmerge_lora(obj: Any, name: str = "lora") -> list[str]:
+    """Remove a merged adapter's ranks from every branch that holds them (the branch returns to what it
+    was before the merge, bit for bit). Returns the affected layer names."""
+    done = []
+    for module in _components(obj).values():
+        for layer_name, layer in module.named_modules():
+            branch = getattr(layer, "lowrank", None) if isinstance(layer, QuantModule) else None
+            if branch is None or name not in dict(branch.adapters):
+                continue
+            i = [n for n, _ in branch.adapters].index(name)
+            start = branch.svd_rank + sum(r for _, r in branch.adapters[:i])
+            stop = start + branch.adapters[i][1]
+            d, u = branch.factors()
+            down, up = torch.cat([d[:start], d[stop:]]), torch.cat([u[:, :start], u[:, stop:]], 1)
+            rest = branch.adapters[:i] + branch.adapters[i + 1:]
+            layer.lowrank = LowRankBranch.build(layer, down, up, branch.svd_rank, rest) if down.shape[0] else None
+            sync_plan(module, layer_name, layer)
+            done.append(layer_name)
+    if not done:
+        raise ValueError(f"no adapter named {name!r} is merged into this model")
+    return done

@@ -1,0 +1,119 @@
+"""SVDQuant's low-rank branch: W = L1 L2 + R, the top-r SVD part kept in 16-bit beside the low-bit GEMM.
+
+Once smoothing has moved activation outliers into the weight, the weight's outliers sit in a few large
+singular directions; a rank-r branch (r << n) keeps them in high precision, and the residual R, with a
+flatter spectrum, quantizes to 4 bits with a smaller error. By Eckart-Young ||R||_F is the norm of the
+singular values past r. The branch reads the layer's (transformed, unquantized) input and also holds
+merged LoRA ranks (`dmquant.transforms.lora`), concatenated after the SVD ones.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..nn.qmodule import QuantModule
+from .layer import quantized_layers, set_weight, sync_plan
+
+_CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+
+
+@dataclass
+class LowRankSplit:
+    """W = up @ down + residual, with up = U_r S_r^1/2 and down = S_r^1/2 V_r^T."""
+
+    down: torch.Tensor  # (r, in), in the weight's dtype
+    up: torch.Tensor  # (out, r)
+    residual: torch.Tensor  # float64, W minus the product of the *stored* factors
+    tail_norm: float  # sqrt(sum of squared singular values past r)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRankSplit:
+    """Top-`rank` SVD factors of a 2-D weight (computed in float64, stored in `dtype`)."""
+    w = w2d.detach().double()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    r = max(0, min(rank, s.numel()))
+    root = s[:r].sqrt()
+    up, down = (u[:, :r] * root).to(dtype), (root[:, None] * vh[:r]).to(dtype)
+    residual = w - up.double() @ down.double()  # so that L1 L2 + R is W in the stored precision
+    return LowRankSplit(down, up, residual, float(s[r:].norm()))
+
+
+class LowRankBranch(nn.Module):
+    """up(down(x)) in the model's float dtype: the SVD ranks first, then each merged adapter's."""
+
+    def __init__(self, down: nn.Module, up: nn.Module, svd_rank: int = 0, adapters: Any = ()) -> None:
+        super().__init__()
+        self.down, self.up = down, up
+        self.svd_rank = svd_rank
+        self.adapters: list[tuple[str, int]] = [(str(n), int(r)) for n, r in adapters]
+
+    @property
+    def rank(self) -> int:
+        return self.down.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    @classmethod
+    def build(cls, layer: QuantModule, down: torch.Tensor, up: torch.Tensor, svd_rank: int = 0,
+              adapters: Any = ()) -> "LowRankBranch":
+        """A branch for `layer` from factors (r, in[*kernel]) and (out, r): a Linear pair, or for a
+        convolution a conv of the layer's geometry with r outputs followed by a 1x1 conv."""
+        r, w = down.shape[0], layer.weight
+        if isinstance(layer, nn.Linear):
+            d = nn.Linear(w.shape[1], r, bias=False, device="meta")
+            u = nn.Linear(r, w.shape[0], bias=False, device="meta")
+        else:
+            conv = _CONV[w.dim()]
+            d = conv(w.shape[1], r, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False,
+                     padding_mode=layer.padding_mode, device="meta")
+            u = conv(r, w.shape[0], 1, bias=False, device="meta")
+        # contiguous: the same numbers in another memory layout would round differently in the matmul
+        d.weight = nn.Parameter(down.reshape(r, *w.shape[1:]).contiguous())
+        u.weight = nn.Parameter(up.reshape(w.shape[0], r, *[1] * (w.dim() - 2)).contiguous())
+        return cls(d, u, svd_rank, adapters)
+
+    @classmethod
+    def empty(cls, layer: QuantModule, svd_rank: int, adapters: Any = ()) -> "LowRankBranch":
+        """Placeholder of the right shapes (on the layer's device, e.g. meta) for load_state_dict."""
+        r, w = svd_rank + sum(int(n) for _, n in adapters), layer.weight
+        new = lambda *shape: torch.empty(*shape, device=w.device, dtype=w.dtype)  # noqa: E731
+        return cls.build(layer, new(r, *w.shape[1:]), new(w.shape[0], r), svd_rank, adapters)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) weights in layer shape: (r, in, *kernel) and (out, r, *ones)."""
+        return self.down.weight.detach(), self.up.weight.detach()
+
+
+def _rank_for(name: str, rank: int, ranks: dict[str, int]) -> int:
+    """Per-layer rank: the first `ranks` pattern (regex search) matching the name, else `rank`."""
+    return next((int(r) for pattern, r in ranks.items() if re.search(pattern, name)), rank)
+
+
+def apply_svd(modules: list[nn.Module], run: Callable[[], Any], rank: int = 32,
+              ranks: dict[str, int] | None = None) -> dict[str, float]:
+    """Split every weight-quantized Linear/Conv into a rank-r branch and a quantized residual
+    (data-free: `run` is not called). `ranks` maps name patterns to per-layer ranks (0 skips).
+    Returns the residual's relative Frobenius norm ||R|| / ||W|| per layer."""
+    out = {}
+    for module, name, layer in quantized_layers(modules):
+        r = _rank_for(name, rank, ranks or {})
+        if layer.weight_quantizer is None or getattr(layer, "groups", 1) != 1 or r <= 0:
+            continue
+        if layer.lowrank is not None:
+            raise ValueError(f"{name} already has a low-rank branch (svd runs once, before LoRA merges)")
+        w = layer.weight.detach()
+        split = svd_split(w.reshape(w.shape[0], -1), r, w.dtype)
+        layer.lowrank = LowRankBranch.build(layer, split.down, split.up, split.rank)
+        set_weight(layer, split.residual.reshape(w.shape))
+        sync_plan(module, name, layer)
+        out[name] = split.tail_norm / max(float(w.double().norm()), 1e-30)
+    return out
