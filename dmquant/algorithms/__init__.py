@@ -16,10 +16,12 @@ from .reconstruction import DEFAULT_BLOCKS, UnitResult, apply_block_reconstructi
 from .shortcut import split_shortcuts
 from .temporal import TEMPORAL, calibrate_temporal
 from ..transforms import apply_rotation, apply_smoothquant, apply_svd
+from ..finetune import apply_efficientdm, apply_quest, apply_qvgen  # after .reconstruction: it imports it
 
 StepFunction = Callable[..., Any]
 STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges,
                                "adaround": apply_block_reconstruction, "split_shortcut": split_shortcuts,
+                               "efficientdm": apply_efficientdm, "quest": apply_quest, "qvgen": apply_qvgen,
                                "temporal": calibrate_temporal,
                                "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd}
 

@@ -1,0 +1,258 @@
+"""Data-free distillation of a quantized denoiser against its own full-precision self.
+
+The teacher is the same modules under `quantization_disabled`: the quantized layers share the float
+weights, which stay untouched until the adapters merge at the end, so this *is* the float model, with
+no copy in memory. Inputs are the calibration trajectory's recorded denoiser calls (no dataset): every
+step draws `batch_size` of them, i.e. timesteps spread over the whole trajectory, from a generator seeded
+by (seed, step) alone, so a resumed run draws the same batches. Loss: MSE between student and teacher
+outputs, plus optionally `feature_weight` times the relative MSE of every block's output (block-wise
+feature loss). Each call is its own backward (the memory of one sample's graph; the batch is gradient
+accumulation). Runs under `accelerate` (mixed precision autocast; with several processes each takes a
+share of the batch and gradients are averaged), with a progress bar and atomic checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+from tqdm.auto import tqdm
+
+from ..algorithms.reconstruction import DEFAULT_BLOCKS, _tensors, find_units
+from ..calibrate import static_quantizers
+from ..components import denoiser_path, get_path
+from ..nn.qmodule import QuantModule
+from ..nn.switch import quantization_disabled
+from .adapters import LayerAdapters, adapter_buffers, adapter_parameters, merge_adapters, serving_adapters
+from .checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Loop settings shared by the fine-tuning steps (see each step's docstring for its defaults)."""
+
+    iters: int = 100
+    lr: float = 1e-3
+    batch_size: int = 4  # trajectory calls per optimizer step
+    lsq_lr: float = 1e-3  # step sizes: relative to each scale tensor's mean
+    feature_weight: float = 0.0  # block-wise feature loss weight (0: output loss only)
+    blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
+    checkpoint: str | None = None  # directory; the file is <checkpoint>/<name>.safetensors
+    checkpoint_every: int = 50
+    resume: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("fine-tuning needs iters >= 0, batch_size >= 1 and checkpoint_every >= 1")
+
+
+@dataclass
+class DistillResult:
+    """What one fine-tuning run did: losses of the steps it ran (from `start` after a resume)."""
+
+    losses: list[float]
+    start: int
+    mse_before: float  # output MSE vs float on up to 16 evenly spaced calls at the start (PTQ, or the checkpoint)
+    mse_after: float  # the same, for the merged model
+    trainable_params: int
+    peak_memory_mb: float
+    memory: str  # what peak_memory_mb measures
+    seconds: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Schedule:
+    """Per-step extras a method adds to the loop (QVGen's rank decay); the default adds nothing."""
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before optimizer step `step` (also the first one after a resume)."""
+
+    def penalty(self, step: int) -> torch.Tensor | None:
+        """An extra loss term for step `step` (a regulariser), or None."""
+        return None
+
+
+def trajectory_inputs(modules: Sequence[nn.Module], run: Any, step: str) -> tuple[nn.Module, list]:
+    """(denoiser, recorded calls) for a fine-tuning step; only pipelines calibrated with a
+    CalibrationSet have a trajectory."""
+    trajectory = getattr(run, "trajectory", None)
+    if trajectory is None or not trajectory.calls:
+        raise ValueError(f"{step} distils on the recorded denoiser trajectory: quantize a pipeline with "
+                         "calibration settings or prompts, not a bare model with a callable")
+    denoiser = get_path(run.obj, denoiser_path(run.obj))
+    if not any(m is denoiser for m in modules):
+        raise ValueError(f"{step}: the recipe does not quantize the denoiser")
+    return denoiser, list(trajectory.calls)
+
+
+def lsq_scales(module: nn.Module, layers: Sequence[QuantModule] | None = None) -> dict[str, torch.Tensor]:
+    """Static activation step sizes to learn (per timestep group: the scale rows), by quantizer name;
+    `layers` limits them to those layers' input quantizers."""
+    from ..algorithms.reconstruction import _lsq_scales
+
+    scales = {q.name: q.scale for q in static_quantizers(module)}
+    _lsq_scales(module)  # raises unless a `ranges` step calibrated them; marks them trainable
+    if layers is not None:
+        keep = {layer.input_quantizer.name for layer in layers if layer.input_quantizer is not None}
+        for name in [n for n in scales if n not in keep]:
+            scales.pop(name).requires_grad_(False)
+    return scales
+
+
+def on_device(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A recorded call's arguments (kept on CPU) on the model's device."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, kwargs)
+
+
+def _batch(seed: int, step: int, n: int, size: int) -> list[int]:
+    """The calls of optimizer step `step`: a function of (seed, step) only, hence resumable."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(n, generator=gen)[:size].tolist()
+
+
+class _Features:
+    """Forward hooks keeping each block's first output tensor (for the block-wise feature loss)."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self._handles = [b.register_forward_hook(lambda _m, _a, o: self.outputs.append(_tensors(o)[0]))
+                         for b in blocks]
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+
+
+@torch.no_grad()
+def _output_mse(denoiser: nn.Module, calls: list, held: list[int], teacher: Callable, features: "_Features",
+                device: torch.device) -> float:
+    """Mean output MSE against the float model over the calls `held` (the deterministic figure)."""
+    errs = []
+    for i in held:
+        target = teacher(i)[0]
+        errs.append(float((_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float() - target).pow(2).mean()))
+        features.take()
+    return sum(errs) / len(errs)
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "process max RSS (whole process)"
+
+
+def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, LayerAdapters],
+                     scales: dict[str, torch.Tensor], cfg: DistillConfig, name: str,
+                     schedule: Schedule | None = None) -> DistillResult:
+    """Train `adapters` (and the step sizes `scales`) so the quantized denoiser matches its float self
+    on `calls`, then merge the adapters into the weights. The model's own parameters are frozen for the
+    run and restored after; on failure the float weights and step sizes are as before."""
+    from accelerate import Accelerator  # heavy: only when a fine-tuning step runs
+
+    schedule = schedule or Schedule()
+    device = next(denoiser.parameters()).device
+    accel = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    params = {**adapter_parameters(adapters), **{f"scale/{k}": v for k, v in scales.items()}}
+    buffers = adapter_buffers(adapters)
+    groups = [{"params": [p for k, p in params.items() if not k.startswith("scale/")], "lr": cfg.lr},
+              *({"params": [t], "lr": cfg.lsq_lr * float(t.detach().abs().mean())} for t in scales.values())]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+    initial = {k: t.detach().clone() for k, t in scales.items()}
+    flags = [(p, p.requires_grad) for p in denoiser.parameters()]
+    blocks = [u.module for u in find_units([denoiser], cfg.blocks) if not isinstance(u.module, QuantModule)] \
+        if cfg.feature_weight else []
+    features = _Features(blocks)
+    path = Path(cfg.checkpoint) / f"{name}.safetensors" if cfg.checkpoint else None
+    start = load_checkpoint(path, cfg.seed, params, buffers, optimizer) if cfg.resume and path and path.exists() else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def teacher(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Float output (and block features) of call i, computed once: the float model is deterministic."""
+        if i not in cache:
+            with quantization_disabled(denoiser), torch.no_grad():
+                out = _tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float()
+            cache[i] = (out, [f.float() for f in features.take()])
+        return cache[i]
+
+    held = torch.linspace(0, len(calls) - 1, min(16, len(calls))).round().long().unique().tolist()
+    was_training, t0, losses = denoiser.training, time.perf_counter(), []
+    denoiser.eval()
+    denoiser.requires_grad_(False)
+    try:
+        with serving_adapters(adapters):
+            before = _output_mse(denoiser, calls, held, teacher, features, device)
+        with serving_adapters(adapters), torch.enable_grad():
+            for step in tqdm(range(start, cfg.iters), desc=name, unit="step", initial=start, total=cfg.iters,
+                             disable=None if accel.is_main_process else True):
+                schedule.before_step(step, optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                batch = _batch(cfg.seed, step, len(calls), cfg.batch_size)
+                total = 0.0
+                for i in batch[accel.process_index::accel.num_processes]:
+                    kwargs = on_device(calls[i].kwargs, device)
+                    target, target_features = teacher(i)
+                    with accel.autocast():
+                        loss = (_tensors(denoiser(**kwargs))[0].float() - target).pow(2).mean()
+                        if blocks:
+                            loss = loss + cfg.feature_weight * sum(
+                                map(_relative_mse, features.take(), target_features)) / len(blocks)
+                    accel.backward(loss / len(batch))
+                    total += float(loss.detach()) / len(batch)
+                extra = schedule.penalty(step)
+                if extra is not None:
+                    accel.backward(extra / accel.num_processes)  # summed over processes below
+                if accel.num_processes > 1:
+                    for p in params.values():
+                        if p.grad is not None:
+                            p.grad = accel.reduce(p.grad, reduction="sum")
+                    total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
+                optimizer.step()
+                with torch.no_grad():
+                    for t in scales.values():  # step sizes may not cross zero
+                        t.clamp_(min=torch.finfo(t.dtype).tiny)
+                losses.append(total)
+                if path is not None and accel.is_main_process and ((step + 1) % cfg.checkpoint_every == 0
+                                                                   or step + 1 == cfg.iters):
+                    save_checkpoint(path, step + 1, cfg.seed, params, buffers, optimizer)
+        schedule.before_step(cfg.iters, optimizer)  # lets a schedule finish (QVGen: the last rank cut)
+        merge_adapters(adapters)
+        after = _output_mse(denoiser, calls, held, teacher, features, device)
+    except BaseException:
+        with torch.no_grad():
+            for k, t in scales.items():
+                t.copy_(initial[k])
+        raise
+    finally:
+        features.remove()
+        for t in scales.values():
+            t.requires_grad_(False)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        denoiser.train(was_training)
+    peak, kind = _peak_memory(device)
+    trainable = sum(p.numel() for p in params.values())
+    result = DistillResult(losses, start, before, after, trainable, round(peak, 1), kind,
+                           round(time.perf_counter() - t0, 3))
+    log.info("%s: %d trainable parameters, output MSE vs float %.4g -> %.4g, peak memory %.0f MB (%s)", name,
+             trainable, before, after, peak, kind)
+    return result

@@ -1,0 +1,60 @@
+"""EfficientDM (He et al. 2024) as the recipe step `efficientdm`: QALoRA distilled from the FP teacher.
+
+Every weight-quantized layer of the denoiser gets a LoRA merged with its weight *before* the weight
+quantizer, Q(W + s * B A), so training sees exactly the low-bit weight it will store; the merge then
+folds B A into W and the unchanged weight scales map the new float weight onto the codes trained with
+(no re-scaling: re-initialising the scales from W + B A would move codes the loss never saw, so the
+merged model would not be the trained one). Scale-aware optimisation: B A is counted in the layer's own
+weight quantization steps s (see `LowRankDelta`). With `lsq` the static activation step sizes are learnt
+too, one per timestep group (EfficientDM's temporal LSQ; LSQ gradients through `fake_quantize`), which
+needs them calibrated first: put a `ranges` step before this one. Only LoRA factors and step sizes train.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from ..nn.qmodule import QuantModule
+from .adapters import make_adapters
+from .distill import DistillConfig, DistillResult, Schedule, distill_adapters, lsq_scales, trajectory_inputs
+
+
+def weight_quantized_layers(module: nn.Module, skip: str | None = None) -> dict[str, QuantModule]:
+    """{name: layer} of the layers with an enabled weight quantizer, minus those matching `skip`."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, QuantModule) and m.weight_quantizer is not None
+            and m.weight_quantizer.enabled and not (skip and re.search(skip, n))}
+
+
+Select = Callable[[nn.Module, list], dict[str, QuantModule]]
+
+
+def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: Select, rank: int, lsq: bool,
+                    scale_aware: bool, aux_rank: int = 0, schedule_for: Any = None, **loop: Any) -> DistillResult:
+    """The common body of the fine-tuning steps: adapters on the layers `select(denoiser, calls)` picks,
+    their step sizes if `lsq` (all of them when every weight-quantized layer trains), the distillation
+    loop, the merge."""
+    cfg = DistillConfig(**{k: tuple(v) if k == "blocks" else v for k, v in loop.items()})
+    denoiser, calls = trajectory_inputs(modules, run, name)
+    layers = select(denoiser, calls)
+    every = len(layers) == len(weight_quantized_layers(denoiser))
+    scales = lsq_scales(denoiser, None if every else list(layers.values())) if lsq else {}
+    adapters = make_adapters(layers, rank, aux_rank, cfg.seed, scale_aware)
+    schedule: Schedule | None = schedule_for(adapters, cfg) if schedule_for is not None else None
+    result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule)
+    result.notes.update(layers=len(layers), rank=rank, lsq_scales=len(scales))
+    return result
+
+
+def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bool = True,
+                      scale_aware: bool = True, skip: str | None = None, **loop: Any) -> DistillResult:
+    """Recipe step `efficientdm`: QALoRA of `rank` on every weight-quantized denoiser layer (not those
+    matching `skip`), temporal LSQ of the activation step sizes if `lsq`. Loop arguments (`iters`, `lr`,
+    `batch_size`, `lsq_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
+    `checkpoint_every`, `resume`, `seed`): `DistillConfig`.
+
+    >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
+    """
+    return finetune_layers(modules, run, "efficientdm", lambda d, _: weight_quantized_layers(d, skip), rank, lsq,
+                           scale_aware, **loop)

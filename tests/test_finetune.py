@@ -1,0 +1,163 @@
+"""Data-free fine-tuning against the FP teacher (EfficientDM, QuEST, QVGen steps) on tiny pipelines:
+the distillation lowers the output error, the QALoRA merge is exact and leaves a plain quantized model
+(save/load bit-for-bit), QuEST leaves unselected layers untouched, QVGen's branch decays to rank 0, and
+an interrupted run resumed from its checkpoint ends exactly where the uninterrupted one does."""
+import pytest
+import torch
+
+import dmquant
+from dmquant.algorithms import STEPS
+from dmquant.api import quant_layers
+from dmquant.config import Step
+from dmquant.finetune import LowRankDelta
+from dmquant.finetune import distill as distill_module
+from dmquant.finetune.qvgen import decay_ranks
+from dmquant.pipelines import load
+
+CALIB = {"num_prompts": 2, "steps": 4, "timesteps": "all"}
+
+
+def pipeline(name):
+    torch.manual_seed(0)
+    return load(name)
+
+
+def recipe(name, **args):
+    base = dmquant.get_recipe(name)
+    ranges, step = base.steps
+    return base.replace(steps=(ranges, Step(step.name, {**step.args, **args})))
+
+
+def recording(monkeypatch, step):
+    results = []
+    original = STEPS[step]
+    monkeypatch.setitem(STEPS, step, lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    return results
+
+
+def probe(pipe):
+    """A fixed denoiser call (its timestep sets the noise level the per-timestep scales key on)."""
+    d = pipe.transformer
+    g = torch.Generator().manual_seed(5)
+    shape = (1, d.config.in_channels, *((3,) if d.config.get("video_length") else ()), 8, 8)
+    kw = dict(hidden_states=torch.randn(*shape, generator=g), timestep=torch.tensor([500]),
+              encoder_hidden_states=torch.randn(1, 5, d.config.caption_channels, generator=g))
+    if "added_cond_kwargs" in d.forward.__code__.co_varnames:
+        kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+
+    def run(model=d):
+        with torch.no_grad():
+            return model(**kw, return_dict=False)[0]
+    return run
+
+
+def test_efficientdm_distils_merges_exactly_and_saves(monkeypatch, tmp_path):
+    pipe = pipeline("tiny-pixart")
+    run = probe(pipe)
+    ptq = pipeline("tiny-pixart")
+    dmquant.quantize(ptq, dmquant.get_recipe("w4a4-static"), calibration=CALIB)
+    pre_merge = {}
+    merge = distill_module.merge_adapters
+
+    def checked_merge(adapters):  # the quantized forward with the adapters still served, then the merge
+        with distill_module.serving_adapters(adapters):
+            pre_merge["out"] = run()
+        merge(adapters)
+    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
+    results = recording(monkeypatch, "efficientdm")
+    dmquant.quantize(pipe, recipe("efficientdm-w4a4", iters=16, batch_size=2), calibration=CALIB)
+    (res,) = results
+    # bit-for-bit: the merged float weight is the very tensor the quantizer saw, scales unchanged
+    assert torch.equal(run(), pre_merge["out"])
+    assert res.mse_after < 0.7 * res.mse_before, (res.mse_before, res.mse_after)  # measured ~0.4
+    layers = quant_layers(pipe.transformer)
+    lora = sum(m.weight.shape[0] * 8 + 8 * m.weight[0].numel() for m in layers.values() if m.weight_quantizer)
+    scales = sum(m.input_quantizer.scale.numel() for m in layers.values() if m.input_quantizer is not None)
+    assert res.trainable_params == lora + scales and res.notes["lsq_scales"] > 0 and res.peak_memory_mb > 0
+    # a plain quantized model: same modules and state as PTQ alone, nothing left trainable or served
+    assert not any(isinstance(m, LowRankDelta) for m in pipe.transformer.modules())
+    assert set(pipe.transformer.state_dict()) == set(ptq.transformer.state_dict())
+    assert all(m.lowrank is None and "quantized_weight" not in m.__dict__ for m in layers.values())
+    assert all(p.requires_grad for p in pipe.transformer.parameters())  # freezing undone
+    with torch.no_grad():
+        for name, m in layers.items():
+            assert torch.equal(m.weight_quantizer(m.weight), m.quantized_weight()), name
+    dmquant.save_quantized(pipe, tmp_path / "q")
+    loaded = dmquant.load_quantized(tmp_path / "q")
+    assert torch.equal(run(loaded.transformer), run())
+
+
+def test_quest_trains_only_temporal_and_sensitive_layers(monkeypatch):
+    pipe, ptq = pipeline("tiny-pixart"), pipeline("tiny-pixart")
+    base = dmquant.get_recipe("quest-w4a4")
+    dmquant.quantize(ptq, base.replace(steps=base.steps[:1]), calibration=CALIB)
+    results = recording(monkeypatch, "quest")
+    dmquant.quantize(pipe, recipe("quest-w4a4", iters=6, top=0.2), calibration=CALIB)
+    (res,) = results
+    temporal, sensitive = res.notes["temporal"], res.notes["sensitive"]
+    assert temporal and all("adaln_single" in n for n in temporal)
+    others = [n for n in quant_layers(pipe.transformer) if n not in temporal]
+    assert len(sensitive) == round(0.2 * len(others)) and list(sensitive.values()) == sorted(sensitive.values())[::-1]
+    trained = set(temporal) | set(sensitive)
+    ptq_layers = quant_layers(ptq.transformer)
+    with torch.no_grad():
+        for name, layer in quant_layers(pipe.transformer).items():
+            same_w = torch.equal(layer.quantized_weight(), ptq_layers[name].quantized_weight())
+            same_s = torch.equal(layer.input_quantizer.scale, ptq_layers[name].input_quantizer.scale)
+            assert (same_w and same_s) != (name in trained), name  # the rest is frozen at its PTQ state
+    assert res.mse_after < res.mse_before
+
+
+def test_qvgen_decays_the_auxiliary_branch_to_rank_zero(monkeypatch):
+    assert decay_ranks(8, 0.5) == [8, 4, 2, 1, 0] and decay_ranks(3, 0.9) == [3, 2, 1, 0]
+    pipe = pipeline("tiny-latte")
+    results = recording(monkeypatch, "qvgen")
+    dmquant.quantize(pipe, recipe("qvgen-w4a4", iters=10, aux_rank=4), calibration=CALIB)
+    (res,) = results
+    cuts = res.notes["rank_cuts"]
+    assert [r for _, r in cuts] == [4, 2, 1, 0] and cuts[-1][0] < 10  # the last stage trains without it
+    assert not any(isinstance(m, LowRankDelta) for m in pipe.transformer.modules())
+    layers = quant_layers(pipe.transformer).values()
+    assert all(m.lowrank is None and "quantized_weight" not in m.__dict__ for m in layers)
+    assert res.mse_after < res.mse_before
+
+
+def test_resume_continues_identically(monkeypatch, tmp_path):
+    """qvgen: a checkpoint between two rank cuts; the resumed run redraws the same batches."""
+    r = recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2)
+    full = pipeline("tiny-pixart")
+    dmquant.quantize(full, r, calibration=CALIB)
+    interrupted = pipeline("tiny-pixart")
+    floats = {n: p.detach().clone() for n, p in interrupted.transformer.named_parameters()}
+    batch = distill_module._batch
+
+    def crash_at_5(seed, step, n, size):
+        if step == 5:
+            raise KeyboardInterrupt
+        return batch(seed, step, n, size)
+    monkeypatch.setattr(distill_module, "_batch", crash_at_5)
+    ckpt = {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_every": 2}
+    with pytest.raises(KeyboardInterrupt):
+        dmquant.quantize(interrupted, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, **ckpt),
+                         calibration=CALIB)
+    assert all(torch.equal(p, floats[n]) for n, p in interrupted.transformer.named_parameters())  # untouched
+    assert (tmp_path / "ckpt" / "qvgen.safetensors").is_file()
+    monkeypatch.setattr(distill_module, "_batch", batch)
+    results = recording(monkeypatch, "qvgen")
+    resumed = pipeline("tiny-pixart")
+    dmquant.quantize(resumed, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, resume=True, **ckpt),
+                     calibration=CALIB)
+    assert results[0].start == 4 and len(results[0].losses) == 4
+    assert torch.equal(probe(resumed)(), probe(full)())
+    with pytest.raises(ValueError, match="another run"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("qvgen-w4a4", iters=8, aux_rank=2, seed=1, resume=True,
+                                                          **ckpt), calibration=CALIB)
+
+
+def test_fine_tuning_needs_ranges_for_lsq_and_a_trajectory():
+    with pytest.raises(ValueError, match="ranges"):
+        r = dmquant.get_recipe("efficientdm-w4a4")
+        dmquant.quantize(pipeline("tiny-pixart"), r.replace(steps=r.steps[1:]), calibration=CALIB)
+    bare = dmquant.get_recipe("efficientdm-w4a4").replace(steps=(Step("efficientdm", {"iters": 1, "lsq": False}),))
+    with pytest.raises(ValueError, match="trajectory"):
+        dmquant.quantize(pipeline("tiny-pixart").transformer, bare, calibration=lambda m: None)
