@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -23,17 +21,9 @@ import dmquant
 from dmquant.payload import extra_nbytes, weight_nbytes
 from dmquant.transforms import apply_svd
 
+from benchmark import timed  # scripts/ is on sys.path when run as a script
+
 SHAPES = ((1152, 1152), (1152, 4608), (4608, 1152))  # attention projections, FFN up and down
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (also packs the kernel weights)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

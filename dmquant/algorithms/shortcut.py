@@ -5,6 +5,7 @@ half. The step finds each concatenation's split point from the data (the up bloc
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import Any, Callable
@@ -57,9 +58,8 @@ def split_shortcuts(modules: list[nn.Module], run: Callable[[], Any]) -> dict[st
     handles = [b.register_forward_pre_hook(hook(n), with_kwargs=True) for n, b in blocks]
     handles += [m.register_forward_hook(stop) for m in modules]
     try:
-        run()
-    except _Seen:
-        pass
+        with contextlib.suppress(_Seen):  # one denoiser call shows every split
+            run()
     finally:
         for h in handles:
             h.remove()
