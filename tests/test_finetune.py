@@ -161,3 +161,32 @@ def test_fine_tuning_needs_ranges_for_lsq_and_a_trajectory():
     bare = dmquant.get_recipe("efficientdm-w4a4").replace(steps=(Step("efficientdm", {"iters": 1, "lsq": False}),))
     with pytest.raises(ValueError, match="trajectory"):
         dmquant.quantize(pipeline("tiny-pixart").transformer, bare, calibration=lambda m: None)
+
+
+def _worker(tmp_path, name, *extra, processes=1):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = str(Path(__file__).with_name("distill_worker.py"))
+    out = str(tmp_path / f"{name}.safetensors")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, worker, out, *extra] if processes == 1 else \
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", worker, out, *extra]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    return load_file(out)["y"]
+
+
+def test_two_processes_train_like_one_and_bf16_autocast_runs(tmp_path):
+    """accelerate: two processes split each batch and sum gradients, so they train the same model as
+    one process (up to float summation order); bf16 autocast trains a nearby model."""
+    one = _worker(tmp_path, "one")
+    two = _worker(tmp_path, "two", processes=2)
+    assert torch.allclose(one, two, rtol=1e-4, atol=1e-5 * float(one.abs().max()))
+    bf16 = _worker(tmp_path, "bf16", "bf16")
+    assert torch.isfinite(bf16).all() and not torch.equal(bf16, one)
+    assert (bf16 - one).abs().max() < 0.1 * one.abs().max()
