@@ -136,8 +136,8 @@ class RangeObserver:
         if self.estimator.searches:
             self._add_sample(flat)
 
-    def _add_sample(self, flat: torch.Tensor) -> None:
-        if flat.numel() > self.SAMPLE_PER_CALL:
+    def _add_sample(self, flat: torch.Tensor, per_call: bool = True) -> None:
+        if per_call and flat.numel() > self.SAMPLE_PER_CALL:
             flat = flat[torch.randperm(flat.numel(), generator=self._gen)[: self.SAMPLE_PER_CALL]]
         s = flat if self.sample is None else torch.cat([self.sample, flat])
         if s.numel() > self.SAMPLE_MAX:
@@ -160,8 +160,8 @@ class RangeObserver:
             out.hi = sum(wi * o.hi for wi, o in zip(w, parts))
         out.weight = sum(o.weight for o in parts)
         samples = [o.sample for o in parts if o.sample is not None]
-        if samples:
-            out._add_sample(torch.cat(samples))
+        if samples:  # pooled samples keep their size (up to SAMPLE_MAX), not one call's
+            out._add_sample(torch.cat(samples), per_call=False)
         return out
 
     def qparams(self, fmt: Format, symmetric: bool) -> QParams:

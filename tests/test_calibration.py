@@ -257,3 +257,17 @@ def test_shortcut_splitting_and_temporal_calibration(tiny_sd):
     other = unet.get_submodule(next(iter(split))).input_quantizer
     assert other.scale.shape[0] == 2  # the rest: timestep groups over the 2 recorded steps
     assert torch.isfinite(generate(tiny_sd, ["a dog"], steps=5, progress=False)).all()
+
+
+def test_pooled_streams_keep_their_samples():
+    """Merging the noise levels of a timestep group pools their search samples (bounded), rather than
+    shrinking them to one call's worth (which starved per-group MSE searches of outliers)."""
+    est = parse_observer("mse")
+    parts = []
+    for seed in range(3):
+        obs = RangeObserver(est)
+        obs.update(torch.randn(20_000, generator=torch.Generator().manual_seed(seed)))
+        parts.append(obs)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.sample.numel() == 3 * RangeObserver.SAMPLE_PER_CALL
+    assert float(merged.hi) == max(float(p.hi) for p in parts)
