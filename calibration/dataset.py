@@ -8,9 +8,10 @@ selected steps; the returned runner replays them through the (by then quantized)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -99,5 +100,20 @@ class TrajectoryRunner:
         from dmquant.pipelines import generate
 
         others = [m for m in quantized_components(obj).values() if m is not denoiser]
-        if any(q.observing or not q.calibrated for m in others for q in static_quantizers(m)):
-            generate(obj, self.prompts, seed=self.seed, steps=self.steps, progress=False)
+        if any(q.observing for m in others for q in static_quantizers(m)):
+            with _denoiser_aside(denoiser):
+                generate(obj, self.prompts, seed=self.seed, steps=self.steps, progress=False)
+
+
+@contextlib.contextmanager
+def _denoiser_aside(denoiser: nn.Module) -> Iterator[None]:
+    """While a sampling run feeds the text encoder / VAE observers, the denoiser's observing
+    quantizers neither record (their statistics are the trajectory's) nor quantize."""
+    held = [(q, q._observers) for q in static_quantizers(denoiser) if q.observing]
+    for q, _ in held:
+        q._observers, q.enabled = None, False
+    try:
+        yield
+    finally:
+        for q, observers in held:
+            q._observers, q.enabled = observers, True

@@ -25,7 +25,14 @@ def static_quantizers(model: nn.Module, uncalibrated_only: bool = False) -> list
 def observing(*models: nn.Module, uncalibrated_only: bool = False) -> Iterator[list[TensorQuantizer]]:
     """Inside: static activation quantizers record statistics and pass data through unquantized.
     On exit (without error): ranges freeze into scales."""
-    quantizers = [q for m in models for q in static_quantizers(m, uncalibrated_only)]
+    with observing_quantizers([q for m in models for q in static_quantizers(m, uncalibrated_only)]) as qs:
+        yield qs
+
+
+@contextlib.contextmanager
+def observing_quantizers(quantizers: list[TensorQuantizer]) -> Iterator[list[TensorQuantizer]]:
+    """`observing` for an explicit list. Every quantizer leaves observation on exit, also on error;
+    if some saw no data, the others still freeze and the first error is raised."""
     for q in quantizers:
         q.start_observing()
     try:
@@ -34,8 +41,14 @@ def observing(*models: nn.Module, uncalibrated_only: bool = False) -> Iterator[l
         for q in quantizers:
             q._observers = None
         raise
+    errors = []
     for q in quantizers:
-        q.finish_observing()
+        try:
+            q.finish_observing()
+        except RuntimeError as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]
 
 
 @contextlib.contextmanager

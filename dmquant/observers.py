@@ -70,8 +70,10 @@ def estimate_qparams(x: torch.Tensor, fmt: Format, gran: Granularity, symmetric:
         return choose_qparams(x, fmt, gran, symmetric)
     xb = to_blocks(x.detach().float(), gran)
     if estimator.kind == "percentile":
-        q = estimator.value / 100
-        return qparams_from_range(torch.quantile(xb, 1 - q, dim=-1), torch.quantile(xb, q, dim=-1), fmt, symmetric)
+        ordered = xb.sort(-1).values  # nearest rank per block, as for activations (no size limit)
+        rank = lambda q: min(max(1, math.ceil(q * xb.shape[-1] / 100 - 1e-9)), xb.shape[-1]) - 1  # noqa: E731
+        lo, hi = ordered[..., rank(100 - estimator.value)], ordered[..., rank(estimator.value)]
+        return qparams_from_range(lo, hi, fmt, symmetric)
     if estimator.kind == "ema":
         raise ValueError("the ema observer smooths a stream of activations; weights use minmax, percentile, mse or lp")
     lo, hi = xb.amin(-1), xb.amax(-1)
@@ -113,7 +115,7 @@ class RangeObserver:
         self._gen = torch.Generator().manual_seed(0)  # reproducible subsampling
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().reshape(-1).cpu()
+        flat = x.detach().float().reshape(-1)  # statistics stay on the input's device
         if flat.numel() == 0:
             return
         lo, hi = flat.min(), flat.max()
@@ -138,11 +140,14 @@ class RangeObserver:
 
     def _add_sample(self, flat: torch.Tensor, per_call: bool = True) -> None:
         if per_call and flat.numel() > self.SAMPLE_PER_CALL:
-            flat = flat[torch.randperm(flat.numel(), generator=self._gen)[: self.SAMPLE_PER_CALL]]
-        s = flat if self.sample is None else torch.cat([self.sample, flat])
+            flat = flat[self._pick(flat.numel(), self.SAMPLE_PER_CALL, flat.device)]
+        s = flat if self.sample is None else torch.cat([self.sample, flat.to(self.sample.device)])
         if s.numel() > self.SAMPLE_MAX:
-            s = s[torch.randperm(s.numel(), generator=self._gen)[: self.SAMPLE_MAX]]
+            s = s[self._pick(s.numel(), self.SAMPLE_MAX, s.device)]
         self.sample = s
+
+    def _pick(self, n: int, k: int, device: torch.device) -> torch.Tensor:
+        return torch.randperm(n, generator=self._gen)[:k].to(device)
 
     def merge(self, other: "RangeObserver") -> "RangeObserver":
         """Pool two streams (e.g. the noise levels of one timestep group)."""

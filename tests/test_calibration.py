@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dmquant
+import dmquant.calibrate
 from dmquant.calibration import CalibrationSet, Trajectory, eda_steps, parse_selection, uniform_steps
 from dmquant.config import QuantSpec, Recipe
 from dmquant.nn import TensorQuantizer
@@ -271,3 +272,43 @@ def test_pooled_streams_keep_their_samples():
     merged = parts[0].merge(parts[1]).merge(parts[2])
     assert merged.sample.numel() == 3 * RangeObserver.SAMPLE_PER_CALL
     assert float(merged.hi) == max(float(p.hi) for p in parts)
+
+
+def test_static_calibration_on_the_cpu_kernel_backend_under_no_grad():
+    """Calibration replays run under no_grad: the kernel path must stay off while inputs observe."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    x = torch.randn(8, 64)
+
+    def run(m):
+        with torch.no_grad():
+            m(x)
+
+    dmquant.quantize(model, "w8a8-mse", calibration=run, backend="fbgemm")
+    with torch.no_grad():
+        out = model(x)
+    assert model[0].input_quantizer.calibrated and torch.isfinite(out).all()
+
+
+def test_failed_observation_leaves_no_quantizer_observing():
+    seen, unseen = TensorQuantizer(QuantSpec("int8", "tensor"), -1, "seen"), TensorQuantizer(QuantSpec("int8", "tensor"), -1, "unseen")
+    with pytest.raises(RuntimeError, match="unseen saw no data"):
+        with dmquant.calibrate.observing_quantizers([unseen, seen]):
+            seen(torch.ones(2, 3))
+    assert seen.calibrated and not seen.observing and not unseen.observing
+    with pytest.raises(ValueError, match="calibrated already"):
+        seen.set_split(1)
+
+
+def test_other_components_calibrate_without_touching_the_denoiser_statistics(tiny_sd):
+    """Text-encoder scales come from a sampling run in the final pass; the denoiser's stay the
+    trajectory's (the same as calibrating the denoiser alone)."""
+    from dmquant.pipelines import load
+
+    alone = load("tiny-sd")
+    dmquant.quantize(alone, _tiny_recipe())
+    dmquant.quantize(tiny_sd, _tiny_recipe(components=("denoiser", "text_encoder")))
+    scales = lambda m: [q.scale for q in dmquant.calibrate.static_quantizers(m)]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(scales(alone.unet), scales(tiny_sd.unet)))
+    assert scales(tiny_sd.text_encoder) and all(s is not None for s in scales(tiny_sd.text_encoder))

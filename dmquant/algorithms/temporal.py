@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..calibrate import observing_quantizers
 from ..nn.qmodule import QuantModule
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,6 @@ def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str = TEMPOR
         log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern)
         return {"layers": 0, "timesteps": 0}
     calls = list(trajectory.timestep_calls())
-    for q in quantizers:
-        q.start_observing()
-    trajectory.replay(denoiser, calls)
-    for q in quantizers:
-        q.finish_observing()
+    with observing_quantizers(quantizers):
+        trajectory.replay(denoiser, calls)
     return {"layers": len(quantizers), "timesteps": len(calls)}

@@ -84,8 +84,10 @@ class QuantModule:
         reference), e.g. for shapes or formats the kernel lacks, or when gradients are needed."""
         if self.backend == "fake" or self.weight_quantizer is None or self._needs_grad():
             return None
-        if not (self.weight_quantizer.enabled and (self.input_quantizer is None or self.input_quantizer.enabled)):
-            return None
+        iq = self.input_quantizer
+        if not self.weight_quantizer.enabled or (iq is not None and (
+                not iq.enabled or iq.observing or (iq.scale is None and iq.allow_uncalibrated))):
+            return None  # the float reference, calibration and pass-through run on the fake path
         from ..kernels import get_kernel
 
         kernel = get_kernel(self.backend)

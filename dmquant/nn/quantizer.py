@@ -106,6 +106,9 @@ class TensorQuantizer(nn.Module):
         """Quantize channels [:channels] and [channels:] with separate scales (skip concatenations)."""
         if self.channel_axis is None or self.spec.dynamic:
             raise ValueError(f"{self.name}: only static activation quantizers take split scales")
+        if self.calibrated:
+            raise ValueError(f"{self.name} is calibrated already: split shortcuts before calibrating ranges "
+                             "(put split_shortcut before ranges / temporal in the recipe)")
         self.split_at = None if channels is None else torch.tensor(int(channels))
         if self.observing:
             self.start_observing()  # segments changed: restart the statistics
