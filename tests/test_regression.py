@@ -15,7 +15,7 @@ def test_builtin_recipes_hold_their_baselines(baseline):
 
 
 def test_degraded_recipe_fails_with_a_readable_diff(tmp_path):
-    w8 = next(b for b in BASELINES if b.stem.endswith("w8a8"))
+    w8 = next(b for b in BASELINES if b.stem == "miniature-pixart-w8a8")
     degraded = tmp_path / "w2.yaml"
     degraded.write_text("name: w2a8\nweight: {format: int2, granularity: channel}\n"
                         "input: {format: int8, granularity: token, dynamic: true}\n")
@@ -26,7 +26,7 @@ def test_degraded_recipe_fails_with_a_readable_diff(tmp_path):
 
 
 def test_regress_cli_exit_codes(tmp_path, capsys):
-    w8 = next(b for b in BASELINES if b.stem.endswith("w8a8"))
+    w8 = next(b for b in BASELINES if b.stem == "miniature-pixart-w8a8")
     assert main(["regress", "--baseline", str(w8)]) == 0
     assert "ok   psnr" in capsys.readouterr().out
     copy = tmp_path / "b.json"
