@@ -109,6 +109,8 @@ class TrajectoryRecorder:
     def _pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         bound = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+        if self.kwarg not in bound:
+            raise ValueError(f"denoiser call without a {self.kwarg!r} argument: a trajectory records calls by timestep")
         t = torch.as_tensor(bound[self.kwarg]).reshape(-1)[0]
         level = float(t) / self.timestep_scale
         if self._first_run:

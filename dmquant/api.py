@@ -130,7 +130,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
             raise ValueError(f"{path} is already quantized (recipe {module.dmquant_state.recipe.name})")
     runner, t0 = None, time.perf_counter()
     if recipe.needs_calibration:
-        runner = prepare_calibration(obj, recipe.calibration, calibration)  # float-model data, before any swap
+        runner = prepare_calibration(obj, recipe.calibration, calibration, timestep_scale)  # float data, before any swap
     for path, module in components.items():
         plan = plan_for(module, recipe)
         if not plan:

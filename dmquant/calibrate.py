@@ -87,7 +87,8 @@ class StepRun:
         return getattr(self.runner, "trajectory", None)
 
 
-def prepare_calibration(obj: Any, recipe_calibration: dict[str, Any], calibration: Any) -> Callable[[Any], Any]:
+def prepare_calibration(obj: Any, recipe_calibration: dict[str, Any], calibration: Any,
+                        timestep_scale: float = 1000.0) -> Callable[[Any], Any]:
     """The data runner for `quantize`, resolved while `obj` is still in float.
 
     A callable runs as given. For a pipeline, None / a list of prompts / a dict of settings becomes a
@@ -102,7 +103,7 @@ def prepare_calibration(obj: Any, recipe_calibration: dict[str, Any], calibratio
         # The calibration layer sits above the core; it is imported only when a pipeline needs it.
         from importlib import import_module
 
-        settings = dict(recipe_calibration)
+        settings = {"timestep_scale": timestep_scale, **recipe_calibration}  # the hook's and the trajectory's
         if isinstance(calibration, dict):
             settings.update(calibration)
         elif isinstance(calibration, (list, tuple)):

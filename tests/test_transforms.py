@@ -274,3 +274,17 @@ def test_kernel_path_sees_the_transformed_input():
     with torch.no_grad():
         assert _rel(real(x), fake(x)) < 1e-4
     assert real[0].transform.smooth == "online" and real[0]._kcache[1] is not None  # the kernel ran
+
+
+def test_transforms_refuse_layers_with_calibrated_input_scales(denoiser):
+    """A static input scale measured before smoothing / rotation would be for the wrong tensor."""
+    import dmquant
+    from dmquant.config import QuantSpec, Recipe, Step
+
+    _, model, run = denoiser
+    for step in ("smoothquant", "rotate"):
+        m = copy.deepcopy(model)
+        recipe = Recipe(name="bad", weight=QuantSpec("int8"), input=QuantSpec("int8", "tensor"),
+                        steps=(Step("ranges"), Step(step)))
+        with pytest.raises(ValueError, match="calibrated input scales"):
+            dmquant.quantize(m, recipe, calibration=run)

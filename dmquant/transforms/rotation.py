@@ -37,6 +37,9 @@ def apply_rotation(modules: list[nn.Module], run: Callable[[], Any], kind: str =
             for name, layer in layers.items():
                 if layer.lowrank is not None or (layer.transform is not None and layer.transform.rotation is not None):
                     raise ValueError(f"{name} already has a low-rank branch or a rotation: run rotate before svd")
+                if layer.input_quantizer is not None and layer.input_quantizer.calibrated:
+                    raise ValueError(f"{name} has calibrated input scales already: rotate before ranges, temporal "
+                                     "or any step that calibrates activations")
             folded = _fold_attention(module, layers) if fold and kind == "hadamard" else {}
             for i, (name, layer) in enumerate(layers.items()):
                 if name in folded:

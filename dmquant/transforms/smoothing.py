@@ -59,6 +59,9 @@ def _check_order(name: str, layer: QuantModule) -> None:
     if layer.transform is not None or layer.lowrank is not None:
         raise ValueError(f"{name} is already rotated, smoothed or has a low-rank branch: "
                          "run smoothquant first (before rotate and svd)")
+    if layer.input_quantizer.calibrated:  # its static scale was measured on the untransformed input
+        raise ValueError(f"{name} has calibrated input scales already: run smoothquant / rotate before "
+                         "ranges, temporal or any step that calibrates activations")
 
 
 def _groups(module: nn.Module, fold: bool) -> list[_Group]:
