@@ -164,7 +164,8 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                      schedule: Schedule | None = None) -> DistillResult:
     """Train `adapters` (and the step sizes `scales`) so the quantized denoiser matches its float self
     on `calls`, then merge the adapters into the weights. The model's own parameters are frozen for the
-    run and restored after; on failure the float weights and step sizes are as before."""
+    run and restored after; on a failure during training the float weights and step sizes are as
+    before (once the adapters are merged, the model is the fine-tuned one)."""
     from accelerate import Accelerator  # heavy: only when a fine-tuning step runs
 
     schedule = schedule or Schedule()

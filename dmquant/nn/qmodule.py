@@ -54,8 +54,9 @@ class QuantModule:
         return torch.is_grad_enabled() and (self.weight.requires_grad or (wq is not None and wq.scale.requires_grad))
 
     def _weight_key(self) -> tuple:
-        w, s = self.weight, self.weight_quantizer.scale
-        return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version)
+        wq = self.weight_quantizer
+        w, s = self.weight, wq.scale
+        return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version, wq.generation)
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer

@@ -57,6 +57,7 @@ class TensorQuantizer(nn.Module):
         self._observers: dict[float, list[RangeObserver]] | None = None
         self.enabled = True  # False passes tensors through: the float reference (see nn.switch)
         self.allow_uncalibrated = False  # pass through while no scale exists (recipe steps before calibration)
+        self.generation = 0  # bumped whenever scales are replaced
 
     @property
     def observing(self) -> bool:
@@ -88,6 +89,7 @@ class TensorQuantizer(nn.Module):
 
     def set_qparams(self, qp: QParams) -> None:
         self.scale, self.zero_point, self.tensor_scale = qp.scale, qp.zero_point, qp.tensor_scale
+        self.generation += 1  # caches key on it: a new scale tensor may reuse a freed one's address
 
     def init_from(self, x: torch.Tensor) -> None:
         """Set static scales from a tensor (the spec's observer: min-max, percentile, MSE/L_p search),
