@@ -100,7 +100,7 @@ def test_timestep_groups_scale_per_noise_level_group():
     q = _calibrated(QuantSpec("int8", "tensor", timestep_groups=2), data)
     assert q.scale.shape == (2, 1)
     assert torch.allclose(q.scale.reshape(-1), torch.tensor([2.0, 16.0]) / 127)
-    assert torch.allclose(q.noise_edges, torch.tensor([0.4]))
+    assert q.noise_edges.tolist() == [400_000]  # millionths of the noise level
     x = torch.linspace(-3, 3, 8).reshape(1, 8)
     for level, s in ((0.05, 2 / 127), (0.39, 2 / 127), (0.41, 16 / 127), (1.0, 16 / 127)):
         with noise_level(level):  # unseen noise levels fall into the nearest group
@@ -108,6 +108,8 @@ def test_timestep_groups_scale_per_noise_level_group():
             assert torch.allclose(q(x).double(), ref, atol=1e-6)
     with pytest.raises(RuntimeError, match="no timestep is known"):
         q(x)
+    q.half()  # a half-precision model keeps its group edges exactly
+    assert q.noise_edges.dtype == torch.int64 and q.noise_edges.tolist() == [400_000]
 
 
 def test_split_segments_have_their_own_scales():

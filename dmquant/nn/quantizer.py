@@ -5,6 +5,7 @@ Calibration is a protocol: `start_observing()` -> run data -> `finish_observing(
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -39,7 +40,8 @@ class TensorQuantizer(nn.Module):
     """Fake-quantizes tensors per a `QuantSpec`; `channel_axis=None` marks a weight quantizer.
 
     Static activation scales have shape (groups, segments): one row per timestep group (looked up
-    from the current noise level, edges in `noise_edges`) and one column per channel segment (two
+    from the current noise level; `noise_edges` holds the group edges in millionths of the noise level,
+    an integer buffer that casting the model to half precision cannot move) and one column per channel segment (two
     when `split_at` splits a skip concatenation, Q-Diffusion's shortcut splitting)."""
 
     def __init__(self, spec: QuantSpec, channel_axis: int | None = -1, name: str = "") -> None:
@@ -58,6 +60,7 @@ class TensorQuantizer(nn.Module):
         self.enabled = True  # False passes tensors through: the float reference (see nn.switch)
         self.allow_uncalibrated = False  # pass through while no scale exists (recipe steps before calibration)
         self.generation = 0  # bumped whenever scales are replaced
+        self._edges: tuple[tuple, list[int]] | None = None
 
     @property
     def observing(self) -> bool:
@@ -85,7 +88,10 @@ class TensorQuantizer(nn.Module):
     def _group(self) -> int:
         if self.noise_edges is None:
             return 0
-        return int(torch.bucketize(torch.tensor(_known_level(self.name)), self.noise_edges.float().cpu()))
+        key = (self.noise_edges.data_ptr(), self.noise_edges._version)
+        if self._edges is None or self._edges[0] != key:  # read the buffer once, not on every forward
+            self._edges = (key, self.noise_edges.tolist())
+        return bisect.bisect_left(self._edges[1], round(_known_level(self.name) * EDGE_UNITS))
 
     def set_qparams(self, qp: QParams) -> None:
         self.scale, self.zero_point, self.tensor_scale = qp.scale, qp.zero_point, qp.tensor_scale
@@ -138,8 +144,8 @@ class TensorQuantizer(nn.Module):
         self.scale = torch.stack([torch.cat([qp.scale.reshape(1) for qp in r]) for r in rows])
         self.zero_point = None if rows[0][0].zero_point is None else \
             torch.stack([torch.cat([qp.zero_point.reshape(1) for qp in r]) for r in rows])
-        self.noise_edges = None if len(groups) == 1 else \
-            torch.tensor([(a[-1] + b[0]) / 2 for a, b in zip(groups, groups[1:])])
+        self.noise_edges = None if len(groups) == 1 else torch.tensor(
+            [round((a[-1] + b[0]) / 2 * EDGE_UNITS) for a, b in zip(groups, groups[1:])], dtype=torch.int64)
 
     def _observe(self, x: torch.Tensor) -> None:
         key = round(_known_level(self.name), 6) if self.spec.timestep_groups > 1 else 0.0
@@ -183,6 +189,9 @@ class TensorQuantizer(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.split_at is None else f", split at {int(self.split_at)}"
         return self.spec.short() + extra
+
+
+EDGE_UNITS = 1_000_000  # noise-level edges are stored as integers in these units
 
 
 def _known_level(name: str) -> float:
