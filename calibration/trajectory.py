@@ -53,6 +53,7 @@ class Trajectory:
     calls: list[DenoiserCall] = field(default_factory=list)
     visited: list[float] = field(default_factory=list)  # noise levels of all steps, in sampling order
     timestep_kwarg: str = "timestep"
+    timestep_scale: float = 1000.0  # timestep = noise level * timestep_scale
 
     @property
     def nbytes(self) -> int:
@@ -75,13 +76,11 @@ class Trajectory:
         if not self.calls:
             return
         base = self.calls[0]
-        t = base.kwargs[self.timestep_kwarg]
-        scale = float(torch.as_tensor(t).reshape(-1)[0]) / base.noise_level if base.noise_level else None
-        if scale is None:
-            raise ValueError("cannot rescale timesteps from a call at noise level 0")
+        t = torch.as_tensor(base.kwargs[self.timestep_kwarg])
         for level in dict.fromkeys(self.visited):
             kwargs = dict(base.kwargs)
-            kwargs[self.timestep_kwarg] = torch.full_like(torch.as_tensor(t), level * scale)
+            value = level * self.timestep_scale
+            kwargs[self.timestep_kwarg] = torch.full_like(t, value if t.is_floating_point() else round(value))
             yield DenoiserCall(kwargs, -1, level)
 
 
@@ -95,7 +94,7 @@ class TrajectoryRecorder:
                  summary: Callable[[dict[str, Any], Any], torch.Tensor] | None = None) -> None:
         self.model, self.keep, self.max_calls, self.summary = model, keep, max_calls, summary
         self.timestep_scale, self.kwarg = timestep_scale, timestep_kwarg
-        self.trajectory = Trajectory(timestep_kwarg=timestep_kwarg)
+        self.trajectory = Trajectory(timestep_kwarg=timestep_kwarg, timestep_scale=timestep_scale)
         self.summaries: dict[int, list[torch.Tensor]] = {}
         self._signature = inspect.signature(model.forward)
         self._step = 0
