@@ -175,6 +175,9 @@ def test_trajectory_records_selected_steps_and_replays_exactly(tiny_sd):
     sched.set_timesteps(6)
     assert traj.visited == pytest.approx([float(t) / 1000 for t in sched.timesteps])
     assert [c.noise_level for c in traj.calls[:3]] == pytest.approx([traj.visited[i] for i in (0, 2, 5)])
+    # one call per visited timestep (TFMQ's finite set), with exactly the sampler's timesteps
+    assert [float(torch.as_tensor(c.kwargs["timestep"]).reshape(-1)[0]) for c in traj.timestep_calls()] == \
+        [float(t) for t in sched.timesteps]
     outs = []
     handle = tiny_sd.unet.register_forward_hook(lambda m, a, o: outs.append(o[0].clone()))
     traj.replay(tiny_sd.unet)
