@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .formats import BlockFormat, FloatFormat, get_format
-from .granularity import PerGroup, PerTensor, PerToken, parse_granularity
+from .granularity import PerGroup, PerToken, parse_granularity
 from .observers import parse_observer
 
 RECIPE_VERSION = 1

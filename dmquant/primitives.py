@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import BlockFormat, FloatFormat, Format, IntFormat, get_format
+from .formats import BlockFormat, Format, IntFormat, get_format
 from .granularity import Granularity, PerGroup, PerTensor, is_per_row
 
 E4M3 = get_format("fp8_e4m3")
