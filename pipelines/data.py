@@ -19,11 +19,13 @@ _DIR_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 @dataclass
 class Batch:
-    """images (N,3,H,W) or videos (N,F,3,H,W) in [0,1], their prompts, and integer labels."""
+    """images (N,3,H,W) or videos (N,F,3,H,W) in [0,1], their prompts, integer labels, and where the
+    shape is (masks (N,H,W) or (N,F,H,W), bool)."""
 
     pixels: torch.Tensor
     prompts: list[str]
     labels: dict[str, torch.Tensor]
+    masks: torch.Tensor
 
 
 def _shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor, size: int) -> torch.Tensor:
@@ -68,11 +70,12 @@ def make_images(n: int, seed: int = 0, size: int = 32) -> Batch:
     jitter = (torch.rand(n, 2, generator=g) - 0.5) * cell * 0.3
     cx = (pos % 3).float() * cell + cell / 2 + jitter[:, 0]
     cy = (pos // 3).float() * cell + cell / 2 + jitter[:, 1]
-    pixels = _paint(_backgrounds(n, size, g), _shape_masks(shape, cx, cy, r, size), colour)
+    masks = _shape_masks(shape, cx, cy, r, size)
+    pixels = _paint(_backgrounds(n, size, g), masks, colour)
     names = list(COLOURS)
     prompts = [f"a {names[c]} {SHAPES[s]} at the {POSITIONS[p]}".replace("at the center", "in the center")
                for s, c, p in zip(shape.tolist(), colour.tolist(), pos.tolist())]
-    return Batch(pixels, prompts, {"shape": shape, "colour": colour, "position": pos})
+    return Batch(pixels, prompts, {"shape": shape, "colour": colour, "position": pos}, masks)
 
 
 def make_videos(n: int, seed: int = 0, frames: int = 8, size: int = 32, speed: float = 2.0) -> Batch:
@@ -88,14 +91,12 @@ def make_videos(n: int, seed: int = 0, frames: int = 8, size: int = 32, speed: f
     hi = size - r.unsqueeze(1) - 1 - torch.clamp(travel, min=0)
     start = lo + torch.rand(n, 2, generator=g) * (hi - lo).clamp(min=0)
     bg = _backgrounds(n, size, g)
-    video = []
-    for f in range(frames):
-        c = start + step * f
-        video.append(_paint(bg, _shape_masks(shape, c[:, 0], c[:, 1], r, size), colour))
+    masks = torch.stack([_shape_masks(shape, *(start + step * f).unbind(1), r, size) for f in range(frames)], 1)
+    video = [_paint(bg, masks[:, f], colour) for f in range(frames)]
     names = list(COLOURS)
     prompts = [f"a {names[c]} {SHAPES[s]} moving {DIRECTIONS[d]}"
                for s, c, d in zip(shape.tolist(), colour.tolist(), direction.tolist())]
-    return Batch(torch.stack(video, 1), prompts, {"shape": shape, "colour": colour, "direction": direction})
+    return Batch(torch.stack(video, 1), prompts, {"shape": shape, "colour": colour, "direction": direction}, masks)
 
 
 def parse_prompt(prompt: str) -> dict[str, int]:

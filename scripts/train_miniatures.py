@@ -4,12 +4,22 @@
     python scripts/train_miniatures.py                       # everything, into pipelines/weights/
     python scripts/train_miniatures.py --only miniature-sd   # one pipeline (reuses the saved VAE)
     python scripts/train_miniatures.py --only judge          # the image and video judges
+    python scripts/train_miniatures.py --only vae-decoder    # re-sharpen the saved VAE's decoder
     python scripts/train_miniatures.py --steps-scale 0.01 --out /tmp/w   # a smoke run
-    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 2   # train longer
+
+The committed checkpoints are these rounds, in order (each `--resume` continues the saved pipeline;
+the VAE's encoder never changes after the first, so every round trains on the same latents):
+
+    python scripts/train_miniatures.py
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 2
+    python scripts/train_miniatures.py --only miniature-sd --only miniature-pixart --resume
+    python scripts/train_miniatures.py --only miniature-pixart --resume --seed 1
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 2
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -17,15 +27,25 @@ import torch
 
 from dmquant.pipelines.miniature import NAMES, WEIGHTS, assemble
 
-STEPS = {"vae": 800, "miniature-sd": 1500, "miniature-pixart": 2000, "miniature-latte": 1000,
+STEPS = {"vae": 800, "vae-decoder": 900, "miniature-sd": 1500, "miniature-pixart": 2000, "miniature-latte": 1000,
          "judge-image": 600, "judge-video": 1200}
-BATCH = {"vae": 32, "miniature-sd": 64, "miniature-pixart": 64, "miniature-latte": 32,
+BATCH = {"vae": 32, "vae-decoder": 32, "miniature-sd": 64, "miniature-pixart": 64, "miniature-latte": 32,
          "judge-image": 128, "judge-video": 64}
+
+
+def save(model, folder: Path) -> None:
+    """save_pretrained, minus the `_name_or_path` a resumed model carries: committed configs should
+    not name the machine they were trained on."""
+    model.save_pretrained(folder)
+    for config in folder.rglob("config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("vae", *NAMES, "judge"), action="append")
+    parser.add_argument("--only", choices=("vae", "vae-decoder", *NAMES, "judge"), action="append")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count")
     parser.add_argument("--num-samples", type=int, default=20000)
@@ -35,23 +55,24 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
-    from dmquant.pipelines.training import train_denoiser, train_vae
+    from diffusers import AutoencoderKL
+
+    from dmquant.pipelines.training import sharpen_decoder, train_denoiser, train_vae
 
     todo = args.only or ["vae", *NAMES, "judge"]
     steps = {k: max(2, int(v * args.steps_scale)) for k, v in STEPS.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     vae_dir = args.out / "vae"
-    if "vae" in todo:
-        train_vae(steps["vae"], BATCH["vae"], args.seed).save_pretrained(vae_dir)
-    from diffusers import AutoencoderKL
-
+    if "vae" in todo or "vae-decoder" in todo:
+        vae = train_vae(steps["vae"], BATCH["vae"], args.seed) if "vae" in todo else AutoencoderKL.from_pretrained(vae_dir)
+        save(sharpen_decoder(vae, steps["vae-decoder"], BATCH["vae-decoder"], args.seed), vae_dir)
     for name in NAMES:
         if name in todo:
             vae = AutoencoderKL.from_pretrained(vae_dir).eval()
             resume = args.out / name if args.resume else None
             parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed + int(args.resume),
                                    num_samples=args.num_samples, resume=resume)
-            assemble(name, parts).save_pretrained(args.out / name)
+            save(assemble(name, parts), args.out / name)
     if "judge" in todo:
         from dmquant.pipelines.judge import train_judge
 

@@ -11,6 +11,7 @@ import torch
 import dmquant
 from dmquant.pipelines import (available, build_tiny_pipeline, family_of, generate, judge, load, make_images,
                                make_videos, miniature_prompts, parse_prompt)
+from dmquant.pipelines.data import COLOURS
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from dmquant.pipelines.tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -29,6 +30,34 @@ def test_data_is_deterministic_and_labels_match_prompts():
             assert parse_prompt(p) == {k: int(v[i]) for k, v in batch.labels.items()}
     v = make_videos(8, seed=2)
     assert v.pixels.shape == (8, 8, 3, 32, 32) and "moving" in v.prompts[0]
+
+
+def test_masks_cover_exactly_the_painted_shape():
+    """The masks the VAE loss weights by are where the caption's colour was painted, nowhere else."""
+    colours = torch.tensor(list(COLOURS.values()))
+    for batch in (make_images(32, seed=5), make_videos(6, seed=5)):
+        rgb = colours[batch.labels["colour"]]
+        pixels = batch.pixels if batch.pixels.dim() == 5 else batch.pixels.unsqueeze(1)
+        masks = batch.masks if batch.masks.dim() == 4 else batch.masks.unsqueeze(1)
+        painted = (pixels == rgb.view(-1, 1, 3, 1, 1)).all(2)
+        assert torch.equal(painted, masks) and masks.flatten(1).sum(1).min() > 20
+
+
+def test_sharpening_the_decoder_keeps_the_latent_space():
+    """Only decoder weights move, so denoisers trained on the old latents stay valid."""
+    from diffusers import AutoencoderKL
+
+    from dmquant.pipelines.miniature import VAE
+    from dmquant.pipelines.training import sharpen_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**VAE)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    sharpen_decoder(vae, steps=2, batch=4)
+    after = vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved), sorted(moved)[:5]
+    assert all(p.requires_grad for p in vae.parameters())
 
 
 def test_offline_tokenizers_roundtrip(tmp_path):
