@@ -29,6 +29,10 @@ DYN_TENSOR = QuantSpec("int8", "tensor", dynamic=True)
 STATIC = QuantSpec("int8", "tensor")
 needs_cpu_kernels = pytest.mark.skipif(not cpu.onednn_available(), reason="no oneDNN int8 kernels in this build")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Without VNNI the CPU kernels saturate int16 pair sums on the full 8-bit grid, so there the exact
+# references run on the 7-bit reduce_range grid the kernels then use (step 2, codes -64..64).
+GRID_STEP = 1 if cpu.vnni_available() else 2
+needs_vnni = pytest.mark.skipif(GRID_STEP != 1, reason="the full 8-bit grid on CPU kernels needs VNNI")
 CPU_IMPLS = [i for i, ok in (("onednn", cpu.onednn_available()), ("fbgemm", cpu.fbgemm_available())) if ok]
 
 
@@ -89,8 +93,8 @@ def test_cpu_linear_equals_float64_reference(impl, shape, out_f, bias, mode):
     packed = cpu.prepack_linear(codes, scale, b, impl=impl)
     x = torch.randn(*shape) * 3
     s = 0.7 * x.abs().max().item() / 127 if mode == "static" and x.numel() else (0.01 if mode == "static" else None)
-    y = cpu.int8_linear(x, packed, s, "tensor" if mode != "token" else "token", reduce_range=False)
-    ref = act_q64(x, mode, s) @ (codes.double() * scale.double()[:, None]).T
+    y = cpu.int8_linear(x, packed, s, "tensor" if mode != "token" else "token", reduce_range=GRID_STEP == 2)
+    ref = act_q64(x, mode, s, step=GRID_STEP) @ (codes.double() * scale.double()[:, None]).T
     ref = ref if b is None else ref + b.double()
     assert y.shape == (*shape[:-1], out_f) and y.dtype == x.dtype
     assert close(y, ref)  # static at 0.7 * amax: clipped activations included
@@ -166,11 +170,12 @@ def test_cpu_conv_equals_float64_reference(nd, cin, cout, k, stride, pad, dil, g
                               groups, mode)
     x = torch.randn(2, cin, *[9] * nd)
     s = 0.8 * x.abs().max().item() / 127 if static else None
-    y = cpu.int8_conv(x, packed, s, reduce_range=False)
-    ref = conv(act_q64(x, "tensor", s))
+    y = cpu.int8_conv(x, packed, s, reduce_range=GRID_STEP == 2)
+    ref = conv(act_q64(x, "tensor", s, step=GRID_STEP))
     assert y.shape == ref.shape and close(y, ref)
-    y1 = cpu.int8_conv(x[1], packed, s or x.abs().max().item() / 127, reduce_range=False)  # unbatched
-    assert close(y1, conv(act_q64(x[1], "tensor", s or x.abs().max().item() / 127)))
+    s1 = s or x.abs().max().item() / 127
+    y1 = cpu.int8_conv(x[1], packed, s1, reduce_range=GRID_STEP == 2)  # unbatched
+    assert close(y1, conv(act_q64(x[1], "tensor", s1, step=GRID_STEP)))
 
 
 @needs_cpu_kernels
@@ -194,11 +199,11 @@ def _fake(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_cpu_kernels
+@needs_vnni
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("spec", [DYN_TOKEN, DYN_TENSOR, STATIC], ids=["token", "tensor", "static"])
-def test_modules_on_fbgemm_equal_fake_quant(kind, spec, monkeypatch):
-    """The module's fake path is the reference; both run fp32, so 1e-5 covers both roundings."""
-    monkeypatch.setattr(cpu, "vnni_available", lambda: True)  # full 8-bit grid, as the reference
+def test_modules_on_fbgemm_equal_fake_quant(kind, spec):
+    """The module's fake path (full 8-bit grid) is the reference; both run fp32, so 1e-5 covers both roundings."""
     torch.manual_seed(0)
     if kind == "linear":
         float_mod, x = nn.Linear(40, 24), torch.randn(2, 5, 40)
