@@ -70,3 +70,14 @@ def denoiser(request):
             return m(*args, **kwargs, return_dict=False)[0]
 
     return request.param, model, run
+
+
+@pytest.fixture
+def full_grid_kernels():
+    """Skip unless the CPU int8 kernels run the full 8-bit grid the fake-quant reference uses: without
+    VNNI they saturate int16 pair sums there and the library falls back to a 7-bit grid."""
+    from dmquant.kernels import available_backends
+    from dmquant.kernels.cpu import vnni_available
+
+    if "fbgemm" not in available_backends() or not vnni_available():
+        pytest.skip("needs CPU int8 kernels on the full 8-bit grid (VNNI)")

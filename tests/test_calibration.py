@@ -224,14 +224,8 @@ def test_timestep_aware_model_saves_loads_and_runs_other_schedules(tiny_sd, tmp_
     assert torch.equal(a, generate(loaded, ["a cat"], steps=7, progress=False))
 
 
-def test_real_kernels_use_the_current_timestep_scale(tiny_sd):
+def test_real_kernels_use_the_current_timestep_scale(tiny_sd, full_grid_kernels):
     """fbgemm static int8 with per-timestep scales equals the fake-quant reference at each timestep."""
-    from dmquant.kernels import available_backends
-
-    from dmquant.kernels.cpu import vnni_available
-
-    if "fbgemm" not in available_backends() or not vnni_available():
-        pytest.skip("needs CPU int8 kernels on the full 8-bit grid (VNNI), as the fake reference uses")
     recipe = _tiny_recipe(input=QuantSpec("int8", "tensor", timestep_groups=2), include=(r"ff\.net",))
     dmquant.quantize(tiny_sd, recipe)
     layer = next(m for n, m in tiny_sd.unet.named_modules() if n.endswith("ff.net.2"))

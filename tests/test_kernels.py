@@ -32,7 +32,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # Without VNNI the CPU kernels saturate int16 pair sums on the full 8-bit grid, so there the exact
 # references run on the 7-bit reduce_range grid the kernels then use (step 2, codes -64..64).
 GRID_STEP = 1 if cpu.vnni_available() else 2
-needs_vnni = pytest.mark.skipif(GRID_STEP != 1, reason="the full 8-bit grid on CPU kernels needs VNNI")
 CPU_IMPLS = [i for i, ok in (("onednn", cpu.onednn_available()), ("fbgemm", cpu.fbgemm_available())) if ok]
 
 
@@ -198,11 +197,9 @@ def _fake(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
         q.backend = backend
 
 
-@needs_cpu_kernels
-@needs_vnni
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("spec", [DYN_TOKEN, DYN_TENSOR, STATIC], ids=["token", "tensor", "static"])
-def test_modules_on_fbgemm_equal_fake_quant(kind, spec):
+def test_modules_on_fbgemm_equal_fake_quant(kind, spec, full_grid_kernels):
     """The module's fake path (full 8-bit grid) is the reference; both run fp32, so 1e-5 covers both roundings."""
     torch.manual_seed(0)
     if kind == "linear":

@@ -260,12 +260,7 @@ def test_plans_without_transform_keys_still_load():
     assert plan["a"].lowrank_rank == 0 and plan["a"].smooth is None and plan["a"].lora == ()
 
 
-def test_kernel_path_sees_the_transformed_input():
-    from dmquant.kernels import available_backends
-    from dmquant.kernels.cpu import vnni_available
-
-    if "fbgemm" not in available_backends() or not vnni_available():
-        pytest.skip("needs CPU int8 kernels on the full 8-bit grid (VNNI), as the fake reference uses")
+def test_kernel_path_sees_the_transformed_input(full_grid_kernels):
     g = torch.Generator().manual_seed(6)
     model = nn.Sequential(nn.Linear(64, 32))
     x = torch.randn(16, 64, generator=g) * torch.logspace(0, 2, 64)  # channel outliers
