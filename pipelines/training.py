@@ -3,7 +3,8 @@
 Stage 1 trains the shared VAE on images, then sharpens its decoder alone (encoder frozen, as SD's
 ft-MSE VAE was made, so the latents and every denoiser trained on them stay valid). Stage 2 encodes
 the data once and trains each denoiser and its text encoder jointly with the standard
-epsilon-prediction objective, dropping 10 % of captions so classifier-free guidance works. Everything is seeded: the same command reproduces the checkpoint.
+epsilon-prediction objective, dropping 10 % of captions so classifier-free guidance works.
+Everything is seeded: the same command reproduces the checkpoint.
 """
 from __future__ import annotations
 
