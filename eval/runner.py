@@ -1,7 +1,7 @@
 """Run an evaluation: FP and quantized samples on identical seeds, both metric families, pictures.
 
-FP samples are cached per (pipeline, prompts, seed, steps), so a second recipe does not regenerate
-them. Prompts are sharded across processes when launched with accelerate; results are gathered on
+FP samples are cached per (pipeline and its weight files, prompts, seed, steps), so a second recipe
+does not regenerate them and retrained weights do. Prompts are sharded across processes when launched with accelerate; results are gathered on
 the main process and equal a single-process run (each prompt's seed depends only on its index).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import dmquant
 from dmquant.api import quantized_components
 from dmquant.pipelines import generate, load
-from dmquant.pipelines.miniature import NAMES
+from dmquant.pipelines.miniature import NAMES, WEIGHTS
 
 from .backends import apply_backend
 from .grid import html_report, save_grid
@@ -45,8 +45,18 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # clip_checkpoint, lpips_backbone
 
     def key(self) -> str:
-        blob = json.dumps([self.pipeline, self.prompts, self.seed, self.steps])
+        blob = json.dumps([self.pipeline, _weights_stamp(self.pipeline), self.prompts, self.seed, self.steps])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _weights_stamp(pipeline: str) -> list[tuple[str, int, int]]:
+    """(file, size, mtime) of a local pipeline's weights: retraining or replacing them must not reuse
+    FP samples of the old ones. Names without a folder (tiny-*, cached hub ids) stamp as []."""
+    folder = WEIGHTS / pipeline if pipeline in NAMES else Path(pipeline)
+    if not folder.is_dir():
+        return []
+    return [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(folder.rglob("*.safetensors"))]
 
 
 def _state():

@@ -34,6 +34,18 @@ def test_evaluate_writes_results_and_reuses_fp_cache(tmp_path, monkeypatch):
     assert again[1]["psnr"] == rows[1]["psnr"]
 
 
+def test_fp_cache_key_follows_the_weight_files(tmp_path):
+    """Retrained weights in the same folder must not reuse FP samples of the old ones."""
+    weights = tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"old")
+    cfg = EvalConfig(pipeline=str(tmp_path / "pipe"), models=[], prompts=PROMPTS)
+    before = cfg.key()
+    assert cfg.key() == before
+    weights.write_bytes(b"newer")
+    assert cfg.key() != before
+
+
 @pytest.mark.parametrize("backend", ["quanto:int8", "torchao:int8dq"])
 def test_other_libraries_through_the_same_harness(tmp_path, backend):
     rows = evaluate(config(tmp_path, [backend]))
