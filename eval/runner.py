@@ -1,8 +1,9 @@
 """Run an evaluation: FP and quantized samples on identical seeds, both metric families, pictures.
 
 FP samples are cached per (pipeline and its weight files, prompts, seed, steps), so a second recipe
-does not regenerate them and retrained weights do. Prompts are sharded across processes when launched with accelerate; results are gathered on
-the main process and equal a single-process run (each prompt's seed depends only on its index).
+does not regenerate them and retrained weights do. Prompts are sharded across processes when launched
+with accelerate; results are gathered on the main process and equal a single-process run (each
+prompt's seed depends only on its index).
 """
 from __future__ import annotations
 
