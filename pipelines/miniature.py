@@ -25,13 +25,14 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
             attention_head_dim=4, norm_num_groups=16)
-PIXART = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, num_attention_heads=4,
-              attention_head_dim=32, cross_attention_dim=128, caption_channels=64, norm_type="ada_norm_single",
-              num_embeds_ada_norm=1000, interpolation_scale=1)
-LATTE = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8,  # LattePipeline keeps half
-             num_layers=2, num_attention_heads=4,
-             attention_head_dim=32, cross_attention_dim=128, caption_channels=64, video_length=FRAMES,
-             norm_type="ada_norm_single", num_embeds_ada_norm=1000)
+# The DiT blocks PixArt and Latte share, so the video model can start from the image model (as Latte
+# was initialised from PixArt-alpha): Latte's block options are set to PixArt's defaults.
+DIT_BLOCKS = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128,
+                  caption_channels=64, norm_type="ada_norm_single", num_embeds_ada_norm=1000)
+PIXART = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, interpolation_scale=1, **DIT_BLOCKS)
+LATTE = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=8,  # LattePipeline keeps half
+             video_length=FRAMES, activation_fn="gelu-approximate", attention_bias=True,
+             norm_elementwise_affine=False, norm_eps=1e-6, **DIT_BLOCKS)
 TRAIN_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 

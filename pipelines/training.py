@@ -3,7 +3,8 @@
 Stage 1 trains the shared VAE on images, then sharpens its decoder alone (encoder frozen, as SD's
 ft-MSE VAE was made, so the latents and every denoiser trained on them stay valid). Stage 2 encodes
 the data once and trains each denoiser and its text encoder jointly with the standard
-epsilon-prediction objective, dropping 10 % of captions so classifier-free guidance works.
+epsilon-prediction objective, dropping 10 % of captions so classifier-free guidance works. The video
+DiT starts from the trained image DiT (`inflate`), as Latte started from PixArt-alpha.
 Everything is seeded: the same command reproduces the checkpoint.
 """
 from __future__ import annotations
@@ -118,10 +119,37 @@ def _predict(parts: dict[str, Any], x: torch.Tensor, t: torch.Tensor, emb: torch
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, : x.shape[1]]
 
 
+@torch.no_grad()
+def inflate(video, image) -> None:
+    """Start a Latte transformer as a PixArt one applied frame by frame (Latte's own recipe).
+
+    Spatial blocks and the patch, caption and timestep embeddings are copied; the temporal blocks'
+    output projections are zeroed so each begins as the identity (its residual) and learns only
+    what motion adds; the learned-sigma half of `proj_out`, which LattePipeline discards, is zero."""
+    state = image.state_dict()
+    weight, bias = state.pop("proj_out.weight"), state.pop("proj_out.bias")
+    result = video.load_state_dict(state, strict=False)  # shape mismatches raise here
+    left = [k for k in result.missing_keys if not k.startswith(("temporal_transformer_blocks.", "proj_out."))]
+    if left or result.unexpected_keys:
+        raise ValueError(f"image and video transformers differ: {(left + result.unexpected_keys)[:4]}")
+    pp, c = video.config.patch_size ** 2, image.config.out_channels  # proj_out rows: (patch, patch, channel)
+    video.proj_out.weight.zero_()
+    video.proj_out.bias.zero_()
+    video.proj_out.weight.view(pp, -1, weight.shape[1])[:, :c] = weight.view(pp, c, -1)
+    video.proj_out.bias.view(pp, -1)[:, :c] = bias.view(pp, c)
+    for block in video.temporal_transformer_blocks:
+        out_linear = [m for m in block.ff.net if isinstance(m, torch.nn.Linear)][-1]
+        for layer in (block.attn1.to_out[0], out_linear):
+            layer.weight.zero_()
+            layer.bias.zero_()
+
+
 def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, lr: float = 5e-4,
-                   num_samples: int = 20000, resume: Path | None = None) -> dict[str, Any]:
-    """Train a miniature's denoiser and text encoder (from scratch, or continuing from a saved
-    pipeline folder `resume`); returns its components (VAE included)."""
+                   num_samples: int = 20000, resume: Path | None = None,
+                   init: Path | None = None) -> dict[str, Any]:
+    """Train a miniature's denoiser and text encoder (from scratch, continuing from a saved pipeline
+    folder `resume`, or, for the video miniature, inflated from a saved image DiT pipeline `init`);
+    returns its components (VAE included)."""
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     torch.manual_seed(seed)
@@ -129,6 +157,10 @@ def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, l
     if resume is not None:
         saved = DiffusionPipeline.from_pretrained(resume, local_files_only=True).components
         parts.update({k: saved[k] for k in ("text_encoder", "unet", "transformer") if k in saved})
+    elif init is not None:
+        saved = DiffusionPipeline.from_pretrained(init, local_files_only=True).components
+        inflate(parts["transformer"], saved["transformer"])
+        parts["text_encoder"].load_state_dict(saved["text_encoder"].state_dict())
     parts["vae"] = vae
     video = name == "miniature-latte"
     data = make_videos(num_samples // 4, seed=seed, frames=FRAMES) if video else make_images(num_samples, seed=seed)

@@ -8,13 +8,14 @@
     python scripts/train_miniatures.py --steps-scale 0.01 --out /tmp/w   # a smoke run
 
 The committed checkpoints are these rounds, in order (each `--resume` continues the saved pipeline;
-the VAE's encoder never changes after the first, so every round trains on the same latents):
+the VAE's encoder never changes after the first, so every round trains on the same latents; Latte
+starts from the PixArt checkpoint in --out, so it is retrained last):
 
     python scripts/train_miniatures.py
-    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 2
     python scripts/train_miniatures.py --only miniature-sd --only miniature-pixart --resume
     python scripts/train_miniatures.py --only miniature-pixart --resume --seed 1
-    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 2
+    python scripts/train_miniatures.py --only miniature-latte
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ import torch
 
 from dmquant.pipelines.miniature import NAMES, WEIGHTS, assemble
 
-STEPS = {"vae": 800, "vae-decoder": 900, "miniature-sd": 1500, "miniature-pixart": 2000, "miniature-latte": 1000,
+STEPS = {"vae": 800, "vae-decoder": 900, "miniature-sd": 1500, "miniature-pixart": 2000, "miniature-latte": 1200,
          "judge-image": 600, "judge-video": 1200}
-BATCH = {"vae": 32, "vae-decoder": 32, "miniature-sd": 64, "miniature-pixart": 64, "miniature-latte": 32,
+BATCH = {"vae": 32, "vae-decoder": 32, "miniature-sd": 64, "miniature-pixart": 64, "miniature-latte": 16,
          "judge-image": 128, "judge-video": 64}
 
 
@@ -60,6 +61,10 @@ def main() -> None:
     from dmquant.pipelines.training import sharpen_decoder, train_denoiser, train_vae
 
     todo = args.only or ["vae", *NAMES, "judge"]
+    if ("miniature-latte" in todo and not args.resume and "miniature-pixart" not in todo
+            and not (args.out / "miniature-pixart" / "model_index.json").is_file()):
+        parser.error(f"miniature-latte starts from miniature-pixart, which is not in {args.out}: "
+                     "train it too (--only miniature-pixart --only miniature-latte)")
     steps = {k: max(2, int(v * args.steps_scale)) for k, v in STEPS.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     vae_dir = args.out / "vae"
@@ -70,8 +75,9 @@ def main() -> None:
         if name in todo:
             vae = AutoencoderKL.from_pretrained(vae_dir).eval()
             resume = args.out / name if args.resume else None
+            init = args.out / "miniature-pixart" if name == "miniature-latte" else None  # Latte starts from PixArt
             parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed + int(args.resume),
-                                   num_samples=args.num_samples, resume=resume)
+                                   num_samples=args.num_samples, resume=resume, init=init)
             save(assemble(name, parts), args.out / name)
     if "judge" in todo:
         from dmquant.pipelines.judge import train_judge

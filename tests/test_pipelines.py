@@ -60,6 +60,30 @@ def test_sharpening_the_decoder_keeps_the_latent_space():
     assert all(p.requires_grad for p in vae.parameters())
 
 
+@torch.no_grad()
+def test_inflated_latte_is_the_image_dit_frame_by_frame():
+    """After `inflate`, Latte's temporal blocks are identities: with the fixed temporal position
+    embedding removed, every frame's prediction is PixArt's on that frame (text mask-free, as
+    LattePipeline calls it), with or without temporal attention; the unused sigma half is 0."""
+    from diffusers import LatteTransformer3DModel, PixArtTransformer2DModel
+
+    from dmquant.pipelines.miniature import LATTE, PIXART
+    from dmquant.pipelines.training import inflate
+
+    torch.manual_seed(0)
+    image, video = PixArtTransformer2DModel(**PIXART).eval(), LatteTransformer3DModel(**LATTE).eval()
+    inflate(video, image)
+    video.temp_pos_embed.zero_()
+    x, t, emb = torch.randn(2, 4, 8, 8, 8), torch.tensor([10, 700]), torch.randn(2, 7, 64)
+    for temporal in (False, True):
+        out = video(x, encoder_hidden_states=emb, timestep=t, enable_temporal_attentions=temporal).sample
+        assert torch.equal(out[:, 4:], torch.zeros_like(out[:, 4:]))
+        for f in range(8):
+            ref = image(x[:, :, f], encoder_hidden_states=emb, timestep=t,
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            torch.testing.assert_close(out[:, :4, f], ref, atol=1e-5, rtol=1e-4)
+
+
 def test_offline_tokenizers_roundtrip(tmp_path):
     for tok in (clip_tokenizer(), t5_tokenizer()):
         ids = tok("a red circle at the top left")["input_ids"]
