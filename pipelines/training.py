@@ -96,7 +96,8 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     return z.unflatten(0, pixels.shape[:2]).transpose(1, 2) if video else z
 
 
-def _text(parts: dict[str, Any], prompts: list[str], video: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def text_embeddings(parts: dict[str, Any], prompts: list[str],
+                    video: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings exactly as each stock pipeline computes them at inference."""
     tok = parts["tokenizer"]
     # LattePipeline pads to 120 tokens and gives the transformer no mask (we call it with
@@ -109,7 +110,8 @@ def _text(parts: dict[str, Any], prompts: list[str], video: bool) -> tuple[torch
     return emb, None if video else enc.attention_mask
 
 
-def _predict(parts: dict[str, Any], x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask) -> torch.Tensor:
+def predict_noise(parts: dict[str, Any], x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask) -> torch.Tensor:
+    """The denoiser's epsilon prediction for latents x (images or Latte videos), as its pipeline calls it."""
     if "unet" in parts:
         return parts["unet"](x, t, encoder_hidden_states=emb).sample
     model = parts["transformer"]
@@ -177,8 +179,8 @@ def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, l
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
-        emb, mask = _text(parts, prompts, video)
-        pred = _predict(parts, noise_sched.add_noise(x0, noise, t), t, emb, mask)
+        emb, mask = text_embeddings(parts, prompts, video)
+        pred = predict_noise(parts, noise_sched.add_noise(x0, noise, t), t, emb, mask)
         loss = F.mse_loss(pred, noise)
         _cosine_lr(opt, step, steps, lr)
         opt.zero_grad()

@@ -1,5 +1,6 @@
 """Pipelines layer: procedural data, offline tokenizers, tiny pipelines of every family, load/generate,
 the judge, the training script, and quantize + save/load on whole pipelines."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -154,6 +155,25 @@ def test_training_script_smoke(tmp_path):
         assert (tmp_path / name / "model_index.json").is_file()
     pipe = load(tmp_path / "miniature-sd")
     assert generate(pipe, ["a red circle"], steps=2, progress=False).shape == (1, 3, 32, 32)
+
+
+def test_prompt_sensitivity_script():
+    """Swapping one attribute changes only that attribute; the script prints a row per attribute."""
+    script = ROOT / "scripts" / "prompt_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("prompt_sensitivity", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for prompt in make_images(40, seed=1).prompts + make_videos(8).prompts:
+        labels = parse_prompt(prompt)
+        for attribute in labels:
+            swapped = parse_prompt(module.swap(prompt, attribute))
+            assert swapped.keys() == labels.keys() and swapped[attribute] != labels[attribute], prompt
+            assert all(swapped[k] == v for k, v in labels.items() if k != attribute), prompt
+    out = subprocess.run([sys.executable, str(script), "--pipeline", "miniature-sd", "--num-samples", "2",
+                          "--timesteps", "500"], capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines()
+            if line.startswith("| ") and "swapped" not in line}
+    assert rows.keys() == {"shape", "colour", "position", "(empty prompt)"} and min(rows.values()) > 0, rows
 
 
 @pytest.mark.parametrize("family,recipe", [("sd", "w8a8-all"), ("pixart", "w4a8"), ("latte", "w8a8-attn")])
