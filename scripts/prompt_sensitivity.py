@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Which words of the prompt a miniature's denoiser listens to: the RMS change of its noise
 prediction when one attribute (shape, colour, position or direction) is swapped for another, on the
-same noisy held-out latents, at several noise levels; the empty prompt is the scale. An attribute
-the samples get wrong with a near-zero row here is ignored by the model, not lost in sampling.
+same noisy held-out latents, at several noise levels; the empty prompt is the scale. The last column
+is the relative change of the text encoder's output: an attribute with a clear text change but a
+near-zero prediction change is ignored by the denoiser, not lost in the text encoder or in sampling.
 
     python scripts/prompt_sensitivity.py --pipeline miniature-latte
 """
@@ -48,6 +49,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     timesteps = [int(t) for t in args.timesteps.split(",")]
     rows: dict[str, list[float]] = {k: [] for k in variants}
+    text = {k: text_embeddings(parts, prompts, video)[0] for k, prompts in variants.items()}
+    ref_text = text_embeddings(parts, data.prompts, video)[0]
     for t in timesteps:
         tt = torch.full((len(x0),), t)
         xt = DDPMScheduler(**TRAIN_SCHEDULER).add_noise(x0, torch.randn(x0.shape, generator=g), tt)
@@ -56,9 +59,11 @@ def main() -> None:
             pred = predict_noise(parts, xt, tt, *text_embeddings(parts, prompts, video))
             rows[key].append((pred - ref).pow(2).mean().sqrt().item())
     print(f"RMS change of the noise prediction, {args.pipeline}, {len(x0)} held-out samples\n")
-    print("| swapped | " + " | ".join(f"t={t}" for t in timesteps) + " |\n|---|" + "---:|" * len(timesteps))
+    print("| swapped | " + " | ".join(f"t={t}" for t in timesteps) + " | text change |\n|---|"
+          + "---:|" * (len(timesteps) + 1))
     for key, values in rows.items():
-        print(f"| {key} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+        change = ((text[key] - ref_text).norm() / ref_text.norm()).item()
+        print(f"| {key} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {change:.2f} |")
 
 
 if __name__ == "__main__":
