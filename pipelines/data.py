@@ -59,6 +59,15 @@ def _paint(bg: torch.Tensor, masks: torch.Tensor, colour: torch.Tensor) -> torch
     return torch.where(masks.unsqueeze(1), rgb, bg)
 
 
+def caption(shape: int, colour: int, position: int | None = None, direction: int | None = None) -> str:
+    """The generators' caption for labels: 'a red circle at the top left', 'a blue square moving right'
+    (the inverse of `parse_prompt`)."""
+    head = f"a {list(COLOURS)[colour]} {SHAPES[shape]}"
+    if direction is not None:
+        return f"{head} moving {DIRECTIONS[direction]}"
+    return f"{head} at the {POSITIONS[position]}".replace("at the center", "in the center")
+
+
 def make_images(n: int, seed: int = 0, size: int = 32) -> Batch:
     """Still images: 'a red circle at the top left'."""
     g = torch.Generator().manual_seed(seed)
@@ -72,9 +81,7 @@ def make_images(n: int, seed: int = 0, size: int = 32) -> Batch:
     cy = (pos // 3).float() * cell + cell / 2 + jitter[:, 1]
     masks = _shape_masks(shape, cx, cy, r, size)
     pixels = _paint(_backgrounds(n, size, g), masks, colour)
-    names = list(COLOURS)
-    prompts = [f"a {names[c]} {SHAPES[s]} at the {POSITIONS[p]}".replace("at the center", "in the center")
-               for s, c, p in zip(shape.tolist(), colour.tolist(), pos.tolist())]
+    prompts = [caption(s, c, position=p) for s, c, p in zip(shape.tolist(), colour.tolist(), pos.tolist())]
     return Batch(pixels, prompts, {"shape": shape, "colour": colour, "position": pos}, masks)
 
 
@@ -93,9 +100,7 @@ def make_videos(n: int, seed: int = 0, frames: int = 8, size: int = 32, speed: f
     bg = _backgrounds(n, size, g)
     masks = torch.stack([_shape_masks(shape, *(start + step * f).unbind(1), r, size) for f in range(frames)], 1)
     video = [_paint(bg, masks[:, f], colour) for f in range(frames)]
-    names = list(COLOURS)
-    prompts = [f"a {names[c]} {SHAPES[s]} moving {DIRECTIONS[d]}"
-               for s, c, d in zip(shape.tolist(), colour.tolist(), direction.tolist())]
+    prompts = [caption(s, c, direction=d) for s, c, d in zip(shape.tolist(), colour.tolist(), direction.tolist())]
     return Batch(torch.stack(video, 1), prompts, {"shape": shape, "colour": colour, "direction": direction}, masks)
 
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dmquant.pipelines import load, make_images, make_videos, parse_prompt
-from dmquant.pipelines.data import COLOURS, DIRECTIONS, POSITIONS, SHAPES
+from dmquant.pipelines.data import COLOURS, DIRECTIONS, POSITIONS, SHAPES, caption
 from dmquant.pipelines.miniature import NAMES, TRAIN_SCHEDULER
 from dmquant.pipelines.training import encode, predict_noise, text_embeddings
 
@@ -23,14 +23,10 @@ NAMES_OF = {"shape": SHAPES, "colour": tuple(COLOURS), "position": POSITIONS, "d
 
 
 def swap(prompt: str, attribute: str) -> str:
-    """The prompt with `attribute` set to the next value (captions end with the position/direction)."""
-    names = NAMES_OF[attribute]
-    old = names[parse_prompt(prompt)[attribute]]
-    new = names[(names.index(old) + 1) % len(names)]
-    if attribute in ("shape", "colour"):
-        return prompt.replace(f" {old} ", f" {new} ")
-    head = prompt[: -len(old)].replace("in the ", "at the ")
-    return (head + new).replace("at the center", "in the center")
+    """The prompt with `attribute` set to its next value."""
+    labels = parse_prompt(prompt)
+    labels[attribute] = (labels[attribute] + 1) % len(NAMES_OF[attribute])
+    return caption(**labels)
 
 
 @torch.no_grad()
