@@ -146,12 +146,23 @@ def inflate(video, image) -> None:
             layer.bias.zero_()
 
 
+def sample_timesteps(n: int, total: int, shift: float, g: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform integers, or u ~ U(0, 1) mapped through shift*u / (1 + (shift-1)*u),
+    which puts the median at shift / (1 + shift) of the way to pure noise. Shift 1 keeps the plain
+    integer draw so that the committed rounds reproduce."""
+    if shift == 1.0:
+        return torch.randint(0, total, (n,), generator=g)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u) * total).long().clamp(max=total - 1)
+
+
 def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, lr: float = 5e-4,
                    num_samples: int = 20000, resume: Path | None = None,
-                   init: Path | None = None) -> dict[str, Any]:
+                   init: Path | None = None, timestep_shift: float = 1.0) -> dict[str, Any]:
     """Train a miniature's denoiser and text encoder (from scratch, continuing from a saved pipeline
     folder `resume`, or, for the video miniature, inflated from a saved image DiT pipeline `init`);
-    returns its components (VAE included)."""
+    returns its components (VAE included). `timestep_shift` > 1 draws noisier timesteps more often
+    (SD3's shift of a uniform draw), where a video's motion is decided."""
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     torch.manual_seed(seed)
@@ -178,7 +189,7 @@ def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, l
         prompts = ["" if torch.rand((), generator=g) < CFG_DROP else data.prompts[i] for i in idx.tolist()]
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=g)
+        t = sample_timesteps(batch, noise_sched.config.num_train_timesteps, timestep_shift, g)
         emb, mask = text_embeddings(parts, prompts, video)
         pred = predict_noise(parts, noise_sched.add_noise(x0, noise, t), t, emb, mask)
         loss = F.mse_loss(pred, noise)

@@ -5,6 +5,7 @@ its latent space can reach), and on FP samples of every miniature.
 
     python scripts/judge_table.py                    # the README table
     python scripts/judge_table.py --weights /tmp/w   # checkpoints trained elsewhere
+    python scripts/judge_table.py --only miniature-latte --no-data   # one miniature's FP row
 """
 from __future__ import annotations
 
@@ -35,17 +36,20 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--num-prompts", type=int, default=96, help="image prompts (video: half)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", choices=NAMES, action="append", help="FP rows for these miniatures only")
+    parser.add_argument("--no-data", action="store_true", help="skip the procedural-data rows")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[tuple[str, dict[str, float]]] = []
     vae = load(str(args.weights / "miniature-pixart")).vae
-    for kind, data in (("image", make_images(1000, seed=123)), ("video", make_videos(500, seed=123))):
+    real = () if args.no_data else (("image", make_images(1000, seed=123)), ("video", make_videos(500, seed=123)))
+    for kind, data in real:
         rows.append((f"{kind} judge on held-out procedural {kind}s ({len(data.prompts)})",
                      judge(kind).adherence(data.pixels, data.prompts)))
         recon = reconstruct(vae, data.pixels)
         rows.append((f"the same {kind}s through the VAE", judge(kind).adherence(recon, data.prompts)))
-    for name in NAMES:
+    for name in args.only or NAMES:
         n = args.num_prompts // 2 if name == "miniature-latte" else args.num_prompts
         prompts = miniature_prompts(name, n)
         samples = generate(load(str(args.weights / name)), prompts, seed=0, steps=args.steps)

@@ -85,6 +85,22 @@ def test_inflated_latte_is_the_image_dit_frame_by_frame():
             torch.testing.assert_close(out[:, :4, f], ref, atol=1e-5, rtol=1e-4)
 
 
+def test_shifted_timesteps_follow_their_cdf():
+    """Shift s maps u ~ U(0, 1) to s*u / (1 + (s-1)*u), so P(t/T <= x) = x / (s - (s-1)*x); shift 1
+    stays the plain integer draw (the committed rounds depend on it)."""
+    from dmquant.pipelines.training import sample_timesteps
+
+    n, total = 200_000, 1000
+    plain = sample_timesteps(n, total, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randint(0, total, (n,), generator=torch.Generator().manual_seed(0)))
+    for shift in (3.0, 8.0):
+        t = sample_timesteps(n, total, shift, torch.Generator().manual_seed(0))
+        assert t.min() >= 0 and t.max() <= total - 1
+        for x in (0.1, 0.5, 0.9):
+            cdf = x / (shift - (shift - 1) * x)
+            assert abs((t < x * total).double().mean().item() - cdf) < 0.005, (shift, x)
+
+
 def test_offline_tokenizers_roundtrip(tmp_path):
     for tok in (clip_tokenizer(), t5_tokenizer()):
         ids = tok("a red circle at the top left")["input_ids"]
