@@ -16,6 +16,8 @@ starts from the PixArt checkpoint in --out, so it is retrained last):
     python scripts/train_miniatures.py --only miniature-pixart --resume --seed 1
     python scripts/train_miniatures.py --only miniature-latte
     python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 2 --timestep-shift 8
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 3 --timestep-shift 8
 """
 from __future__ import annotations
 
