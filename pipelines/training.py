@@ -32,6 +32,14 @@ def _cosine_lr(opt: torch.optim.Optimizer, step: int, total: int, base: float, w
         group["lr"] = lr
 
 
+def shape_weighted_mean(loss: torch.Tensor, masks: torch.Tensor, shape_weight: float) -> torch.Tensor:
+    """Mean of an elementwise loss (N, C, ...) with the cells a shape covers weighted (1 + shape_weight),
+    normalised so that shape_weight 0 is the plain mean. `masks` (N, ...) are boolean at the loss's
+    spatial size and broadcast over its channels."""
+    w = 1 + shape_weight * masks.unsqueeze(1).float()
+    return (w * loss).mean() / w.mean()
+
+
 def train_vae(steps: int, batch: int = 64, seed: int = 0, lr: float = 1e-3, kl_weight: float = 1e-6):
     """Reconstruction + tiny KL: the latent space only needs to be smooth enough to diffuse in."""
     from diffusers import AutoencoderKL
@@ -76,8 +84,7 @@ def sharpen_decoder(vae, steps: int, batch: int = 32, seed: int = 0, lr: float =
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         err = vae.decode(z).sample - x
-        w = 1 + shape_weight * data.masks.unsqueeze(1).float()
-        loss = ((w * err**2).mean() + 0.1 * (w * err.abs()).mean()) / w.mean()
+        loss = shape_weighted_mean(err**2 + 0.1 * err.abs(), data.masks, shape_weight)
         _cosine_lr(opt, step, steps, lr, warmup=20)
         opt.zero_grad()
         loss.backward()
@@ -94,6 +101,12 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     flat = pixels.flatten(0, 1) if video else pixels
     z = torch.cat([vae.encode(c * 2 - 1).latent_dist.mode() for c in flat.split(256)]) * vae.config.scaling_factor
     return z.unflatten(0, pixels.shape[:2]).transpose(1, 2) if video else z
+
+
+def latent_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel masks (..., H, W) -> (..., size, size): a latent cell is set where any of its pixels is."""
+    cells = F.adaptive_max_pool2d(masks.float().flatten(0, -3).unsqueeze(1), size)
+    return cells.squeeze(1).unflatten(0, masks.shape[:-2]).bool()
 
 
 def text_embeddings(parts: dict[str, Any], prompts: list[str],
@@ -158,11 +171,14 @@ def sample_timesteps(n: int, total: int, shift: float, g: torch.Generator) -> to
 
 def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, lr: float = 5e-4,
                    num_samples: int = 20000, resume: Path | None = None,
-                   init: Path | None = None, timestep_shift: float = 1.0) -> dict[str, Any]:
+                   init: Path | None = None, timestep_shift: float = 1.0,
+                   shape_weight: float = 0.0) -> dict[str, Any]:
     """Train a miniature's denoiser and text encoder (from scratch, continuing from a saved pipeline
     folder `resume`, or, for the video miniature, inflated from a saved image DiT pipeline `init`);
     returns its components (VAE included). `timestep_shift` > 1 draws noisier timesteps more often
-    (SD3's shift of a uniform draw), where a video's motion is decided."""
+    (SD3's shift of a uniform draw), where a video's motion is decided; `shape_weight` > 0 weighs the
+    latent cells a shape covers (1 + shape_weight) in the loss, which the background, most of every
+    frame, otherwise dominates."""
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     torch.manual_seed(seed)
@@ -178,6 +194,7 @@ def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, l
     video = name == "miniature-latte"
     data = make_videos(num_samples // 4, seed=seed, frames=FRAMES) if video else make_images(num_samples, seed=seed)
     latents = encode(vae, data.pixels)
+    masks = latent_masks(data.masks, latents.shape[-1])
     noise_sched = DDPMScheduler(**TRAIN_SCHEDULER)
     denoiser = parts.get("unet") or parts["transformer"]
     params = [*denoiser.parameters(), *parts["text_encoder"].parameters()]
@@ -192,7 +209,7 @@ def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, l
         t = sample_timesteps(batch, noise_sched.config.num_train_timesteps, timestep_shift, g)
         emb, mask = text_embeddings(parts, prompts, video)
         pred = predict_noise(parts, noise_sched.add_noise(x0, noise, t), t, emb, mask)
-        loss = F.mse_loss(pred, noise)
+        loss = shape_weighted_mean((pred - noise) ** 2, masks[idx], shape_weight)
         _cosine_lr(opt, step, steps, lr)
         opt.zero_grad()
         loss.backward()

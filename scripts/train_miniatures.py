@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--timestep-shift", type=float, default=1.0,
                         help="favour noisy timesteps in denoiser training (1: uniform)")
+    parser.add_argument("--shape-weight", type=float, default=0.0,
+                        help="extra loss weight on the latent cells a shape covers (0: plain MSE)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints already in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -82,7 +84,7 @@ def main() -> None:
             init = args.out / "miniature-pixart" if name == "miniature-latte" else None  # Latte starts from PixArt
             parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed + int(args.resume),
                                    num_samples=args.num_samples, resume=resume, init=init,
-                                   timestep_shift=args.timestep_shift)
+                                   timestep_shift=args.timestep_shift, shape_weight=args.shape_weight)
             save(assemble(name, parts), args.out / name)
     if "judge" in todo:
         from dmquant.pipelines.judge import train_judge

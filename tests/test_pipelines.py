@@ -101,6 +101,28 @@ def test_shifted_timesteps_follow_their_cdf():
             assert abs((t < x * total).double().mean().item() - cdf) < 0.005, (shift, x)
 
 
+def test_shape_weighted_loss_against_loops():
+    """Latent masks set a cell where any of its 4x4 pixels is set; the weighted mean equals a float64
+    loop over elements, and weight 0 is the plain MSE."""
+    from dmquant.pipelines.training import latent_masks, shape_weighted_mean
+
+    masks = make_videos(3, seed=7).masks  # (3, 8, 32, 32)
+    cells = latent_masks(masks, 8)
+    assert cells.shape == (3, 8, 8, 8)
+    for n, f, i, j in torch.cartesian_prod(*(torch.arange(s) for s in cells.shape)).tolist():
+        assert bool(cells[n, f, i, j]) == bool(masks[n, f, 4 * i:4 * i + 4, 4 * j:4 * j + 4].any())
+    assert cells.any() and not cells.all()
+    err = torch.randn(3, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    loss = err**2
+    num = den = 0.0
+    for index in torch.cartesian_prod(*(torch.arange(s) for s in loss.shape)).tolist():
+        n, _, f, i, j = index
+        w = 1 + 5.0 * float(cells[n, f, i, j])
+        num, den = num + w * float(loss[tuple(index)]), den + w
+    assert abs(shape_weighted_mean(loss, cells, 5.0).item() - num / den) < 1e-6
+    torch.testing.assert_close(shape_weighted_mean(loss, cells, 0.0), torch.nn.functional.mse_loss(err, 0 * err))
+
+
 def test_offline_tokenizers_roundtrip(tmp_path):
     for tok in (clip_tokenizer(), t5_tokenizer()):
         ids = tok("a red circle at the top left")["input_ids"]
