@@ -159,6 +159,22 @@ def inflate(video, image) -> None:
             layer.bias.zero_()
 
 
+@torch.no_grad()
+def seed_words(parts: dict[str, Any], pairs: dict[str, str]) -> None:
+    """Copy the text encoder's input embedding of an old word onto a new one (`{"up": "top"}`).
+
+    The image captions PixArt was trained on never use the video's "up" and "down", so after
+    `inflate` their embeddings are untrained noise, while "left" and "right" arrive meaning positions
+    (as a pretrained text encoder would relate "up" to "top"). Starting the new words from the
+    related old ones gives the denoiser that same handle on vertical motion; training moves them on."""
+    tok, table = parts["tokenizer"], parts["text_encoder"].get_input_embeddings().weight
+    for new, old in pairs.items():
+        ids = [tok(w, add_special_tokens=False).input_ids for w in (new, old)]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"seed words must be single tokens of the vocabulary: {new!r} -> {old!r} gives {ids}")
+        table[ids[0][0]] = table[ids[1][0]]
+
+
 def sample_timesteps(n: int, total: int, shift: float, g: torch.Generator) -> torch.Tensor:
     """Training timesteps: uniform integers, or u ~ U(0, 1) mapped through shift*u / (1 + (shift-1)*u),
     which puts the median at shift / (1 + shift) of the way to pure noise. Shift 1 keeps the plain
@@ -172,13 +188,13 @@ def sample_timesteps(n: int, total: int, shift: float, g: torch.Generator) -> to
 def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, lr: float = 5e-4,
                    num_samples: int = 20000, resume: Path | None = None,
                    init: Path | None = None, timestep_shift: float = 1.0,
-                   shape_weight: float = 0.0) -> dict[str, Any]:
+                   shape_weight: float = 0.0, words: dict[str, str] | None = None) -> dict[str, Any]:
     """Train a miniature's denoiser and text encoder (from scratch, continuing from a saved pipeline
     folder `resume`, or, for the video miniature, inflated from a saved image DiT pipeline `init`);
     returns its components (VAE included). `timestep_shift` > 1 draws noisier timesteps more often
     (SD3's shift of a uniform draw), where a video's motion is decided; `shape_weight` > 0 weighs the
     latent cells a shape covers (1 + shape_weight) in the loss, which the background, most of every
-    frame, otherwise dominates."""
+    frame, otherwise dominates; `words` starts new words from old ones first (`seed_words`)."""
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     torch.manual_seed(seed)
@@ -190,6 +206,7 @@ def train_denoiser(name: str, vae, steps: int, batch: int = 64, seed: int = 0, l
         saved = DiffusionPipeline.from_pretrained(init, local_files_only=True).components
         inflate(parts["transformer"], saved["transformer"])
         parts["text_encoder"].load_state_dict(saved["text_encoder"].state_dict())
+    seed_words(parts, words or {})
     parts["vae"] = vae
     video = name == "miniature-latte"
     data = make_videos(num_samples // 4, seed=seed, frames=FRAMES) if video else make_images(num_samples, seed=seed)

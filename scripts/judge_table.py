@@ -42,8 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[tuple[str, dict[str, float]]] = []
-    vae = load(str(args.weights / "miniature-pixart")).vae
     real = () if args.no_data else (("image", make_images(1000, seed=123)), ("video", make_videos(500, seed=123)))
+    if real:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.weights / "vae").eval()  # the one all miniatures share
     for kind, data in real:
         rows.append((f"{kind} judge on held-out procedural {kind}s ({len(data.prompts)})",
                      judge(kind).adherence(data.pixels, data.prompts)))

@@ -58,6 +58,8 @@ def main() -> None:
                         help="favour noisy timesteps in denoiser training (1: uniform)")
     parser.add_argument("--shape-weight", type=float, default=0.0,
                         help="extra loss weight on the latent cells a shape covers (0: plain MSE)")
+    parser.add_argument("--seed-word", action="append", default=[], metavar="NEW=OLD",
+                        help="start the text embedding of word NEW from OLD's (e.g. up=top), before training")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints already in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -71,6 +73,9 @@ def main() -> None:
             and not (args.out / "miniature-pixart" / "model_index.json").is_file()):
         parser.error(f"miniature-latte starts from miniature-pixart, which is not in {args.out}: "
                      "train it too (--only miniature-pixart --only miniature-latte)")
+    if any(w.count("=") != 1 for w in args.seed_word):
+        parser.error(f"--seed-word takes NEW=OLD, got {args.seed_word}")
+    words = dict(w.split("=") for w in args.seed_word)
     steps = {k: max(2, int(v * args.steps_scale)) for k, v in STEPS.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     vae_dir = args.out / "vae"
@@ -84,7 +89,7 @@ def main() -> None:
             init = args.out / "miniature-pixart" if name == "miniature-latte" else None  # Latte starts from PixArt
             parts = train_denoiser(name, vae, steps[name], BATCH[name], args.seed + int(args.resume),
                                    num_samples=args.num_samples, resume=resume, init=init,
-                                   timestep_shift=args.timestep_shift, shape_weight=args.shape_weight)
+                                   timestep_shift=args.timestep_shift, shape_weight=args.shape_weight, words=words)
             save(assemble(name, parts), args.out / name)
     if "judge" in todo:
         from dmquant.pipelines.judge import train_judge

@@ -123,6 +123,27 @@ def test_shape_weighted_loss_against_loops():
     torch.testing.assert_close(shape_weighted_mean(loss, cells, 0.0), torch.nn.functional.mse_loss(err, 0 * err))
 
 
+
+@torch.no_grad()
+def test_seed_words_make_the_new_word_read_as_the_old():
+    """After seeding up <- top, a caption with "up" encodes exactly as the one with "top"; other words
+    keep their embeddings; multi-token words are refused."""
+    from dmquant.pipelines.miniature import build_components
+    from dmquant.pipelines.training import seed_words, text_embeddings
+
+    torch.manual_seed(0)
+    parts = build_components("miniature-latte")
+    parts["text_encoder"].eval()  # no dropout
+    before = parts["text_encoder"].get_input_embeddings().weight.clone()
+    encode = lambda p: text_embeddings(parts, [p], video=True)[0]  # noqa: E731
+    assert not torch.equal(encode("a red circle moving up"), encode("a red circle moving top"))
+    seed_words(parts, {"up": "top"})
+    assert torch.equal(encode("a red circle moving up"), encode("a red circle moving top"))
+    changed = (parts["text_encoder"].get_input_embeddings().weight != before).any(1).nonzero().flatten().tolist()
+    assert changed == parts["tokenizer"]("up", add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="single tokens"):
+        seed_words(parts, {"upwards": "top"})
+
 def test_offline_tokenizers_roundtrip(tmp_path):
     for tok in (clip_tokenizer(), t5_tokenizer()):
         ids = tok("a red circle at the top left")["input_ids"]
