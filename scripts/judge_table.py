@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--num-prompts", type=int, default=96, help="image prompts (video: half)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     parser.add_argument("--only", choices=NAMES, action="append", help="FP rows for these miniatures only")
     parser.add_argument("--no-data", action="store_true", help="skip the procedural-data rows")
     parser.add_argument("--threads", type=int, default=1)
@@ -55,8 +56,9 @@ def main() -> None:
     for name in args.only or NAMES:
         n = args.num_prompts // 2 if name == "miniature-latte" else args.num_prompts
         prompts = miniature_prompts(name, n)
-        samples = generate(load(str(args.weights / name)), prompts, seed=0, steps=args.steps)
-        rows.append((f"FP `{name}`, {n} prompts, {args.steps} steps", judge(name).adherence(samples, prompts)))
+        samples = generate(load(str(args.weights / name)), prompts, seed=args.seed, steps=args.steps)
+        label = f"FP `{name}`, {n} prompts, {args.steps} steps" + (f", seed {args.seed}" if args.seed else "")
+        rows.append((label, judge(name).adherence(samples, prompts)))
     print("| | shape | colour | position / direction |\n|---|---|---|---|")
     for label, acc in rows:
         where = acc.get("position", acc.get("direction"))

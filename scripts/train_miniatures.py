@@ -18,6 +18,13 @@ starts from the PixArt checkpoint in --out, so it is retrained last):
     python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5
     python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 2 --timestep-shift 8
     python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 3 --timestep-shift 8
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 4 --timestep-shift 8 --shape-weight 4
+    python scripts/train_miniatures.py --only miniature-latte --resume --seed 5 --timestep-shift 8 --shape-weight 4
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 6 --timestep-shift 8 --shape-weight 4 --seed-word up=top --seed-word down=bottom
+    python scripts/train_miniatures.py --only miniature-latte --resume --steps-scale 0.5 --seed 7 --timestep-shift 8 --shape-weight 4
+
+The last four Latte rounds ran with --threads 1 (about 1.5 s a step: 15 minutes per 600 steps);
+the thread count can change floating-point sums, so reproduce them with the same count.
 """
 from __future__ import annotations
 
