@@ -202,7 +202,9 @@ def test_miniature_loads_and_follows_prompts(name):
     prompts = miniature_prompts(name, 8)
     out = generate(pipe, prompts, seed=0, steps=10, progress=False)
     acc = judge(name).adherence(out, prompts)
-    assert acc["colour"] > 0.5, acc  # far above chance (1/6) even at 10 steps and 8 samples
+    # every attribute far above chance (shape and direction 1/4, colour 1/6, position 1/9) even at 10
+    # steps and 8 samples (measured: at least 7 of 8 right on each)
+    assert min(acc.values()) > 0.5, acc
 
 
 def test_training_script_smoke(tmp_path):
