@@ -123,7 +123,6 @@ def test_shape_weighted_loss_against_loops():
     torch.testing.assert_close(shape_weighted_mean(loss, cells, 0.0), torch.nn.functional.mse_loss(err, 0 * err))
 
 
-
 @torch.no_grad()
 def test_seed_words_make_the_new_word_read_as_the_old():
     """After seeding up <- top, a caption with "up" encodes exactly as the one with "top"; other words
