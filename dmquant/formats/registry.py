@@ -7,6 +7,7 @@ from .base import Format
 from .block import BlockFormat
 from .floating import FloatFormat
 from .integer import MAX_BITS, MIN_BITS, IntFormat
+from .log import LOG_BITS, log_format
 
 _FLOATS = {
     "fp8_e4m3": (4, 3, "fn"),
@@ -25,6 +26,7 @@ _BLOCKS = {
     "nvfp4": ("fp4_e2m1", 16, "fp8_e4m3", True),
 }
 _INT = re.compile(r"(u?)int(\d+)")
+_LOG = re.compile(r"u?(log2|twinlog)_(\d+)")
 
 
 def _build() -> dict[str, Format]:
@@ -38,6 +40,11 @@ def _build() -> dict[str, Format]:
         el = table[elem]
         table[name] = BlockFormat(name=name, bits=el.bits, element=el, block_size=block,
                                   scale_kind=kind, tensor_scale=ts)
+    for kind in ("log2", "twinlog"):
+        for bits in LOG_BITS:
+            for signed in (True, False):
+                fmt = log_format(kind, bits, signed)
+                table[fmt.name] = fmt
     return table
 
 
@@ -56,6 +63,10 @@ def get_format(name: str) -> Format:
         raise ValueError(
             f"bits out of range in format {name!r}: integer formats support {MIN_BITS}-{MAX_BITS} bits"
         )
+    m = _LOG.fullmatch(str(key))
+    if m:
+        raise ValueError(f"bits out of range in format {name!r}: {m.group(1)} formats support "
+                         f"{LOG_BITS[0]}-{LOG_BITS[-1]} bits")
     raise ValueError(f"unknown format {name!r}; known formats: {', '.join(list_formats())}")
 
 
