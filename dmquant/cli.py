@@ -1,4 +1,4 @@
-"""The `dmquant` command line: quantize, calibrate, info, recipes, eval, grid, regress, demo."""
+"""The `dmquant` command line: quantize, calibrate, mixed, info, recipes, eval, grid, regress, demo."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,23 @@ def _calibration(args: argparse.Namespace) -> dict:
     if args.calibration_prompts:
         settings["prompts"] = [p.strip() for p in Path(args.calibration_prompts).read_text().splitlines() if p.strip()]
     return {k: v for k, v in settings.items() if v is not None}
+
+
+def cmd_mixed(args: argparse.Namespace) -> int:
+    """mixed: measure per-layer sensitivity on the float trajectory, allocate formats under a budget
+    by integer programming, write the recipe (and a sensitivity heatmap)."""
+    from .mixed import search
+    from .pipelines import load
+
+    calibration = {k: v for k, v in {"num_prompts": args.num_prompts, "batch_size": args.num_prompts,
+                                     "steps": args.steps, "timesteps": args.timesteps}.items() if v is not None}
+    result = search(load(args.pipeline), args.budget, base=args.base, candidates=args.candidates, name=args.name,
+                    calibration=calibration, seed=args.seed, groups=args.groups, content=args.content,
+                    content_weight=args.content_weight, cache_dir=args.cache_dir)
+    result.write(args.out, heatmap=args.heatmap)
+    print(result.summary())
+    print(f"wrote {args.out}" + (f" and {args.heatmap}" if args.heatmap else ""))
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -164,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")
         q.add_argument("--timesteps", default=None, help="steps to record: K, uniform:K, eda:K or all")
         q.set_defaults(func=cmd_quantize)
+    m = sub.add_parser("mixed", help="search per-layer formats under a budget from measured sensitivity; write a recipe")
+    m.add_argument("--pipeline", required=True)
+    m.add_argument("--budget", required=True, help="average weight bits (4.5bits), bytes (1.2MiB) or a recipe's bytes (w4a8)")
+    m.add_argument("--out", required=True, help="recipe YAML to write")
+    m.add_argument("--base", default="w4a8", help="recipe whose activations, steps and attention are kept")
+    m.add_argument("--candidates", default="int3:group:64,int4:group:64,int8:channel,fp")
+    m.add_argument("--name", default=None, help="recipe name (default: <base>-mixed-<budget>)")
+    m.add_argument("--heatmap", default=None, help="PNG of sensitivity (layer x timestep group) and the allocation")
+    m.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (default 4)")
+    m.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")
+    m.add_argument("--timesteps", default=None, help="steps to record (default uniform:8)")
+    m.add_argument("--groups", type=int, default=4, help="timestep groups of the measurement")
+    m.add_argument("--content", default="auto", choices=("auto", "judge", "latent", "none"))
+    m.add_argument("--content-weight", type=float, default=1.0, help="weight of the content metric vs quality")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--cache-dir", default="outputs/mixed-cache")
+    m.set_defaults(func=cmd_mixed)
     i = sub.add_parser("info", help="describe a saved quantized model")
     i.add_argument("dir")
     i.set_defaults(func=cmd_info)
