@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -29,12 +30,26 @@ def recipes() -> dict[str, str]:
     return {name: load_recipe_file(p).description for name, p in sorted(_builtin_files().items())}
 
 
-def get_recipe(recipe: str | Path | Recipe) -> Recipe:
-    """Resolve a built-in name, a YAML/JSON path, or a Recipe into a Recipe."""
+AUTO_PREFIX, AUTO_BASE = "auto-", "gptq-w4a8"
+
+
+def get_recipe(recipe: str | Path | Recipe, model: Any = None) -> Recipe:
+    """Resolve a built-in name, a YAML/JSON path, or a Recipe into a Recipe.
+
+    `auto-<budget>` (e.g. auto-4.5bits, auto-1.2MiB, auto-w4a8) is searched on `model` by measured
+    sensitivity (`dmquant.mixed.search` on gptq-w4a8, cached), so it needs the pipeline."""
     if isinstance(recipe, Recipe):
         return recipe
     builtins = _builtin_files()
     key = str(recipe)
+    if key.lower().startswith(AUTO_PREFIX):
+        budget = key[len(AUTO_PREFIX):]
+        if model is None:
+            raise ValueError(f"{key} is searched per model: run `dmquant mixed --pipeline P --budget {budget} "
+                             f"--base {AUTO_BASE} --out recipe.yaml` or get_recipe({key!r}, pipe)")
+        from ..mixed import search  # late: the search needs the API, which imports recipes
+
+        return search(model, budget, base=AUTO_BASE, name=key).recipe
     if key.lower() in builtins:
         return load_recipe_file(builtins[key.lower()])
     if key.endswith((".yaml", ".yml", ".json")) or Path(key).is_file():
