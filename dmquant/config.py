@@ -97,15 +97,33 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """Quantization of attention internals: Q, K, V and the softmax output (probabilities)."""
+    """Quantization of attention internals: Q, K, V and the softmax output (probabilities).
+
+    `v` overrides `qkv` for V (SageAttention: int8 Q/K, fp8 V); a `channel` granularity on Q/K/V means
+    one scale per head channel across tokens. `block_size` > 0 gives Q and K one scale per block of
+    that many tokens. `smooth_k` subtracts K's per-channel mean over tokens (softmax is unchanged by
+    it, the outliers it removes are not); `smooth_v` subtracts V's and adds it back after P V."""
 
     qkv: QuantSpec | None = None
     probs: QuantSpec | None = None
+    v: QuantSpec | None = None
+    block_size: int = 0
+    smooth_k: bool = False
+    smooth_v: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ValueError(f"attention.block_size must be a non-negative integer, got {self.block_size!r}")
+        if self.block_size and (self.qkv is None or str(self.qkv.granularity) != "token"):
+            raise ValueError("attention.block_size needs qkv with granularity: token (one scale per block of tokens)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "attention") -> "AttentionSpec":
-        data = _strict(cls, data, where)
-        return cls(**{k: None if v is None else QuantSpec.from_dict(v, f"{where}.{k}") for k, v in data.items()})
+        data = dict(_strict(cls, data, where))
+        for k in ("qkv", "probs", "v"):
+            if data.get(k) is not None:
+                data[k] = QuantSpec.from_dict(data[k], f"{where}.{k}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -182,7 +200,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         specs = [self.input, *(o.input for o in self.overrides)]
         if self.attention is not None:
-            specs += [self.attention.qkv, self.attention.probs]
+            specs += [self.attention.qkv, self.attention.probs, self.attention.v]
         return bool(self.steps) or any(s is not None and s.needs_calibration for s in specs)
 
     def __hash__(self) -> int:
