@@ -44,11 +44,21 @@ class Check:
                 f"worse by {self.worse_by:+.4f} (tolerance {self.tolerance})")
 
 
-def _config(base: dict[str, Any], model: str, out: Path) -> EvalConfig:
+def _config(base: dict[str, Any], model: str, out: Path, perturb: int | None = None) -> EvalConfig:
     calib = base.get("calibration", {})  # {"prompts": n, "timesteps": "uniform:K"}: keeps gates cheap
     return EvalConfig(pipeline=base["pipeline"], models=[model], prompts=base["prompts"], seed=base["seed"],
                       steps=base.get("steps"), metrics=tuple(base["metric_set"]), out=out,
-                      extra={"calib_prompts": calib.get("prompts"), "calib_timesteps": calib.get("timesteps")})
+                      extra={"calib_prompts": calib.get("prompts"), "calib_timesteps": calib.get("timesteps"),
+                             "perturb": perturb})
+
+
+def evaluate_baseline(base: dict[str, Any], out: Path, model: str | None = None,
+                      perturb: int | None = None) -> dict[str, Any]:
+    """The gated metrics of one run of a baseline's evaluation, and their per-prompt values under
+    "per_prompt" (`perturb`: see runner.perturb_denoiser)."""
+    row = evaluate(_config(base, model or base["model"], out, perturb))[-1]
+    gated = [k for k in base.get("metrics", DEFAULT_TOLERANCE) if k in row]
+    return {**{k: float(row[k]) for k in gated}, "per_prompt": {k: row["per_prompt"][k] for k in gated}}
 
 
 def check_baseline(path: str | Path, model: str | None = None, out: str | Path | None = None,

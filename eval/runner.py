@@ -21,16 +21,21 @@ from tqdm.auto import tqdm
 
 import dmquant
 from dmquant.api import quantized_components
+from dmquant.components import denoiser_path, get_path
 from dmquant.pipelines import generate, load
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
 
-from .backends import apply_backend
+from .backends import apply_backend, module_bytes
 from .grid import html_report, save_grid
-from .metrics import fid, psnr, ssim, video_metrics
+from .bootstrap import bootstrap_ci
+from .checks import check_checkpoint, check_metrics
+from .metrics import psnr, ssim, video_scores
+from .metrics.fid import frechet_distance as fid_from_features, resolve_extractor
 from .table import format_table
 
 log = logging.getLogger(__name__)
 ALL_METRICS = ("psnr", "ssim", "lpips", "fid", "adherence", "clip", "vbench")
+FID_RESAMPLES = 200
 
 
 @dataclass
@@ -43,10 +48,11 @@ class EvalConfig:
     metrics: tuple[str, ...] = ("psnr", "ssim", "fid", "adherence", "vbench")
     out: Path = Path("outputs/eval")
     batch_size: int = 8
-    extra: dict[str, Any] = field(default_factory=dict)  # clip_checkpoint, lpips_backbone
+    extra: dict[str, Any] = field(default_factory=dict)  # clip_checkpoint, lpips_backbone, perturb, ...
 
     def key(self) -> str:
-        blob = json.dumps([self.pipeline, _weights_stamp(self.pipeline), self.prompts, self.seed, self.steps])
+        blob = json.dumps([self.pipeline, _weights_stamp(self.pipeline), self.prompts, self.seed, self.steps,
+                           self.extra.get("perturb")])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -58,6 +64,32 @@ def _weights_stamp(pipeline: str) -> list[tuple[str, int, int]]:
         return []
     return [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
             for f in sorted(folder.rglob("*.safetensors"))]
+
+
+def perturb_denoiser(pipe: Any, seed: int, relative: float = 2.0**-23) -> Any:
+    """Multiply the denoiser's latent input by (1 +- `relative`) at every call (random signs from
+    `seed`): about one float32 ulp, what another CPU's float code path changes. Used to measure how
+    far chaotic quantized sampling moves a metric when the method does not change
+    (dmquant.eval.spread)."""
+    from dmquant.components import denoiser_path, get_path
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        sign = torch.randint(0, 2, x.shape, generator=gen).to(x) * 2 - 1
+        x = x * (1 + relative * sign)
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, ("hidden_states" if "hidden_states" in kwargs else "sample"): x}
+
+    get_path(pipe, denoiser_path(pipe)).register_forward_pre_hook(hook, with_kwargs=True)
+    return pipe
+
+
+def _load(cfg: EvalConfig) -> Any:
+    pipe = load(cfg.pipeline)
+    return pipe if cfg.extra.get("perturb") is None else perturb_denoiser(pipe, cfg.extra["perturb"])
 
 
 def _state():
@@ -92,32 +124,44 @@ def _generate_sharded(pipe: Any, cfg: EvalConfig, tag: str) -> torch.Tensor:
     return samples
 
 
-def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float]:
+def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float, int]:
+    """FP samples, the seconds they took and the FP denoiser's bytes (cached together)."""
     cache = cfg.out / "cache" / f"fp-{cfg.key()}.safetensors"
     if cache.is_file():
         data = load_file(str(cache))
-        return data["samples"], float(data["seconds"])
-    pipe = load(cfg.pipeline)
+        return data["samples"], float(data["seconds"]), int(data["bytes"])
+    pipe = _load(cfg)
     t0 = time.perf_counter()
     samples = _generate_sharded(pipe, cfg, f"fp-{cfg.key()}")
     seconds = time.perf_counter() - t0
+    size = module_bytes(get_path(pipe, denoiser_path(pipe)))
     if _state().is_main_process:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"samples": samples, "seconds": torch.tensor(seconds)}, str(cache))
-    return samples, seconds
+        save_file({"samples": samples, "seconds": torch.tensor(seconds), "bytes": torch.tensor(size)}, str(cache))
+    return samples, seconds, size
 
 
-def calibration_prompts(pipeline: str, fallback: list[str], n: int = 16) -> list[str]:
-    """Held-out captions for calibration (never the evaluation prompts) where the data is known."""
+def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = 16) -> list[str]:
+    """`n` calibration prompts disjoint from the evaluation prompts: held-out procedural captions for
+    a miniature, generic captions otherwise. Calibrating on the prompts that are then scored would
+    flatter every calibrated recipe, so an overlap that cannot be avoided is an error."""
     from dmquant.pipelines import calibration_prompts as held_out
 
-    return held_out(pipeline, n) if pipeline in NAMES else fallback[:n]
+    scored = set(eval_prompts)
+    # Procedural captions repeat evaluation ones by chance: top up from a larger draw.
+    pool = held_out(pipeline, n) + held_out(pipeline, 4 * n)
+    chosen = [p for p in dict.fromkeys(pool) if p not in scored][:n]
+    if len(chosen) < n:
+        raise ValueError(f"only {len(chosen)} calibration prompts of {pipeline!r} are disjoint from the "
+                         f"{len(scored)} evaluation prompts (need {n}): evaluate on other prompts or fewer "
+                         "calibration prompts (--calib-prompts)")
+    return chosen
 
 
 def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     if Path(model).is_dir():
         return dmquant.load_quantized(model)
-    pipe = load(cfg.pipeline)
+    pipe = _load(cfg)
     prompts = calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)
     seed = cfg.seed + 10**6
     if ":" in model:  # other libraries calibrate by running the pipeline
@@ -131,42 +175,80 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     return dmquant.quantize(pipe, model, calibration={k: v for k, v in settings.items() if v is not None})
 
 
+def _adherence(referee: Any, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per prompt: the fraction of its attributes the judge recognises; plus the per-attribute rates."""
+    from dmquant.pipelines import parse_prompt
+
+    pred = referee.predict(images)
+    labels = [parse_prompt(p) for p in prompts]
+    per = [sum(int(pred[a][i]) == v for a, v in lab.items() if a in pred) / max(sum(a in pred for a in lab), 1)
+           for i, lab in enumerate(labels)]
+    return torch.tensor(per, dtype=torch.float64), referee.adherence(images, prompts)
+
+
+def _fid(images: torch.Tensor, other: torch.Tensor, cfg: EvalConfig, extractor: Any) -> dict[str, Any]:
+    """FID with its bootstrap interval (both sets resampled with one index draw; fewer resamples than
+    the per-prompt metrics, since each refits two Gaussians)."""
+    fn, name = resolve_extractor(extractor, cfg.extra.get("inception_weights"))
+    flat = isinstance(extractor, str) and images.dim() == 5  # named Inceptions see frames as images
+    feats = [torch.cat([fn(c) for c in (x.flatten(0, 1) if flat else x).split(64)]).double() for x in (images, other)]
+    n = min(f.shape[0] for f in feats)
+    value = fid_from_features(*feats)
+    ci = bootstrap_ci(lambda idx: fid_from_features(feats[0][idx], feats[1][idx]), n, resamples=FID_RESAMPLES)
+    return {"value": value, "ci": list(ci), "n": n, "extractor": name}
+
+
 def _metrics(cfg: EvalConfig, images: torch.Tensor, fp: torch.Tensor | None, pipe: Any) -> dict[str, Any]:
+    """One results row: every requested metric (validated in `check_metrics`), with a 95 % bootstrap
+    interval over prompts (`<key>_ci`) and the per-prompt values for paired comparisons."""
     from dmquant.pipelines import judge
 
+    per: dict[str, torch.Tensor] = {}
     m: dict[str, Any] = {}
     referee = judge(cfg.pipeline) if cfg.pipeline in NAMES else None
-    if "adherence" in cfg.metrics and referee is not None:
-        scores = referee.adherence(images, cfg.prompts)
-        m["adherence"] = sum(scores.values()) / len(scores)
-        m.update({f"adherence_{k}": v for k, v in scores.items()})
-    if "clip" in cfg.metrics and cfg.extra.get("clip_checkpoint"):
+    if "adherence" in cfg.metrics:
+        per["adherence"], by_attribute = _adherence(referee, images, cfg.prompts)
+        m.update({f"adherence_{k}": v for k, v in by_attribute.items()})
+    if "clip" in cfg.metrics:
         from .metrics.clip import clip_score
 
-        m["clip"] = float(clip_score(images, cfg.prompts, checkpoint=cfg.extra["clip_checkpoint"]).mean())
-    if "vbench" in cfg.metrics and images.dim() == 5:  # per-frame features from the image judge
-        m.update(video_metrics(images, judge("image").features if referee is not None else None))
+        per["clip"] = clip_score(images, cfg.prompts, checkpoint=cfg.extra.get("clip_checkpoint"))
+    if "vbench" in cfg.metrics:  # per-frame features from the image judge
+        per.update(video_scores(images, judge("image").features if referee is not None else None))
     extractor = _fid_extractor(cfg, referee)
     if "fid" in cfg.metrics and referee is not None:
-        m["fid_real"] = fid(images, _real_samples(cfg.pipeline, images.shape[0]), extractor=extractor,
-                            weights=cfg.extra.get("inception_weights")).value
-    if fp is None:
-        return m
-    if "psnr" in cfg.metrics:
-        m["psnr"] = float(psnr(images, fp).mean())
-    if "ssim" in cfg.metrics:
-        m["ssim"] = float(ssim(images, fp).mean())
-    if "lpips" in cfg.metrics:
-        from .metrics.similarity import lpips
+        fid_real = _fid(images, _real_samples(cfg.pipeline, images.shape[0]), cfg, extractor)
+        m.update(fid_real=fid_real["value"], fid_real_ci=fid_real["ci"], fid_real_n=fid_real["n"])
+    if fp is not None:
+        if "psnr" in cfg.metrics:
+            per["psnr"] = psnr(images, fp)
+        if "ssim" in cfg.metrics:
+            per["ssim"] = ssim(images, fp)
+        if "lpips" in cfg.metrics:
+            from .metrics.similarity import lpips
 
-        m["lpips"] = float(lpips(images, fp, backbone=cfg.extra.get("lpips_backbone")).mean())
-    if "fid" in cfg.metrics and extractor is not None:
-        m["fid_fp"] = fid(images, fp, extractor=extractor, weights=cfg.extra.get("inception_weights")).value
-    if quantized_components(pipe):  # other libraries' models carry no dmquant report
-        m["model_mb"] = dmquant.report(pipe).quant_bytes / 2**20
-        calib = next(iter(quantized_components(pipe).values())).dmquant_state.provenance.get("calibration")
-        if isinstance(calib, dict) and "seconds" in calib:
-            m["calib_seconds"] = calib["seconds"]
+            per["lpips"] = lpips(images, fp, backbone=cfg.extra.get("lpips_backbone"))
+        if "fid" in cfg.metrics:
+            fid_fp = _fid(images, fp, cfg, extractor)
+            m.update(fid_fp=fid_fp["value"], fid_fp_ci=fid_fp["ci"], fid_fp_n=fid_fp["n"])
+    for key, values in per.items():
+        m[key] = float(values.double().mean())
+        m[f"{key}_ci"] = list(bootstrap_ci(values))
+    m["per_prompt"] = {k: [float(x) for x in v] for k, v in per.items()}
+    return m
+
+
+def _cost(pipe: Any) -> dict[str, Any]:
+    """Denoiser bytes and quantized layer count of a dmquant or other-library model."""
+    info = getattr(pipe, "backend_info", None)
+    if info is not None:
+        return {"model_mb": info["bytes"] / 2**20, "layers": info["layers"]}
+    states = {path: module.dmquant_state for path, module in quantized_components(pipe).items()}
+    m: dict[str, Any] = {"model_mb": dmquant.report(pipe).quant_bytes / 2**20,
+                         "layers": str(sum(s.plan[n].kind == "layer" for s in states.values() for n in s.plan))}
+    calib = next(iter(states.values())).provenance.get("calibration") if states else None
+    if isinstance(calib, dict) and "seconds" in calib:
+        m["calib_seconds"] = calib["seconds"]
     return m
 
 
@@ -185,18 +267,21 @@ def _real_samples(pipeline: str, n: int) -> torch.Tensor:
 
 def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Metrics rows (FP first), plus metrics.json, results.md, grid and report.html under cfg.out."""
-    unknown = set(cfg.metrics) - set(ALL_METRICS)
-    if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {ALL_METRICS}")
+    check_metrics(cfg.metrics, cfg.pipeline, len(cfg.prompts), cfg.extra)
+    for model in cfg.models:
+        if Path(model).is_dir():
+            check_checkpoint(cfg.pipeline, model)
+        else:  # disjoint calibration prompts exist (raises otherwise)
+            calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    fp, fp_seconds = _fp_samples(cfg)
-    rows = [{"name": "FP", **_metrics(cfg, fp, None, None)}]
+    fp, fp_seconds, fp_bytes = _fp_samples(cfg)
+    rows = [{"name": "FP", **_metrics(cfg, fp, None, None), "model_mb": fp_bytes / 2**20}]
     columns = {"FP": fp}
     for model in cfg.models:
         pipe = _quantized_pipe(cfg, model)
         t0 = time.perf_counter()
         images = _generate_sharded(pipe, cfg, f"{Path(model).name}-{cfg.key()}")
-        row = {"name": Path(model).name, **_metrics(cfg, images, fp, pipe),
+        row = {"name": Path(model).name, **_metrics(cfg, images, fp, pipe), **_cost(pipe),
                "latency_ratio": (time.perf_counter() - t0) / max(fp_seconds, 1e-9)}
         rows.append(row)
         columns[row["name"]] = images

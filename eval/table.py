@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bootstrap import RESAMPLES, paired_ci, separated
+
 # metric key -> (column title, "higher" / "lower" is better or "compare" with FP, family, decimals)
 METRICS: dict[str, tuple[str, str, str, int]] = {
     "fid_real": ("FID vs real", "lower", "prompts", 3),
@@ -25,12 +27,13 @@ METRICS: dict[str, tuple[str, str, str, int]] = {
     "motion_smoothness": ("smoothness", "higher", "video", 4),
     "dynamic_degree": ("dynamic px/frame", "compare", "video", 3),
     "model_mb": ("denoiser MiB", "lower", "cost", 2),
+    "layers": ("quantized layers", "info", "cost", 0),
     "latency_ratio": ("time / FP", "lower", "cost", 2),
     "calib_seconds": ("calibration s", "lower", "cost", 1),
 }
 FAMILY_TITLES = {"prompts": "vs prompts / dataset", "fp": "vs FP on the same seeds",
                  "video": "video (VBench-style, no reference)", "cost": "cost"}
-ARROW = {"higher": "↑", "lower": "↓", "compare": "≈FP"}
+ARROW = {"higher": "↑", "lower": "↓", "compare": "≈FP", "info": ""}
 
 
 def _fmt(value: Any, decimals: int) -> str:
@@ -41,11 +44,32 @@ def _fmt(value: Any, decimals: int) -> str:
     return str(value)
 
 
-def _cell(row: dict[str, Any], key: str, n_samples: int | None) -> str:
-    """A value with its column's decimals; FID also shows its sample count (`<key>_n`, else n_samples)."""
-    text = _fmt(row.get(key), METRICS[key][3])
+def _cell(row: dict[str, Any], key: str, n_samples: int | None, lead: bool = False) -> str:
+    """A value with its column's decimals, in bold when it leads its column, then its 95 % interval
+    (`<key>_ci`); FID also shows its sample count (`<key>_n`, else n_samples)."""
+    decimals = METRICS[key][3]
+    text = _fmt(row.get(key), decimals)
+    if lead and key in row:
+        text = f"**{text}**"
+    ci = row.get(f"{key}_ci")
+    if ci is not None:
+        text += f" [{_fmt(ci[0], decimals)}, {_fmt(ci[1], decimals)}]"
     n = row.get(f"{key}_n", n_samples)
     return f"{text} (n={n})" if key.startswith("fid") and key in row and n is not None else text
+
+
+def leaders(rows: list[dict[str, Any]], key: str) -> set[int]:
+    """Rows that lead a column: the best mean, and every row whose paired bootstrap interval of the
+    difference to it contains 0 (not separable on these prompts). Empty without per-prompt values."""
+    direction = METRICS[key][1]
+    scored = [i for i, r in enumerate(rows) if key in r.get("per_prompt", {})]
+    if direction not in ("higher", "lower") or len(scored) < 2:
+        return set()
+    sign = 1 if direction == "higher" else -1
+    best = max(scored, key=lambda i: sign * rows[i][key])
+    top = rows[best]["per_prompt"][key]
+    return {best} | {i for i in scored if i != best and len(rows[i]["per_prompt"][key]) == len(top)
+                     and not separated(paired_ci(rows[i]["per_prompt"][key], top))}
 
 
 def table_sections(rows: list[dict[str, Any]], n_samples: int | None = None
@@ -57,9 +81,10 @@ def table_sections(rows: list[dict[str, Any]], n_samples: int | None = None
         keys = [k for k, (_, _, fam, _) in METRICS.items() if fam == family and any(k in r for r in rows)]
         if not keys:
             continue
-        head = ["model"] + [f"{METRICS[k][0]} {ARROW[METRICS[k][1]]}" for k in keys]
-        body = [[str(r.get("name", "?"))] + [_cell(r, k, n_samples) for k in keys]
-                for r in rows if any(k in r for k in keys)]
+        lead = {k: leaders(rows, k) for k in keys}
+        head = ["model"] + [f"{METRICS[k][0]} {ARROW[METRICS[k][1]]}".rstrip() for k in keys]
+        body = [[str(r.get("name", "?"))] + [_cell(r, k, n_samples, i in lead[k]) for k in keys]
+                for i, r in enumerate(rows) if any(k in r for k in keys)]
         sections.append((title, head, body))
     return sections
 
@@ -77,6 +102,10 @@ def format_table(rows: list[dict[str, Any]], n_samples: int | None = None) -> st
     out: list[str] = []
     for title, head, body in table_sections(rows, n_samples):
         out += [f"**{title}**", "", *_markdown(head, body), ""]
+    if any(k.endswith("_ci") for r in rows for k in r):
+        out.append(f"[lo, hi]: 95 % percentile bootstrap interval over prompts ({RESAMPLES} resamples). **Bold**: "
+                   "the best value of a column and every value whose paired interval of the difference to it "
+                   "contains 0: not separable on these prompts.")
     if any(k.startswith("fid") for r in rows for k in r):
         out.append("FID needs many samples: compare values only at equal n (and with the same extractor).")
     return "\n".join(out).rstrip() + "\n"

@@ -91,6 +91,17 @@ def _hf_scores(images: torch.Tensor, prompts: list[str], folder: str) -> torch.T
                         for img, text in zip(pixels, prompts)])
 
 
+def clip_checkpoint(checkpoint: str | os.PathLike | None = None) -> Path:
+    """The local CLIP checkpoint to use (argument, else $DMQUANT_CLIP_CHECKPOINT), or a
+    FileNotFoundError: an evaluation checks this before it generates anything."""
+    path = checkpoint or os.environ.get(CLIP_ENV)
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"CLIP score needs a local checkpoint{f' (not found: {path})' if path else ''}: "
+                                f"pass checkpoint=<open_clip file or Hugging Face CLIP folder> (CLI: "
+                                f"--clip-checkpoint) or set ${CLIP_ENV}; offline alternative: the judge's adherence")
+    return Path(path)
+
+
 def clip_score(images: torch.Tensor, prompts: list[str], model_name: str = "ViT-B-32",
                checkpoint: str | os.PathLike | None = None) -> torch.Tensor:
     """Per-sample CLIP score of images (N, 3, H, W) in [0, 1] against their prompts; videos
@@ -99,11 +110,7 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_name: str = "ViT-
 
     >>> clip_score(images, prompts, checkpoint="ViT-B-32-laion2b.safetensors").mean()
     """
-    path = checkpoint or os.environ.get(CLIP_ENV)
-    if not path or not Path(path).exists():
-        raise FileNotFoundError(f"CLIP score needs a local checkpoint{f' (not found: {path})' if path else ''}: "
-                                f"pass checkpoint=<open_clip file or Hugging Face CLIP folder> (CLI: "
-                                f"--clip-checkpoint) or set ${CLIP_ENV}; offline alternative: the judge's adherence")
+    path = clip_checkpoint(checkpoint)
     if len(prompts) != images.shape[0]:
         raise ValueError(f"need one prompt per sample: {images.shape[0]} samples, {len(prompts)} prompts")
     frames = images.shape[1] if images.dim() == 5 else 1

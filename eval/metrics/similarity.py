@@ -54,10 +54,9 @@ LPIPS_ENV = "DMQUANT_LPIPS_BACKBONE"
 _BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 
 
-def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex", backbone: str | os.PathLike | None = None) -> torch.Tensor:
-    """LPIPS perceptual distance per sample (lower is better), with the torchvision backbone from a
-    local file: `backbone=`, $DMQUANT_LPIPS_BACKBONE, or $TORCH_HOME/hub/checkpoints/ (the linear
-    heads ship inside the lpips package). Never downloads: a missing file is a FileNotFoundError."""
+def lpips_backbone_file(net: str = "alex", backbone: str | os.PathLike | None = None) -> Path:
+    """The local torchvision backbone file LPIPS will use, or a FileNotFoundError saying where to put it
+    (checked before an evaluation generates anything)."""
     if net not in _BACKBONE_FILES:
         raise ValueError(f"net must be one of {list(_BACKBONE_FILES)}")
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
@@ -65,7 +64,14 @@ def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex", backbone: str | o
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS needs the torchvision {net} backbone weights ({_BACKBONE_FILES[net]}), not found at "
                                 f"{path}: pass backbone=<file> or set ${LPIPS_ENV}; dmquant never downloads them")
-    model = _lpips_model(net, str(path))
+    return path
+
+
+def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex", backbone: str | os.PathLike | None = None) -> torch.Tensor:
+    """LPIPS perceptual distance per sample (lower is better), with the torchvision backbone from a
+    local file: `backbone=`, $DMQUANT_LPIPS_BACKBONE, or $TORCH_HOME/hub/checkpoints/ (the linear
+    heads ship inside the lpips package). Never downloads: a missing file is a FileNotFoundError."""
+    model = _lpips_model(net, str(lpips_backbone_file(net, backbone)))
     x, y, f = _frames(a, b)
     with torch.no_grad():
         d = torch.cat([model(xc * 2 - 1, yc * 2 - 1).flatten() for xc, yc in zip(x.split(64), y.split(64))])

@@ -162,18 +162,24 @@ def frame_quality(videos: torch.Tensor, reference: torch.Tensor) -> dict[str, to
     return {"frame_psnr": psnr(flat, flat_ref).reshape(n, f), "frame_ssim": ssim(flat, flat_ref).reshape(n, f)}
 
 
-def video_metrics(videos: torch.Tensor, extractor: Any = None, reference: torch.Tensor | None = None,
-                  background_extractor: Any = None) -> dict[str, float]:
-    """Every VBench-style metric averaged over the videos. `extractor` (e.g. the judge) serves subject
-    consistency, `background_extractor` background consistency (default: scene layout, so the two
-    differ); with `reference` (FP videos on the same seeds) also the mean per-frame PSNR/SSIM vs FP."""
+def video_scores(videos: torch.Tensor, extractor: Any = None, reference: torch.Tensor | None = None,
+                 background_extractor: Any = None) -> dict[str, torch.Tensor]:
+    """Every VBench-style metric per video (for intervals over prompts). `extractor` (e.g. the judge)
+    serves subject consistency, `background_extractor` background consistency (default: scene layout,
+    so the two differ); with `reference` (FP videos on the same seeds) also per-frame PSNR/SSIM vs FP."""
     out = {
-        "subject_consistency": float(subject_consistency(videos, extractor).mean()),
-        "background_consistency": float(background_consistency(videos, background_extractor).mean()),
-        "temporal_flickering": float(temporal_flickering(videos).mean()),
-        "motion_smoothness": float(motion_smoothness(videos).mean()),
-        "dynamic_degree": float(dynamic_degree(videos).mean()),
+        "subject_consistency": subject_consistency(videos, extractor),
+        "background_consistency": background_consistency(videos, background_extractor),
+        "temporal_flickering": temporal_flickering(videos),
+        "motion_smoothness": motion_smoothness(videos),
+        "dynamic_degree": dynamic_degree(videos),
     }
     if reference is not None:
-        out.update({k: float(t.mean()) for k, t in frame_quality(videos, reference).items()})
+        out.update({k: t.mean(1) for k, t in frame_quality(videos, reference).items()})
     return out
+
+
+def video_metrics(videos: torch.Tensor, extractor: Any = None, reference: torch.Tensor | None = None,
+                  background_extractor: Any = None) -> dict[str, float]:
+    """`video_scores` averaged over the videos."""
+    return {k: float(t.mean()) for k, t in video_scores(videos, extractor, reference, background_extractor).items()}
