@@ -5,6 +5,11 @@ The model's own processor keeps doing everything model-specific (RoPE, norms, jo
 `torch.nn.functional.scaled_dot_product_attention` (which every diffusers 2.0 processor and the native
 attention dispatcher call) through a version that quantizes its inputs and, when asked, computes the
 softmax explicitly so its output can be quantized too. Not thread-safe across concurrent forwards.
+
+SageAttention(2)-style options (`AttentionSpec`): Q and K quantized per block of tokens, K smoothed by
+its per-channel mean (every query's scores shift by one constant, so softmax is unchanged, while the
+channel outliers K shares across tokens leave the quantized range), V smoothed the same way (rows of P
+sum to one, so the mean is added back exactly after P V), V per channel and P in their own formats.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AttentionSpec
+from ..config import AttentionSpec, QuantSpec
+from ..granularity import PerChannel
 from .quantizer import TensorQuantizer
 
 _SDPA = F.scaled_dot_product_attention
@@ -28,16 +34,51 @@ class AttentionQuantizers(nn.Module):
     def __init__(self, spec: AttentionSpec, name: str = "") -> None:
         super().__init__()
         self.spec = spec
-        make = lambda s, role: TensorQuantizer(s, -1, f"{name}.{role}") if s is not None else None  # noqa: E731
-        self.q, self.k, self.v = (make(spec.qkv, r) for r in ("q", "k", "v"))
+
+        def make(s: QuantSpec | None, role: str) -> TensorQuantizer | None:
+            # (..., tokens, channels): "channel" = one scale per channel across tokens (rows over axis -2).
+            axis = -2 if s is not None and isinstance(s.gran, PerChannel) else -1
+            return None if s is None else TensorQuantizer(s, axis, f"{name}.{role}")
+
+        self.q, self.k = make(spec.qkv, "q"), make(spec.qkv, "k")
+        self.v = make(spec.v if spec.v is not None else spec.qkv, "v")
         self.probs = make(spec.probs, "probs")
+
+    def _blocked(self, quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+        """Quantize (..., L, D) with one scale per block of `block_size` tokens: each block becomes one
+        row of the per-token quantizer (zero padding changes no block's maximum)."""
+        b = self.spec.block_size
+        if not b:
+            return quantizer(x)
+        n, d = x.shape[-2], x.shape[-1]
+        pad = -n % b
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        y = quantizer(xp.reshape(*x.shape[:-2], (n + pad) // b, b * d))
+        return y.reshape(xp.shape)[..., :n, :]
 
     def sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False) -> torch.Tensor:
         """Drop-in for F.scaled_dot_product_attention on (..., L, D) tensors."""
+        if self.spec.smooth_k:
+            key = key - key.mean(dim=-2, keepdim=True)
+        v_mean = None
+        if self.spec.smooth_v:
+            v_mean = value.mean(dim=-2, keepdim=True)
+            value = value - v_mean
         if self.q is not None:
-            query, key, value = self.q(query), self.k(key), self.v(value)
+            query, key = self._blocked(self.q, query), self._blocked(self.k, key)
+        if self.v is not None:
+            value = self.v(value)
+        out = self._core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if v_mean is None:
+            return out
+        if v_mean.dim() >= 3 and v_mean.shape[-3] != out.shape[-3]:  # grouped-query attention
+            v_mean = v_mean.repeat_interleave(out.shape[-3] // v_mean.shape[-3], -3)
+        return out + v_mean
+
+    def _core(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+              dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
         if self.probs is None:
             return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
