@@ -9,7 +9,7 @@ float trajectory, bit allocation by integer programming under a budget, an ordin
 from .allocate import Allocation, allocate, parse_budget, solve
 from .candidates import DEFAULT_CANDIDATES, FP, Candidate, parse_candidates, quantizable_layers, weight_nbytes
 from .recipe import build_recipe, recipe_yaml, save_heatmap, suggest_exclude, write_recipe
-from .search import SearchResult, measure_pipeline, recipe_nbytes, search
+from .flow import SearchResult, measure_pipeline, recipe_nbytes, search
 from .sensitivity import Sensitivity, measure
 
 __all__ = ["Allocation", "allocate", "parse_budget", "solve", "DEFAULT_CANDIDATES", "FP", "Candidate",

@@ -7,7 +7,7 @@ content[l, c, g] the same relative change of content features (`dmquant.mixed.co
 
 Memory stays bounded: one layer at a time is swapped for its quantized form, which shares the float
 parameters (`from_float`), and swapped back; only the float outputs of the recorded calls are kept.
-A `Sensitivity` saves to safetensors + JSON; `dmquant.mixed.search` caches it under a key of the
+A `Sensitivity` saves to safetensors + JSON; `dmquant.mixed.search` (flow.py) caches it under a key of the
 model's weights, the calibration settings, the candidates and the metrics, so a second budget costs
 only the integer program.
 """
