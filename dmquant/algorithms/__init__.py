@@ -15,6 +15,7 @@ from .hessian import HessianCollector, apply_gptq
 from .reconstruction import DEFAULT_BLOCKS, UnitResult, apply_block_reconstruction, find_units
 from .shortcut import split_shortcuts
 from .temporal import TEMPORAL, calibrate_temporal
+from .vq import VQResult, apply_vq, kmeans, vector_quantize
 from ..transforms import apply_rotation, apply_smoothquant, apply_svd
 from ..finetune import apply_efficientdm, apply_quest, apply_qvgen  # after .reconstruction: it imports it
 
@@ -22,10 +23,10 @@ StepFunction = Callable[..., Any]
 STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges,
                                "adaround": apply_block_reconstruction, "split_shortcut": split_shortcuts,
                                "efficientdm": apply_efficientdm, "quest": apply_quest, "qvgen": apply_qvgen,
-                               "temporal": calibrate_temporal,
+                               "temporal": calibrate_temporal, "vq": apply_vq,
                                "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd}
 
 __all__ = ["gptq", "GPTQResult", "apply_gptq", "HessianCollector", "STEPS", "StepFunction",
            "SoftRounding", "soft_rounding", "layer_rounding", "grid_neighbours", "annealed_beta",
            "apply_block_reconstruction", "find_units", "UnitResult", "DEFAULT_BLOCKS",
-           "split_shortcuts", "calibrate_temporal", "TEMPORAL"]
+           "split_shortcuts", "calibrate_temporal", "TEMPORAL", "vector_quantize", "VQResult", "apply_vq", "kmeans"]

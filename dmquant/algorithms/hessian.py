@@ -59,13 +59,18 @@ class HessianCollector:
             h.remove()
 
 
+def weight_layers(modules: list[nn.Module]) -> dict[str, QuantModule]:
+    """Every weight-quantized Linear/Conv2d of `modules`, keyed "<component index>.<name>"."""
+    return {f"{i}.{n}": m for i, mod in enumerate(modules) for n, m in mod.named_modules()
+            if isinstance(m, QuantModule) and m.weight_quantizer is not None
+            and (not isinstance(m, _QuantConvNd) or m.weight.dim() == 4)}
+
+
 def apply_gptq(modules: list[nn.Module], run: Callable[[], Any], block_size: int = 128, damp: float = 0.01,
                act_order: bool = False) -> dict[str, float]:
     """GPTQ every weight-quantized Linear/Conv2d in `modules`; `run()` feeds calibration data.
     Returns the GPTQ objective per layer."""
-    layers = {f"{i}.{n}": m for i, mod in enumerate(modules) for n, m in mod.named_modules()
-              if isinstance(m, QuantModule) and m.weight_quantizer is not None
-              and (not isinstance(m, _QuantConvNd) or m.weight.dim() == 4)}
+    layers = weight_layers(modules)
     with HessianCollector(layers) as hc, torch.no_grad():
         run()
     losses = {}
