@@ -88,8 +88,11 @@ def _search(pattern: str, name: str) -> bool:
     return re.search(pattern, name) is not None
 
 
-def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, init_scales: bool = True) -> None:
-    """Swap layers per the plan (weights quantized from their current values when init_scales)."""
+def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, init_scales: bool = True,
+               pack: bool = False) -> None:
+    """Swap layers per the plan (weights quantized from their current values when init_scales). With
+    `pack`, each layer drops its float weight right after its swap, so quantizing a large model never
+    holds a second copy of it."""
     for name, step in tqdm(plan.items(), desc="quantize", unit="layer", leave=False, disable=None):
         child = module.get_submodule(name)
         if step.kind == "attention":
@@ -101,10 +104,22 @@ def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, in
         layer = cls.from_float(child, step.weight, step.input, recipe.backend, name, init_scales)
         attach_transforms(layer, step)
         set_path(module, name, layer)
+        del child
+        if pack:
+            layer.pack_weight()
+
+
+def pack_weights(obj: Any) -> Any:
+    """Drop the float master weights of every quantized layer of `obj`, keeping packed codes and scales
+    (what `quantize` does by default once its steps are done; irreversible)."""
+    for module in quantized_components(obj).values():
+        for layer in quant_layers(module).values():
+            layer.pack_weight()
+    return obj
 
 
 def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, backend: str | None = None,
-             timestep_scale: float = 1000.0) -> Any:
+             timestep_scale: float = 1000.0, pack: bool = True) -> Any:
     """Quantize a diffusers pipeline (its denoiser, and any other components the recipe names) or a
     bare model in place, and return it.
 
@@ -117,7 +132,10 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
     from the float model (a `dmquant.calibration.CalibrationSet`: the recipe's defaults, overridden by
     `calibration` given as a dict of settings or a list of prompts); a callable is called with `obj`
     to run representative inputs (the only way for a bare model). `backend` overrides the recipe's
-    ("fake", "fbgemm", "cuda"). `timestep_scale` normalises the denoiser's timestep into the noise
+    ("fake": simulated; "auto": the best kernel per layer, see `dmquant.kernels`; "cpu", "fbgemm",
+    "cuda"). `pack` (default) leaves only packed codes and scales in each layer once the recipe's steps
+    are done; `pack=False` keeps the float masters for further training or float references (then
+    `dmquant.pack_weights(obj)` packs later). `timestep_scale` normalises the denoiser's timestep into the noise
     level per-timestep scales key on (1000 for DDPM-trained and most flow models, 1 for FLUX, whose
     pipeline already passes t / 1000).
     """
@@ -135,7 +153,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
         plan = plan_for(module, recipe)
         if not plan:
             log.warning("recipe %s selects no layers in %s", recipe.name, path)
-        apply_plan(module, plan, recipe)
+        apply_plan(module, plan, recipe, pack=pack and runner is None)
         scale = timestep_scale if path in (*DENOISER_ATTRS, BARE) else None
         module.dmquant_state = QuantState(recipe, plan, timestep_scale=scale)
         track_timesteps(module, scale)
@@ -145,7 +163,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
         calib_info["seconds"] = round(time.perf_counter() - t0, 3)
     for module in components.values():
         module.dmquant_state.provenance = provenance(recipe, calibration=calib_info)
-    return obj
+    return pack_weights(obj) if pack else obj
 
 
 def _calibrate(obj: Any, recipe: Recipe, runner: Any, modules: list[nn.Module]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from .granularity import PerGroup, PerToken, parse_granularity
 from .observers import parse_observer
 
 RECIPE_VERSION = 1
-BACKENDS = ("fake", "fbgemm", "cuda")
+BACKENDS = ("fake", "auto", "cpu", "fbgemm", "cuda")  # "fbgemm": the CPU int GEMM only (older name)
 COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")
 
 

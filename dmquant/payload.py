@@ -1,8 +1,9 @@
 """The stored form of a quantized weight: packed codes plus compactly encoded scales.
 
-Codes are bit-packed at the format's width; MX scales are stored as E8M0 bytes and NVFP4 block scales
-as e4m3 bytes (both exact), other scales as float32, zero points as bytes. Decoding reproduces the
-in-memory weight bit for bit, so a loaded model computes exactly what the saved one did.
+Codes are bit-packed at the format's width (the same bytes a packed layer holds in memory); MX scales
+are stored as E8M0 bytes and NVFP4 block scales as e4m3 bytes (both exact), other scales as float32
+(float16 where lossless), zero points as bytes. Loading hands the codes to the layer as they are, so a
+loaded model computes exactly what the saved one did and never materialises a float weight.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from .config import QuantSpec
 from .formats import BlockFormat, e8m0_decode, e8m0_encode, get_format
 from .nn.qmodule import QuantModule
-from .packing import pack, packed_nbytes, unpack
-from .primitives import QParams, dequantize, element_format
+from .packing import pack, packed_nbytes
+from .primitives import QParams, element_format
 
 E4M3 = get_format("fp8_e4m3")
 
@@ -27,9 +28,12 @@ def encode_weight(layer: QuantModule, prefix: str) -> dict[str, torch.Tensor]:
     """Tensors that replace `{prefix}weight` and the weight quantizer's buffers in a state dict."""
     wq = layer.weight_quantizer
     spec, qp = wq.spec, wq.qparams
-    codes = element_format(spec.fmt, spec.symmetric).encode(wq.codes(layer.weight.detach()))
+    if layer.is_packed:
+        packed = layer.weight_packed
+    else:
+        packed = pack(element_format(spec.fmt, spec.symmetric).encode(layer.weight_codes()), spec.bits)
     q = f"{prefix}weight_quantizer."
-    out = {f"{prefix}weight.packed": pack(codes, spec.bits)}
+    out = {f"{prefix}weight.packed": packed}
     kind = _scale_codec(spec.fmt)
     if kind == "e8m0":
         out[q + "scale.e8m0"] = e8m0_encode(qp.scale)
@@ -50,9 +54,8 @@ def _compact(scale: torch.Tensor) -> torch.Tensor:
     return half if torch.equal(half.float(), scale) else scale
 
 
-def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], shape: list[int],
-                  dtype: torch.dtype) -> None:
-    """Replace the layer's payload in `state` by its plain form: the weight and float scale buffers."""
+def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """Replace the layer's scales in `state` by float buffers and return its packed codes (checked)."""
     q = f"{prefix}weight_quantizer."
     if q + "scale.e8m0" in state:
         scale = e8m0_decode(state.pop(q + "scale.e8m0"))
@@ -65,9 +68,12 @@ def decode_weight(spec: QuantSpec, prefix: str, state: dict[str, torch.Tensor], 
     state[q + "scale"] = qp.scale
     if qp.zero_point is not None:
         state[q + "zero_point"] = qp.zero_point
-    codes = unpack(state.pop(f"{prefix}weight.packed"), spec.bits, math.prod(shape))
-    values = element_format(spec.fmt, spec.symmetric).decode(codes).reshape(shape[0], -1)
-    state[f"{prefix}weight"] = dequantize(values, spec.gran, qp, dtype).reshape(shape)
+    packed = state.pop(f"{prefix}weight.packed")
+    expected = packed_nbytes(math.prod(shape), spec.bits)
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(f"corrupt checkpoint: {prefix}weight.packed has {packed.numel()} {packed.dtype} values, "
+                         f"expected {expected} uint8 for {shape} at {spec.bits} bits")
+    return packed
 
 
 def extra_nbytes(layer: QuantModule) -> int:
@@ -80,10 +86,11 @@ def extra_nbytes(layer: QuantModule) -> int:
 def weight_nbytes(layer: QuantModule) -> int:
     """Bytes of the stored weight payload (codes + scales + `extra_nbytes`), without building it."""
     wq = layer.weight_quantizer
+    numel = math.prod(layer.weight_shape)
     if wq is None:
-        return layer.weight.numel() * layer.weight.element_size() + extra_nbytes(layer)
+        return numel * layer.weight_dtype.itemsize + extra_nbytes(layer)
     qp = wq.qparams
     scale_bytes = 1 if _scale_codec(wq.spec.fmt) != "float32" else _compact(qp.scale.float()).element_size()
-    n = packed_nbytes(layer.weight.numel(), wq.spec.bits) + qp.scale.numel() * scale_bytes
+    n = packed_nbytes(numel, wq.spec.bits) + qp.scale.numel() * scale_bytes
     n += 0 if qp.zero_point is None else qp.zero_point.numel()
     return n + (0 if qp.tensor_scale is None else 4) + extra_nbytes(layer)

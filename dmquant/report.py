@@ -1,6 +1,7 @@
-"""`report(obj)`: per-layer formats and the model's bytes, as a readable table."""
+"""`report(obj)`: per-layer formats, the kernel each layer runs, and the model's bytes, as a table."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ class LayerRow:
     params: int
     fp_bytes: int
     quant_bytes: int
+    kernel: str = ""
 
 
 @dataclass
@@ -33,15 +35,23 @@ class QuantReport:
     def compression(self) -> float:
         return self.fp_bytes / max(self.quant_bytes, 1)
 
+    def kernels(self) -> dict[str, int]:
+        """How many layers run on each kernel (or simulated, with the reason)."""
+        counts: dict[str, int] = {}
+        for r in self.rows:
+            counts[r.kernel] = counts.get(r.kernel, 0) + 1
+        return counts
+
     def __str__(self) -> str:
-        head = ("component", "layer", "type", "weight", "input", "params", "bytes fp", "bytes q")
-        body = [(r.component, r.name, r.kind, r.weight, r.input, f"{r.params:,}", _mb(r.fp_bytes), _mb(r.quant_bytes))
-                for r in self.rows]
+        head = ("component", "layer", "type", "weight", "input", "params", "bytes fp", "bytes q", "kernel")
+        body = [(r.component, r.name, r.kind, r.weight, r.input, f"{r.params:,}", _mb(r.fp_bytes), _mb(r.quant_bytes),
+                 r.kernel) for r in self.rows]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [line(head), line("-" * w for w in widths), *map(line, body)]
         out.append(f"\n{len(self.rows)} quantized layers; model {_mb(self.fp_bytes)} -> {_mb(self.quant_bytes)} "
                    f"({self.compression:.2f}x smaller)")
+        out += [f"  {n:4d} x {k}" for k, n in self.kernels().items()]
         return "\n".join(out)
 
 
@@ -53,33 +63,40 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _float_and_quantizer_bytes(module: nn.Module) -> tuple[int, int]:
-    """Bytes of the float model (quantizer buffers excluded), and of activation-quantizer buffers
-    (weight-quantizer scales are counted in each layer's stored payload instead)."""
-    act = sum(_nbytes(q.buffers()) for n, q in module.named_modules()
-              if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
-    weights = sum(_nbytes(q.buffers()) for q in module.modules()
-                  if isinstance(q, TensorQuantizer) and q.channel_axis is None)
-    return _nbytes(module.parameters()) + _nbytes(module.buffers()) - act - weights, act
+def _held_bytes(module: nn.Module) -> tuple[int, int]:
+    """Bytes the component holds outside its quantized weights (weight masters or packed codes and
+    weight-quantizer scales excluded), and of those the activation-quantizer buffers."""
+    skip = set()
+    for layer in quant_layers(module).values():
+        if layer.weight_quantizer is not None:
+            skip |= {id(t) for t in layer.weight_quantizer.buffers()}
+            skip |= {id(t) for t in (layer._parameters.get("weight"), layer._buffers.get("weight_packed")) if t is not None}
+    act = sum(_nbytes(q.buffers()) for q in module.modules() if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
+    held = _nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in skip)
+    return held, act
 
 
 def report(obj: Any) -> QuantReport:
-    """Per-layer formats and sizes of every quantized component of `obj`."""
+    """Per-layer formats, sizes and kernels of every quantized component of `obj`."""
     rep = QuantReport()
     for path, module in quantized_components(obj).items():
-        total, act_bytes = _float_and_quantizer_bytes(module)
-        saved = extras = 0  # transform extras are counted in each layer's payload, not in the float model
+        held, act_bytes = _held_bytes(module)
+        quantized_fp = quantized_q = extras = 0  # transform extras are counted in each layer's payload
         for name, layer in quant_layers(module).items():
+            numel = math.prod(layer.weight_shape)
+            fp_row, q_row = numel * layer.weight_dtype.itemsize, weight_nbytes(layer)
             extras += extra_nbytes(layer)
-            w = layer.weight
-            fp, q = w.numel() * w.element_size(), weight_nbytes(layer)
-            saved += fp - q
+            if layer.weight_quantizer is None:  # input-only: its float weight is counted in `held`
+                quantized_q += extra_nbytes(layer)
+            else:
+                quantized_fp += fp_row
+                quantized_q += q_row
             spec = lambda s: s.short() if s is not None else "-"  # noqa: E731
             wq, iq = layer.weight_quantizer, layer.input_quantizer
             rep.rows.append(LayerRow(path, name, type(layer).__name__, spec(wq and wq.spec), spec(iq and iq.spec),
-                                     w.numel(), fp, q))
-        rep.fp_bytes += total - extras
-        rep.quant_bytes += total - extras - saved + act_bytes
+                                     numel, fp_row, q_row, layer.kernel_name()))
+        rep.fp_bytes += held - act_bytes - extras + quantized_fp
+        rep.quant_bytes += held - extras + quantized_q
     if not rep.rows:
         raise ValueError("nothing quantized: call dmquant.quantize first")
     return rep

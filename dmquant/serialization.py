@@ -101,10 +101,12 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
             if layer.weight_quantizer is None:
                 continue
             full = f"{prefix}{name}."
-            for key in [k for k in state if k.startswith(full + "weight_quantizer.")] + [full + "weight"]:
+            for key in [k for k in state if k.startswith(full + "weight_quantizer.")]:
                 state.pop(key)
+            state.pop(full + "weight", None)
+            state.pop(full + "weight_packed", None)
             state.update(encode_weight(layer, full))
-            layers[name] = {"shape": list(layer.weight.shape), "dtype": str(layer.weight.dtype).removeprefix("torch.")}
+            layers[name] = {"shape": list(layer.weight_shape), "dtype": str(layer.weight_dtype).removeprefix("torch.")}
         entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": _plan_to_json(st.plan),
                                "weights": layers, "provenance": st.provenance, "timestep_scale": st.timestep_scale}
     save_file(_unshared(state), str(folder / WEIGHTS), metadata={"format": "dmquant"})
@@ -134,18 +136,25 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # -- loading ------------------------------------------------------------------------------------
-def load_quantized(directory: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu") -> Any:
-    """Load what `save_quantized` wrote. For a model that is neither a diffusers nor a transformers
-    model, pass a float skeleton of the same architecture as `model`."""
+def load_quantized(directory: str | Path, model: nn.Module | None = None, device: str | torch.device = "cpu",
+                   torch_dtype: torch.dtype | None = None, backend: str | None = None) -> Any:
+    """Load what `save_quantized` wrote: layers receive their packed codes directly (no float weight
+    is ever built). `torch_dtype` casts the float parts and the activations (e.g. torch.bfloat16, which
+    weight-only kernels need); `backend` replaces the saved one ("auto" picks kernels per layer). For a
+    model that is neither a diffusers nor a transformers model, pass a float skeleton as `model`."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
     verify_tree(directory, manifest.get("files", {}))
-    loaded = {top: _load_component(directory / top, entry, model if top == BARE else None)
+    loaded = {top: _load_component(directory / top, entry, model if top == BARE else None, backend)
               for top, entry in manifest["components"].items()}
     if manifest["kind"] == "model":
-        return loaded[BARE].to(device)
+        return loaded[BARE].to(device) if torch_dtype is None else loaded[BARE].to(device, torch_dtype)
     diffusers = importlib.import_module("diffusers")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(directory, local_files_only=True, **loaded)
+    extra = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(directory, local_files_only=True, **loaded, **extra)
+    if torch_dtype is not None:
+        for comp in loaded.values():
+            comp.to(dtype=torch_dtype)
     return pipe.to(device)
 
 
@@ -164,7 +173,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | None) -> nn.Module:
+def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | None,
+                    backend: str | None = None) -> nn.Module:
     try:
         state = {k: _aligned(v) for k, v in load_file(str(folder / WEIGHTS)).items()}
     except (SafetensorError, OSError) as err:
@@ -173,6 +183,8 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
     for sub, part in entry["parts"].items():
         target = module.get_submodule(sub) if sub else module
         recipe = Recipe.from_dict(part["recipe"])
+        if backend is not None:
+            recipe = recipe.replace(backend=backend)
         plan = _plan_from_json(part["plan"])
         try:
             apply_plan(target, plan, recipe, init_scales=False)
@@ -180,7 +192,11 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
             raise ValueError(f"checkpoint does not match the model: {err}") from err
         prefix = f"{sub}." if sub else ""
         for name, meta in part["weights"].items():
-            decode_weight(plan[name].weight, f"{prefix}{name}.", state, meta["shape"], getattr(torch, meta["dtype"]))
+            layer = target.get_submodule(name)
+            packed = decode_weight(plan[name].weight, f"{prefix}{name}.", state, meta["shape"])
+            layer.adopt_packed(packed)
+            state[f"{prefix}{name}.weight_packed"] = packed
+            layer.weight_shape, layer.weight_dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}), part.get("timestep_scale"))
         track_timesteps(target, part.get("timestep_scale"))
     _restore_quantizer_buffers(module, state)

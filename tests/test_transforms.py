@@ -94,7 +94,7 @@ CASES = {
 def test_transforms_keep_float_outputs(family):
     model, run = _family(family)
     ref = run(model)
-    dmquant.quantize(model, _recipe("w4a4", *CASES[family]), calibration=run)
+    dmquant.quantize(model, _recipe("w4a4", *CASES[family]), calibration=run, pack=False)
     with quantization_disabled(model):
         assert _rel(run(model), ref) < 1e-5
     plan = model.dmquant_state.plan.values()
@@ -137,7 +137,7 @@ def test_svd_residual_is_the_spectral_tail_and_error_drops_with_rank():
     errors = []
     for r in (0, 4, 16, 32):
         q = copy.deepcopy(model)
-        dmquant.quantize(q, _recipe("w4a16", ("svd", {"rank": r})), calibration=lambda m: m(x))
+        dmquant.quantize(q, _recipe("w4a16", ("svd", {"rank": r})), calibration=lambda m: m(x), pack=False)
         residual = q[0].weight.detach().double()
         assert float(residual.norm()) == pytest.approx(float(sv[r:].norm()), rel=1e-5)
         with torch.no_grad(), quantization_disabled(q):
@@ -197,7 +197,7 @@ def test_lora_merges_through_transforms_and_unmerges_exactly():
     want = run(_merged_float(model, lora, scale=0.5))
     fp = run(model)
     dmquant.quantize(model, _recipe("w8a8", ("smoothquant", {"alpha": 0.5}), ("rotate", {}), ("svd", {"rank": 8})),
-                     calibration=run)
+                     calibration=run, pack=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     base_out = run(model)
     merged = merge_lora(model, lora, name="style", scale=0.5)
@@ -226,7 +226,8 @@ def test_lora_from_peft_matches_peft():
     with_lora.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj_in", "conv1"],
                                           init_lora_weights=False))
     want, fp = run(with_lora), run(model)
-    dmquant.quantize(model, _recipe("w8a8", ("smoothquant", {"alpha": 0.5}), ("svd", {"rank": 8})), calibration=run)
+    dmquant.quantize(model, _recipe("w8a8", ("smoothquant", {"alpha": 0.5}), ("svd", {"rank": 8})), calibration=run,
+                     pack=False)
     q_err = _rel(run(model), fp)
     merge_lora(model, get_peft_model_state_dict(with_lora), scale=8 / 4)
     with quantization_disabled(model):

@@ -1,13 +1,21 @@
-"""Real low-bit kernels behind the `backend` option: "fbgemm" (CPU int8), "cuda" (GPU int8 / fp8).
+"""Real low-bit kernels and the one table that picks them per layer.
 
-A `Kernel` has tensor-level functions (`prepack_linear`/`linear`, `prepack_conv`/`conv`, each with a
-`supports_*` check) and the module protocol `QuantModule.kernel_forward` calls: `unsupported_reason`,
-`prepare` (pack the layer's own codes and scales) and `run`. Layers a kernel cannot run stay on
-fake quantization, the reference. Packed weights are not serializable: modules rebuild them lazily.
+A quantized layer's `backend` names a set of kernels (`BACKENDS`); `select_kernel` tries them in order
+and the first that accepts the layer's (weight format, activation format, device, input dtype) runs
+it. Layers no kernel accepts run simulated (fake quantization of packed codes decoded per call), and
+`report()` / `dmquant info` say so per layer, with the reason.
 
-    >>> kernel = get_kernel("fbgemm")
-    >>> packed = kernel.prepack_linear(codes, scale, bias)   # int8 (out, in), (out,) scales
-    >>> y = kernel.linear(x, packed)                          # dynamic per-token int8 activations
+| backend  | kernels, best first                                                                         |
+|----------|---------------------------------------------------------------------------------------------|
+| fake     | none: the simulated reference                                                               |
+| fbgemm   | cpu-int: int2-8 weights x int2-8 activations on the CPU int8 GEMM (oneDNN, else fbgemm)      |
+| cpu      | cpu-int, then cpu-weight-only: int4 (groups) / int8 weights with bf16/fp16 activations      |
+| cuda     | cuda-int8 (`torch._int_mm`), cuda-fp8 (`torch._scaled_mm`)                                   |
+| auto     | the kernels of the device the weights are on                                                |
+
+Each kernel has tensor-level functions (tested against float64 references) and the module protocol
+`unsupported_reason(layer, dtype)`, `prepare(layer)`, `run(layer, packed, x)`, `describe(layer)`.
+Packed kernel weights are not serializable: layers rebuild them lazily from their stored codes.
 """
 from __future__ import annotations
 
@@ -16,37 +24,39 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpu, cuda
+from . import cpu, cuda, weight_only
+from ..granularity import PerChannel, PerTensor, PerToken
+
+
+def _is_linear(layer: Any) -> bool:
+    return hasattr(layer, "in_features")
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One backend: tensor-level kernels plus the adapter from quantized layers to them."""
+    """Weight x activation GEMM kernels of one device, with the adapter from quantized layers to them."""
 
     name: str
     device: str  # where the layer's weights must live
-    formats: tuple[str, ...]  # weight = activation formats the kernel multiplies
+    formats: tuple[str, ...]  # formats both operands may have
     available: Callable[[], bool]
     supports_linear: Callable[[int, int, str], str | None]  # (in, out, format)
     prepack_linear: Callable[..., Any]
-    linear: Callable[..., torch.Tensor]  # (x, packed, input_scale=None, granularity="token")
+    linear: Callable[..., torch.Tensor]  # (x, packed, input_scale=None, granularity="token", ...)
     supports_conv: Callable[..., str | None] | None = None
     prepack_conv: Callable[..., Any] | None = None
-    conv: Callable[..., torch.Tensor] | None = None  # (x, packed, input_scale=None)
+    conv: Callable[..., torch.Tensor] | None = None  # (x, packed, input_scale=None, ...)
+    label: str = ""
 
-    # -- module protocol (dmquant.nn.QuantModule.kernel_forward) ----------------------------------
-    def unsupported_reason(self, layer: Any) -> str | None:
+    def unsupported_reason(self, layer: Any, dtype: torch.dtype | None = None) -> str | None:
         """Why `layer` cannot run on this kernel (None when it can)."""
-        from ..granularity import PerChannel, PerTensor, PerToken
-        from ..nn.qconv import _QuantConvNd
-        from ..nn.qlinear import QuantLinear
-
         wq, iq = layer.weight_quantizer, layer.input_quantizer
         if wq is None or iq is None:
             return "needs both weight and input quantization"
         w, a = wq.spec, iq.spec
-        if not (w.symmetric and a.symmetric and w.format == a.format and w.format in self.formats):
-            return f"needs symmetric {' or '.join(self.formats)} weights and activations of the same format"
+        same_family = w.format == a.format or (w.format.startswith("int") and a.format.startswith("int"))
+        if not (w.symmetric and a.symmetric and same_family and w.format in self.formats and a.format in self.formats):
+            return f"needs symmetric {'/'.join(self.formats)} weights and activations"
         if not isinstance(w.gran, (PerChannel, PerTensor)):
             return f"weights must be quantized per channel or per tensor, not {w.granularity}"
         if not isinstance(a.gran, (PerToken, PerTensor)):
@@ -55,62 +65,125 @@ class Kernel:
             return "a split-shortcut input has two activation scales"
         if not self.available():
             return f"the {self.name} kernels are not available here"
-        if layer.weight.device.type != self.device:
-            return f"the layer's weights are on {layer.weight.device.type}, the kernel runs on {self.device}"
-        if isinstance(layer, QuantLinear):
+        if layer.weight_device.type != self.device:
+            return f"the layer's weights are on {layer.weight_device.type}, the kernel runs on {self.device}"
+        if _is_linear(layer):
             return self.supports_linear(layer.in_features, layer.out_features, w.format)
-        if isinstance(layer, _QuantConvNd):
-            if self.supports_conv is None:
-                return f"the {self.name} backend has no convolution kernel"
-            if isinstance(a.gran, PerToken):
-                return "per-pixel activation scales do not factor out of a convolution (use granularity: tensor)"
-            return self.supports_conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.groups,
-                                      layer.padding_mode)
-        return f"no {self.name} kernel for {type(layer).__name__}"
+        if self.supports_conv is None:
+            return f"the {self.name} backend has no convolution kernel"
+        if isinstance(a.gran, PerToken):
+            return "per-pixel activation scales do not factor out of a convolution (use granularity: tensor)"
+        return self.supports_conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.groups,
+                                  layer.padding_mode)
 
     def prepare(self, layer: Any) -> Any:
         """Pack the layer's weight codes and scales (exactly what fake quantization uses)."""
         wq = layer.weight_quantizer
-        codes = wq.codes(layer.weight.detach()).reshape(layer.weight.shape)
-        if wq.spec.format == "int8":
+        codes = layer.weight_codes().reshape(layer.weight_shape)
+        if wq.spec.format.startswith("int"):
             codes = codes.to(torch.int8)
-        scale = wq.scale.detach().reshape(-1)
-        if hasattr(layer, "in_features"):
+        scale = wq.scale.detach().float().reshape(-1)
+        if _is_linear(layer):
             return self.prepack_linear(codes, scale, layer.bias)
         assert self.prepack_conv is not None
         return self.prepack_conv(codes, scale, layer.bias, layer.stride, layer.padding, layer.dilation,
                                  layer.groups, layer.padding_mode)
 
-    def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
-        from ..granularity import PerToken
+    def _int_options(self, layer: Any) -> dict[str, Any]:
+        w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
+        if self.device != "cpu":
+            return {}
+        return {"act_bits": a.bits, "reduce_range": cpu.needs_reduce_range(w.bits, a.bits)}
 
+    def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
         iq = layer.input_quantizer
         scale = None if iq.spec.dynamic else iq.qparams.scale
-        if hasattr(layer, "in_features"):
-            return self.linear(x, packed, scale, "token" if isinstance(iq.spec.gran, PerToken) else "tensor")
+        if _is_linear(layer):
+            gran = "token" if isinstance(iq.spec.gran, PerToken) else "tensor"
+            return self.linear(x, packed, scale, gran, **self._int_options(layer))
         assert self.conv is not None
-        return self.conv(x, packed, scale)
+        return self.conv(x, packed, scale, **self._int_options(layer))
+
+    def describe(self, layer: Any) -> str:
+        w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
+        text = f"W{w.bits}A{a.bits} {self.label}"
+        if self.device == "cpu" and cpu.needs_reduce_range(w.bits, a.bits):
+            text += " (7-bit activations: no VNNI)"
+        return text
 
 
-KERNELS: dict[str, Kernel] = {
-    cpu.NAME: Kernel(cpu.NAME, "cpu", ("int8",), lambda: cpu.onednn_available() or cpu.fbgemm_available(),
+@dataclass(frozen=True)
+class WeightOnlyKernel:
+    """Weight-only low-bit matmuls: codes stay packed, activations stay 16-bit."""
+
+    name: str = "cpu-weight-only"
+    device: str = "cpu"
+
+    def available(self) -> bool:
+        return weight_only.available()
+
+    def unsupported_reason(self, layer: Any, dtype: torch.dtype | None = None) -> str | None:
+        if layer.weight_device.type != self.device:
+            return f"the layer's weights are on {layer.weight_device.type}, the kernel runs on {self.device}"
+        return weight_only.unsupported_reason(layer, dtype or layer.weight_dtype)
+
+    def prepare(self, layer: Any) -> Any:
+        return weight_only.prepare(layer, torch.bfloat16 if layer.weight_dtype not in weight_only.HALF
+                                   else layer.weight_dtype)
+
+    def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
+        return weight_only.linear(x.to(packed.scales.dtype), packed).to(x.dtype)
+
+    def describe(self, layer: Any) -> str:
+        return f"W{layer.weight_quantizer.spec.bits}A16 weight-only (aten int{layer.weight_quantizer.spec.bits}pack)"
+
+
+_CPU_LABEL = "int8 GEMM (oneDNN)" if cpu.onednn_available() else "int8 GEMM (fbgemm)"
+KERNELS: dict[str, Any] = {
+    "fbgemm": Kernel("fbgemm", "cpu", cpu.INT_FORMATS, lambda: cpu.onednn_available() or cpu.fbgemm_available(),
                      cpu.supports_linear, cpu.prepack_linear, cpu.int8_linear,
-                     cpu.supports_conv, cpu.prepack_conv, cpu.int8_conv),
+                     cpu.supports_conv, cpu.prepack_conv, cpu.int8_conv, label=_CPU_LABEL),
+    "cpu-weight-only": WeightOnlyKernel(),
     cuda.NAME: Kernel(cuda.NAME, "cuda", ("int8", "fp8_e4m3"), cuda.cuda_available,
-                      cuda.supports_linear, cuda.prepack_linear, cuda.linear),
+                      cuda.supports_linear, cuda.prepack_linear, cuda.linear, label="GPU int8/fp8 GEMM"),
+}
+# Backend name (a recipe's or quantize()'s `backend`) -> kernels to try, best first.
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "fake": (),
+    "fbgemm": ("fbgemm",),
+    "cpu": ("fbgemm", "cpu-weight-only"),
+    "cuda": (cuda.NAME,),
+    "auto": ("fbgemm", "cpu-weight-only", cuda.NAME),
 }
 
 
-def get_kernel(backend: str) -> Kernel:
-    """The kernel for a backend name ("fake" has none: it is the module's own forward)."""
-    if backend not in KERNELS:
-        raise ValueError(f"unknown kernel backend {backend!r}; use one of {['fake', *KERNELS]}")
-    return KERNELS[backend]
+def select_kernel(layer: Any, dtype: torch.dtype) -> tuple[Any | None, str]:
+    """(kernel, "") for the first kernel of the layer's backend that accepts it, else (None, why not)."""
+    names = BACKENDS.get(layer.backend)
+    if names is None:
+        raise ValueError(f"unknown kernel backend {layer.backend!r}; use one of {list(BACKENDS)}")
+    if layer.backend == "auto":  # only the kernels of the device the weights are on
+        names = tuple(n for n in names if KERNELS[n].device == layer.weight_device.type)
+    reasons = []
+    for name in names:
+        reason = KERNELS[name].unsupported_reason(layer, dtype)
+        if reason is None:
+            return KERNELS[name], ""
+        reasons.append(reason)
+    return None, "; ".join(dict.fromkeys(reasons)) or "no kernel for this device"
+
+
+def get_kernel(name: str) -> Any:
+    """A kernel by name ("fake" has none: it is the module's own forward)."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel backend {name!r}; use one of {['fake', *KERNELS]}")
+    return KERNELS[name]
 
 
 def available_backends() -> list[str]:
     """Backends that can run here; "fake" (simulated quantization) always can."""
-    return ["fake", *(name for name, k in KERNELS.items() if k.available())]
+    return ["fake", *(b for b, names in BACKENDS.items() if any(KERNELS[n].available() for n in names))]
 
 
-__all__ = ["Kernel", "KERNELS", "get_kernel", "available_backends", "cpu", "cuda"]
+__all__ = ["Kernel", "WeightOnlyKernel", "KERNELS", "BACKENDS", "select_kernel", "get_kernel",
+           "available_backends", "cpu", "cuda", "weight_only"]

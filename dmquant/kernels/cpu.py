@@ -19,11 +19,14 @@ Numerics, compared with dmquant's fake quantization (the reference):
   scale, the GEMM runs with scale 1 and the output rows are multiplied by their scale afterwards.
   Accumulation is exact int32, so outputs differ from a float64 reference computed from the same
   codes only by fp32 rounding of the rescaling (relative ~1e-7).
+- Narrower integers (W4A8, W4A4, any int2-int8 weights and activations) run on the same GEMM: their
+  codes are int8 values, and activations use the zero point 2**(bits-1) so uint8 codes stay small.
 - reduce_range: without VNNI, AVX2 int8 kernels sum pairs of u8*s8 products in int16 (vpmaddubsw),
   which saturates for large uint8 values (255*127*2 > 32767). There activations use a 7-bit grid
   (step 2s, zero point 64, uint8 codes <= 128, so pair sums fit int16 for any int8 weight), as
   PyTorch's x86 qconfig does: one bit coarser than the reference, never wrong. VNNI CPUs accumulate
-  in int32 and keep all 8 bits. `reduce_range=None` picks this from the CPU.
+  in int32 and keep all 8 bits. `reduce_range=None` picks this from the CPU. Only int8 x int8 can
+  saturate (`needs_reduce_range`): W4A8 and W4A4 keep the full grid on every CPU.
 - `int8_linear_fbgemm_dynamic` is fbgemm's own dynamic linear (`quantized.linear_dynamic`, one
   asymmetric uint8 range per call): it matches no dmquant recipe and exists for the benchmark.
 
@@ -45,6 +48,7 @@ from .common import ActGranularity, channel_scale, dynamic_scale
 
 NAME = "fbgemm"
 MAX_IN_FEATURES = 131072  # K * 128 * 127 must fit the int32 accumulator
+INT_FORMATS = tuple(f"int{b}" for b in range(2, 9))
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -64,9 +68,10 @@ def vnni_available() -> bool:
 
 
 def supports_linear(in_features: int, out_features: int, fmt: str = "int8") -> str | None:
-    """Why a linear of this size and format cannot run here (None when it can)."""
-    if fmt != "int8":
-        return f"the CPU kernels multiply int8 only, not {fmt}"
+    """Why a linear of this size and format cannot run here (None when it can); `fmt` is the
+    integer format of both operands (any int2-int8 code fits the int8 GEMM)."""
+    if fmt not in INT_FORMATS:
+        return f"the CPU kernels multiply int2-int8 codes, not {fmt}"
     if not (onednn_available() or fbgemm_available()):
         return "this torch build has neither oneDNN nor fbgemm int8 kernels"
     if in_features < 1 or out_features < 1:
@@ -91,25 +96,36 @@ def supports_conv(in_channels: int, out_channels: int, kernel_size: Sequence[int
 
 
 # -- activations -------------------------------------------------------------------------------
-def _grid(reduce_range: bool | None) -> tuple[float, int]:
-    """(activation step in units of the 8-bit scale, uint8 zero point); see the module docstring."""
-    reduced = not vnni_available() if reduce_range is None else reduce_range
-    return (2.0, 64) if reduced else (1.0, 128)
+def _grid(reduce_range: bool | None, bits: int = 8) -> tuple[float, int, int]:
+    """(activation step in units of the scale, uint8 zero point, largest uint8 code) for `bits`-wide
+    symmetric activations; see the module docstring for the reduced 7-bit grid of 8-bit ones."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"the int8 kernels take 2-8 bit activations, got {bits}")
+    reduced = bits == 8 and (not vnni_available() if reduce_range is None else reduce_range)
+    if reduced:
+        return 2.0, 64, 128
+    return 1.0, 2 ** (bits - 1), 2**bits - 1
 
 
-def _uint8_codes(x: torch.Tensor, scale: torch.Tensor | float, zero_point: int) -> torch.Tensor:
-    """clamp(round(x / scale) + zp) as uint8: the reference's rounding (division, half to even)."""
-    hi = 255 if zero_point == 128 else 128  # 7-bit grid: codes <= 128 keep int16 pair sums exact
+def needs_reduce_range(weight_bits: int, act_bits: int) -> bool:
+    """Without VNNI, u8*s8 pair sums saturate int16 only for 8-bit activations times 8-bit weights
+    (255 * 2**(b-1) * 2 > 32767 needs b = 8): narrower codes run on the full grid, exactly."""
+    return act_bits == 8 and weight_bits == 8 and not vnni_available()
+
+
+def _uint8_codes(x: torch.Tensor, scale: torch.Tensor | float, zero_point: int, hi: int) -> torch.Tensor:
+    """clamp(round(x / scale) + zp, 0, hi) as uint8: the reference's rounding (division, half to even)."""
     return torch.div(x.float(), scale).round_().add_(zero_point).clamp_(0, hi).to(torch.uint8)
 
 
 def _input_scale(x: torch.Tensor, input_scale: torch.Tensor | float | None,
-                 granularity: ActGranularity) -> torch.Tensor | float:
+                 granularity: ActGranularity, bits: int = 8) -> torch.Tensor | float:
     """Static scalar, or dynamic (M, 1) per-token / scalar per-tensor symmetric scale."""
     if input_scale is None:
+        qmax = 2.0 ** (bits - 1) - 1
         if granularity == "token":
-            return dynamic_scale(x.reshape(-1, x.shape[-1]), "token", 127.0)
-        return float(dynamic_scale(x, "tensor", 127.0))
+            return dynamic_scale(x.reshape(-1, x.shape[-1]), "token", qmax)
+        return float(dynamic_scale(x, "tensor", qmax))
     s = float(input_scale)
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"static input scale must be finite and positive, got {s}")
@@ -179,9 +195,9 @@ def prepack_linear(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch
 
 
 def _linear_int(x2: torch.Tensor, packed: PackedLinear, div: torch.Tensor | float, x_scale: float, zp: int,
-                with_bias: bool) -> torch.Tensor:
+                hi: int, with_bias: bool) -> torch.Tensor:
     """fp32 x_scale * w_scale * (codes(x2 / div) @ codes(W).T) (+ bias) for a 2-D view."""
-    q = _uint8_codes(x2, div, zp)
+    q = _uint8_codes(x2, div, zp, hi)
     bias = packed.bias if with_bias else None
     if packed.impl == "onednn":
         zeros = torch.zeros(packed.out_features, dtype=torch.long)  # tiny; symmetric weights
@@ -194,19 +210,21 @@ def _linear_int(x2: torch.Tensor, packed: PackedLinear, div: torch.Tensor | floa
 
 
 def int8_linear(x: torch.Tensor, packed: PackedLinear, input_scale: torch.Tensor | float | None = None,
-                granularity: ActGranularity = "token", reduce_range: bool | None = None) -> torch.Tensor:
-    """W8A8 linear of `x` (..., in): static symmetric int8 `input_scale`, or dynamic per token/tensor."""
+                granularity: ActGranularity = "token", reduce_range: bool | None = None,
+                act_bits: int = 8) -> torch.Tensor:
+    """Integer linear of `x` (..., in) on the int8 GEMM: symmetric `act_bits`-wide activations with a
+    static `input_scale`, or dynamic per token/tensor (W8A8, and W4A8 / W4A4 with int4 codes)."""
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the packed linear expects {packed.in_features}")
-    step, zp = _grid(reduce_range)
+    step, zp, hi = _grid(reduce_range, act_bits)
     x2 = x.detach().reshape(-1, packed.in_features)
-    scale = _input_scale(x2, input_scale, granularity)
+    scale = _input_scale(x2, input_scale, granularity, act_bits)
     if isinstance(scale, torch.Tensor):  # per token: GEMM with scale 1, then rescale the output rows
         row = scale * step
-        y = _linear_int(x2, packed, row, 1.0, zp, with_bias=False)
+        y = _linear_int(x2, packed, row, 1.0, zp, hi, with_bias=False)
         y = y.mul_(row) if packed.bias is None else torch.addcmul(packed.bias, y, row)
     else:
-        y = _linear_int(x2, packed, scale * step, scale * step, zp, with_bias=True)
+        y = _linear_int(x2, packed, scale * step, scale * step, zp, hi, with_bias=True)
     return y.reshape(*x.shape[:-1], packed.out_features).to(x.dtype)
 
 
@@ -287,7 +305,7 @@ def prepack_conv(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch.T
 
 
 def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | float | None = None,
-              reduce_range: bool | None = None) -> torch.Tensor:
+              reduce_range: bool | None = None, act_bits: int = 8) -> torch.Tensor:
     """W8A8 convolution of `x` (N, C, *S) or unbatched (C, *S); per-tensor static or dynamic input scale.
 
     oneDNN computes channels-last; the output is made contiguous like F.conv2d's, because diffusers
@@ -297,12 +315,12 @@ def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | f
     xb = x.detach().unsqueeze(0) if unbatched else x.detach()
     if xb.dim() != nd + 2 or xb.shape[1] != p.in_channels:
         raise ValueError(f"conv input {tuple(x.shape)} does not match {p.in_channels} channels, {nd} spatial dims")
-    step, zp = _grid(reduce_range)
-    scale = step * _input_scale(xb, input_scale, "tensor")  # type: ignore[operator]
+    step, zp, hi = _grid(reduce_range, act_bits)
+    scale = step * _input_scale(xb, input_scale, "tensor", act_bits)  # type: ignore[operator]
     explicit, inner = _split_padding(p.padding, p.padding_mode)
     if any(explicit):
         xb = torch.nn.functional.pad(xb, explicit, mode="constant" if p.padding_mode == "zeros" else p.padding_mode)
-    q = _uint8_codes(xb, scale, zp)
+    q = _uint8_codes(xb, scale, zp, hi)
     if nd in _CHANNELS_LAST:
         q = q.contiguous(memory_format=_CHANNELS_LAST[nd])
     zeros = torch.zeros(p.out_channels, dtype=torch.long)

@@ -1,17 +1,25 @@
 """The mixin every quantized layer shares: weight/input quantizers, a low-rank slot, a backend.
 
 A quantized layer subclasses its float type (so `isinstance(m, nn.Linear)` still holds for diffusers
-and peft) and keeps the float weight as a Parameter; its forward uses the fake-quantized weight, which
-is cached in inference so repeated denoising steps do not re-quantize it.
+and peft) and lives in one of two forms:
+- *float master* (while recipe steps calibrate or fine-tune it): the float weight stays a Parameter and
+  the forward uses its fake-quantized copy, cached in inference so denoising steps do not re-quantize.
+- *packed* (`pack_weight()`, what `dmquant.quantize` and `load_quantized` leave): only the bit-packed
+  codes (`weight_packed`) and the quantizer's scales remain. A kernel runs on them, or they are decoded
+  per call (never cached: a cached copy would be the float weight again). `layer.weight` still answers
+  with the decoded tensor, read-only in spirit: writing to it changes nothing (see `weight`).
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 
 from ..config import QuantSpec
+from ..packing import pack, unpack
+from ..primitives import dequantize, element_format
 from .quantizer import TensorQuantizer
 
 log = logging.getLogger(__name__)
@@ -34,10 +42,12 @@ class QuantModule:
         self.transform = None  # input smoothing / rotation (dmquant.transforms), applied before the quantizer
         self.backend = backend
         self.qname = name
+        w = self._parameters["weight"]
+        self.weight_shape, self.weight_dtype = tuple(w.shape), w.dtype
         self._wcache: tuple[tuple, torch.Tensor] | None = None
-        self._kcache: tuple[tuple, object] | None = None  # (key, packed kernel weights or None)
+        self._kcache: tuple[tuple, object] | None = None  # (key, (kernel, packed kernel weights) or None)
         if init_scales and self.weight_quantizer is not None:
-            self.weight_quantizer.init_from(self.weight.detach())
+            self.weight_quantizer.init_from(w.detach())
 
     @classmethod
     def from_float(cls, module: nn.Module, weight: QuantSpec | None, input: QuantSpec | None,
@@ -49,17 +59,90 @@ class QuantModule:
         q.setup_quant(weight, input, backend, name, init_scales)
         return q
 
+    # -- the two weight forms --------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float master Parameter; on a packed layer the decoded weight, built on each access (a
+        new tensor: in-place edits to it are lost, so algorithms must run before `pack_weight`)."""
+        master = self._parameters.get("weight")
+        if master is not None:
+            return master
+        if self._buffers.get("weight_packed") is not None:
+            return self.decoded_weight()
+        raise AttributeError(f"{type(self).__name__} has no weight")
+
+    @property
+    def is_packed(self) -> bool:
+        return self._buffers.get("weight_packed") is not None
+
+    @property
+    def weight_device(self) -> torch.device:
+        return (self._buffers["weight_packed"] if self.is_packed else self._parameters["weight"]).device
+
+    def pack_weight(self) -> None:
+        """Keep only what inference needs: bit-packed codes plus scales; the float master is dropped."""
+        wq = self.weight_quantizer
+        if wq is None or self.is_packed:
+            return
+        if wq.observing or not wq.calibrated:
+            raise RuntimeError(f"{self.qname}: cannot pack a weight whose quantizer has no scales yet")
+        codes = self.weight_codes()
+        spec = wq.spec
+        del self.weight  # the Parameter leaves _parameters; memory is freed once nobody else holds it
+        self.register_buffer("weight_packed", pack(element_format(spec.fmt, spec.symmetric).encode(codes), spec.bits))
+        self._wcache = self._kcache = None
+
+    def adopt_packed(self, packed: torch.Tensor) -> None:
+        """Take stored packed codes (loading): the (meta) float master is dropped without decoding."""
+        self._parameters.pop("weight", None)
+        self.register_buffer("weight_packed", packed)
+        self._wcache = self._kcache = None
+
+    def weight_codes(self) -> torch.Tensor:
+        """The weight's grid values as float, (out, in * kernel): what kernels multiply and saving packs."""
+        wq = self.weight_quantizer
+        spec = wq.spec
+        if self.is_packed:
+            n = math.prod(self.weight_shape)
+            codes = unpack(self._buffers["weight_packed"], spec.bits, n)
+            return element_format(spec.fmt, spec.symmetric).decode(codes).reshape(self.weight_shape[0], -1)
+        return wq.codes(self._parameters["weight"].detach())
+
+    def decoded_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dequantize the packed codes (bit for bit what fake quantization of the master gave)."""
+        wq = self.weight_quantizer
+        values = self.weight_codes()
+        out = dequantize(values, wq.spec.gran, wq.qparams, dtype or self.weight_dtype)
+        return out.reshape(self.weight_shape)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """Follow `.to(dtype)` / `.half()` in `weight_dtype`, which a packed layer has no tensor for."""
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        if getattr(self, "weight_shape", None) is not None:
+            probe = fn(torch.empty(0, dtype=self.weight_dtype))
+            self.weight_dtype = probe.dtype
+        return result
+
+    # -- forward ---------------------------------------------------------------------------------
     def _needs_grad(self) -> bool:
         wq = self.weight_quantizer
+        if self.is_packed:
+            return False
         return torch.is_grad_enabled() and (self.weight.requires_grad or (wq is not None and wq.scale.requires_grad))
 
     def _weight_key(self) -> tuple:
         wq = self.weight_quantizer
-        w, s = self.weight, wq.scale
+        w = self._buffers["weight_packed"] if self.is_packed else self._parameters["weight"]
+        s = wq.scale
         return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version, wq.generation)
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         wq = self.weight_quantizer
+        if self.is_packed:
+            if not wq.enabled:
+                raise RuntimeError(f"{self.qname}: the float weight was dropped when the layer was packed; "
+                                   "quantize with pack=False to keep float masters for float references")
+            return self.decoded_weight(dtype)  # decoded per call: caching it would re-create the float copy
         if wq is None or not wq.enabled:
             return self.weight
         if self._needs_grad():
@@ -89,17 +172,25 @@ class QuantModule:
         if not self.weight_quantizer.enabled or (iq is not None and (
                 not iq.enabled or iq.observing or (iq.scale is None and iq.allow_uncalibrated))):
             return None  # the float reference, calibration and pass-through run on the fake path
-        from ..kernels import get_kernel
+        from ..kernels import select_kernel
 
-        kernel = get_kernel(self.backend)
-        key = self._weight_key()
+        key = (*self._weight_key(), x.dtype)
         if self._kcache is None or self._kcache[0] != key:
-            reason = kernel.unsupported_reason(self)
-            if reason is not None and (self._kcache is None or self._kcache[1] is not None):
+            kernel, reason = select_kernel(self, x.dtype)
+            if kernel is None and (self._kcache is None or self._kcache[1] is not None):
                 log.info("%s stays on fake quantization (%s backend: %s)", self.qname, self.backend, reason)
-            self._kcache = (key, None if reason else kernel.prepare(self))
-        packed = self._kcache[1]
-        return None if packed is None else kernel.run(self, packed, x)
+            self._kcache = (key, None if kernel is None else (kernel, kernel.prepare(self)))
+        chosen = self._kcache[1]
+        return None if chosen is None else chosen[0].run(self, chosen[1], x)
+
+    def kernel_name(self, dtype: torch.dtype | None = None) -> str:
+        """Which kernel this layer's forward runs now, in words (for reports)."""
+        if self.backend == "fake" or self.weight_quantizer is None:
+            return "simulated (fake quantization)"
+        from ..kernels import select_kernel
+
+        kernel, reason = select_kernel(self, dtype or self.weight_dtype)
+        return kernel.describe(self) if kernel is not None else f"simulated ({reason})"
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

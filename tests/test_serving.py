@@ -1,0 +1,165 @@
+"""The serving form (packed codes only, no float master) and the per-layer kernel dispatch.
+
+References: the float-master model quantized with the same recipe (`pack=False`, the fake-quant
+reference that the rest of the suite checks against float64 math), float64 products of the same
+integer codes for the kernels, and brute force for the int16 saturation rule.
+"""
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import dmquant
+from dmquant.api import quant_layers
+from dmquant.config import QuantSpec, Recipe
+from dmquant.kernels import BACKENDS, cpu, select_kernel, weight_only
+from dmquant.nn import QuantConv2d, QuantLinear, quantization_disabled
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu.onednn_available(), reason="no oneDNN int8 kernels in this build")
+FORMATS = ["w8a8", "w4a8", "w4a16", "nvfp4", "mxfp4", "fp8"]
+
+
+def _recipe(wfmt: str, afmt: str | None, wgran: str = "channel", agran: str = "token", sym: bool = True) -> Recipe:
+    inp = None if afmt is None else QuantSpec(afmt, agran, dynamic=True)
+    return Recipe(name=f"{wfmt}-{afmt}", weight=QuantSpec(wfmt, wgran, symmetric=sym), input=inp)
+
+
+@pytest.mark.parametrize("recipe", FORMATS + ["asym-int3"])
+def test_packed_layers_compute_exactly_what_float_masters_do(denoiser, recipe):
+    family, model, run = denoiser
+    if recipe == "asym-int3":
+        recipe = _recipe("int3", "int8", "group:16", sym=False)
+    master = dmquant.quantize(copy.deepcopy(model), recipe, pack=False)
+    packed = dmquant.quantize(model, recipe)
+    assert torch.equal(run(packed), run(master))
+    for name, layer in quant_layers(packed).items():
+        if layer.weight_quantizer is None:
+            continue
+        assert "weight" not in layer._parameters and layer.weight_packed.dtype == torch.uint8, name
+        ref = quant_layers(master)[name].quantized_weight()
+        assert torch.equal(layer.weight, ref), name  # the read-only view decodes to the fake-quantized master
+
+
+def test_quantize_frees_every_float_weight_it_replaces():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
+    refs = [weakref.ref(m.weight) for m in model if isinstance(m, nn.Linear)]
+    dmquant.quantize(model, "w4a8")
+    gc.collect()
+    assert all(r() is None for r in refs), "a float master weight is still alive after quantize"
+    assert sum(p.numel() for p in model.parameters()) == 64 + 32  # only the biases stay float
+
+
+def test_packed_model_refuses_float_reference_and_keeps_following_dtype():
+    model = nn.Sequential(nn.Linear(32, 16))
+    dmquant.quantize(model, "w4a16")
+    with quantization_disabled(model), pytest.raises(RuntimeError, match="pack=False"):
+        model(torch.randn(2, 32))
+    model.to(torch.bfloat16)
+    assert model[0].weight_dtype == torch.bfloat16 and model[0].weight.dtype == torch.bfloat16
+    assert model(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("wbits,abits", [(w, a) for w in range(2, 9) for a in range(2, 9)])
+def test_reduce_range_rule_matches_brute_force_saturation(wbits, abits):
+    """Without VNNI, u8*s8 pairs are summed in int16: the grid must be reduced exactly when the
+    largest pair sum of uint8 activation codes (zero point 2**(a-1)) and weight codes overflows."""
+    largest = (2**abits - 1) * 2 ** (wbits - 1) * 2
+    saturates = largest > 32767 and not cpu.vnni_available()
+    assert cpu.needs_reduce_range(wbits, abits) == saturates
+
+
+def _codes64(x: torch.Tensor, bits: int, gran: str) -> torch.Tensor:
+    """float64 symmetric fake quantization of activations (per token or per tensor)."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax(-1, keepdim=True) if gran == "token" else x.abs().max()
+    s = (amax.float() / qmax).double()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.clamp(torch.round(x.double() / s), -qmax - 1, qmax) * s
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("wbits,abits", [(4, 8), (4, 4), (2, 8), (6, 6)])
+@pytest.mark.parametrize("gran", ["token", "tensor"])
+def test_narrow_integers_run_exactly_on_the_int8_gemm(wbits, abits, gran):
+    """W4A8 / W4A4 codes on the int8 GEMM: equal to a float64 product of the same codes on any CPU
+    (no reduced grid is needed below 8x8 bits), to fp32 rescaling precision (1e-5 of the peak)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    q = QuantLinear.from_float(lin, QuantSpec(f"int{wbits}", "channel"),
+                               QuantSpec(f"int{abits}", gran, dynamic=True), backend="auto", name="l")
+    q.pack_weight()
+    x = torch.randn(3, 7, 48) * torch.linspace(0.1, 4, 48)
+    with torch.no_grad():
+        y = q(x)
+    assert q._kcache[1] is not None and "int8 GEMM" in q.kernel_name()
+    w64 = q.decoded_weight(torch.float64)
+    ref = _codes64(x, abits, gran) @ w64.T + lin.bias.double()
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_cpu_kernels
+def test_w4a8_convolution_on_the_int8_kernel_matches_fake():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    spec_a = QuantSpec("int8", "tensor", dynamic=True)
+    fake = QuantConv2d.from_float(copy.deepcopy(conv), QuantSpec("int4", "channel"), spec_a, name="c")
+    real = QuantConv2d.from_float(conv, QuantSpec("int4", "channel"), spec_a, backend="auto", name="c")
+    real.pack_weight()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        y, ref = real(x), fake(x)
+    assert real._kcache[1] is not None
+    assert torch.allclose(y, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not weight_only.available(), reason="no CPU weight-only kernels in this torch")
+@pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:32", True), ("uint4", "group:64", False),
+                                           ("int8", "channel", True)])
+def test_weight_only_kernels_match_the_decoded_weight(wfmt, gran, sym):
+    """bf16 activations times the exact decoded weight, in float64: the kernel differs only by bf16
+    rounding of its scales and accumulation (relative 1e-2 of the output's peak)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64).to(torch.bfloat16)
+    q = QuantLinear.from_float(lin, QuantSpec(wfmt.replace("u", ""), gran, symmetric=sym), None, backend="cpu", name="l")
+    q.pack_weight()
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+    assert q._kcache[1] is not None and "weight-only" in q.kernel_name()
+    ref = x.double() @ q.decoded_weight(torch.float64).T + lin.bias.double()
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
+    assert "bf16/fp16" in select_kernel(q, torch.float32)[1]  # fp32 inputs stay simulated, and say why
+
+
+def test_dispatch_table_and_report_name_each_layers_kernel():
+    assert BACKENDS["fake"] == () and set(BACKENDS["auto"]) >= set(BACKENDS["cpu"])
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    dmquant.quantize(model, _recipe("int4", "int8"), backend="auto")
+    rep = dmquant.report(model)
+    expected = "W4A8 int8 GEMM" if cpu.onednn_available() or cpu.fbgemm_available() else "simulated"
+    assert all(expected in r.kernel for r in rep.rows) and expected in str(rep)
+    fake = dmquant.quantize(nn.Sequential(nn.Linear(64, 64)), "w4a8")
+    assert dmquant.report(fake).rows[0].kernel.startswith("simulated")
+    with pytest.raises(ValueError, match="unknown backend"):
+        dmquant.quantize(nn.Sequential(nn.Linear(8, 8)), "w8a8", backend="tpu")
+
+
+def test_load_quantized_with_dtype_and_backend(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 64))
+    x = torch.randn(4, 128)
+    dmquant.quantize(model, "w4a16")
+    ref = model(x)
+    dmquant.save_quantized(model, tmp_path / "q")
+    skeleton = nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 64))
+    loaded = dmquant.load_quantized(tmp_path / "q", model=skeleton, torch_dtype=torch.bfloat16, backend="auto")
+    assert all(layer.is_packed for layer in quant_layers(loaded).values())
+    y = loaded(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    if weight_only.available():
+        assert all("weight-only" in r.kernel for r in dmquant.report(loaded).rows)
+    assert torch.allclose(y.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())  # bf16 activations
