@@ -122,3 +122,82 @@ def test_gptq_after_smoothing_beats_rtn(denoiser):
     dmquant.quantize(rtn_model, recipe.replace(steps=recipe.steps[:1]), calibration=run)
     dmquant.quantize(model, recipe, calibration=run)
     assert sqnr_db(ref, run(model)) > sqnr_db(ref, run(rtn_model)) + 0.5
+
+
+@pytest.mark.parametrize("conv,shape,kw", [
+    (nn.Conv1d, (2, 3, 11), dict(kernel_size=3, stride=2, padding=1)),
+    (nn.Conv1d, (2, 3, 11), dict(kernel_size=3, dilation=2, padding="same")),
+    (nn.Conv2d, (2, 3, 7, 6), dict(kernel_size=3, padding=1, padding_mode="reflect")),
+    (nn.Conv3d, (1, 2, 5, 6, 4), dict(kernel_size=(3, 1, 2), stride=(1, 2, 1), padding=(1, 0, 1))),
+    (nn.Conv3d, (1, 2, 5, 6, 5), dict(kernel_size=3, dilation=(2, 1, 1), padding="valid")),
+])
+def test_conv_patches_reproduce_the_convolution(conv, shape, kw):
+    """Rows x weight(out, in * kernel)^T must be torch's own convolution, position by position."""
+    from dmquant.algorithms.hessian import conv_patches
+
+    torch.manual_seed(0)
+    layer = conv(shape[1], 4, bias=False, **kw).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = layer(x)  # (N, out, *positions)
+    rows = conv_patches(layer, x)
+    ref = y.movedim(1, -1).reshape(-1, 4)
+    assert torch.allclose(rows @ layer.weight.reshape(4, -1).T, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv1d, (4, 8, 16)), (nn.Conv3d, (2, 8, 3, 6, 6))])
+def test_gptq_step_covers_conv1d_and_conv3d(conv, shape):
+    from dmquant.algorithms import apply_gptq
+    from dmquant.nn import QuantConv1d, QuantConv3d
+
+    torch.manual_seed(0)
+    base = conv(8, 16, 3, padding=1)
+    x = torch.randn(*shape) @ torch.randn(shape[-1], shape[-1])  # correlated positions
+    qcls = QuantConv1d if conv is nn.Conv1d else QuantConv3d
+    spec = QuantSpec("int3", "channel")
+    rtn, ours = (qcls.from_float(copy.deepcopy(base), spec, None, name="c") for _ in range(2))
+    losses = apply_gptq([ours], lambda: ours(x))
+    assert list(losses) == ["0."]
+    with torch.no_grad():
+        ref = base(x)
+        assert sqnr_db(ref, ours(x)) > sqnr_db(ref, rtn(x)) + 0.5
+
+
+def test_grouped_conv_keeps_rtn_with_a_message(caplog):
+    from dmquant.algorithms import apply_gptq
+    from dmquant.nn import QuantConv2d
+
+    layer = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, groups=2), QuantSpec("int4"), None, name="g")
+    before = layer.weight.detach().clone()
+    with caplog.at_level("WARNING"):
+        assert apply_gptq([layer], lambda: layer(torch.randn(1, 8, 5, 5))) == {}
+    assert "grouped convolution" in caplog.text and torch.equal(layer.weight, before)
+
+
+def test_sequential_gptq_uses_hessians_of_the_quantized_prefix():
+    """Reference by hand: block 0 from the float inputs, then block 1 from block 0's quantized output."""
+    from dmquant.algorithms import apply_gptq
+    from dmquant.nn import QuantLinear
+
+    torch.manual_seed(0)
+    spec = QuantSpec("int3", "channel")
+    blocks = nn.ModuleList([QuantLinear.from_float(nn.Linear(16, 16), spec, None, name=f"b{i}") for i in range(2)])
+    model = nn.Module()
+    model.blocks = blocks
+    fp = copy.deepcopy(blocks)
+    x = torch.randn(64, 16) @ torch.randn(16, 16)
+    run = lambda: blocks[1](blocks[0](x))  # noqa: E731
+    losses = apply_gptq([model], run, sequential=True)
+    assert list(losses) == ["0.blocks.0", "0.blocks.1"]
+
+    def hess(rows):
+        rows = rows.double()
+        return torch.zeros(16, 16, dtype=torch.float64).add_(rows.T @ rows, alpha=2 / rows.shape[0])
+
+    w0 = gptq(fp[0].weight.detach(), hess(x), spec).weight
+    with torch.no_grad():
+        h1 = torch.nn.functional.linear(x, w0, fp[0].bias)
+    w1 = gptq(fp[1].weight.detach(), hess(h1), spec).weight
+    assert torch.equal(blocks[0].weight.detach(), w0) and torch.equal(blocks[1].weight.detach(), w1)
+    # one pass would have used block 1's float inputs: a different solution
+    one_pass = gptq(fp[1].weight.detach(), hess(fp[0](x).detach()), spec).weight
+    assert not torch.equal(one_pass, w1)

@@ -1,5 +1,6 @@
 """The stateful shell around GPTQ: hooks accumulate each layer's input Hessian H = 2/n sum x x^T
-during one calibration run, then every quantized layer's weight is replaced by its GPTQ solution."""
+during a calibration run, then every quantized layer's weight is replaced by its GPTQ solution
+(all layers from one run, or block after block on the already-quantized prefix: `sequential`)."""
 from __future__ import annotations
 
 import logging
@@ -17,13 +18,36 @@ from .gptq import gptq
 log = logging.getLogger(__name__)
 
 
+def conv_patches(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Receptive fields of a Conv1d/2d/3d as rows (positions, in * kernel), in the column order of the
+    weight's (out, in * kernel) view: an unfold in any number of spatial dimensions."""
+    nd = x.dim() - 2
+    k, s, d = layer.kernel_size, layer.stride, layer.dilation
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+    else:
+        pads: list[int] = []
+        for i in reversed(range(nd)):  # F.pad takes the last dimension first
+            if layer.padding == "valid":
+                lo = hi = 0
+            elif layer.padding == "same":
+                total = d[i] * (k[i] - 1)
+                lo, hi = total // 2, total - total // 2
+            else:
+                lo = hi = layer.padding[i]
+            pads += [lo, hi]
+        x = F.pad(x, pads)
+    for i in range(nd):  # each spatial axis -> (positions, window), windows appended at the end
+        x = x.unfold(2 + i, d[i] * (k[i] - 1) + 1, s[i])[..., :: d[i]]
+    # (N, C, *positions, *kernel) -> (N * positions, C * kernel)
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(perm).reshape(-1, x.shape[1] * int(torch.tensor(k).prod()))
+
+
 def _input_rows(layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
     """Rows whose outer products form H, in the column order of the weight's 2-D view."""
     if isinstance(layer, _QuantConvNd):
-        if x.dim() != 4:  # Conv1d/3d: fold extra dims into a 2-D unfold where possible
-            raise NotImplementedError("GPTQ Hessians are implemented for Conv2d and Linear")
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return conv_patches(layer, x)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -60,28 +84,89 @@ class HessianCollector:
 
 
 def weight_layers(modules: list[nn.Module]) -> dict[str, QuantModule]:
-    """Every weight-quantized Linear/Conv2d of `modules`, keyed "<component index>.<name>"."""
-    return {f"{i}.{n}": m for i, mod in enumerate(modules) for n, m in mod.named_modules()
-            if isinstance(m, QuantModule) and m.weight_quantizer is not None
-            and (not isinstance(m, _QuantConvNd) or m.weight.dim() == 4)}
+    """Every weight-quantized Linear/Conv1d/2d/3d of `modules`, keyed "<component index>.<name>".
+    Grouped convolutions are left out (their Hessian is one per group): they keep round-to-nearest."""
+    layers = {}
+    for i, mod in enumerate(modules):
+        for n, m in mod.named_modules():
+            if not isinstance(m, QuantModule) or m.weight_quantizer is None:
+                continue
+            if isinstance(m, _QuantConvNd) and m.groups > 1:
+                log.warning("%s: grouped convolution (groups=%d) keeps round-to-nearest: Hessian-based steps "
+                            "need one input Hessian per layer", n, m.groups)
+                continue
+            layers[f"{i}.{n}"] = m
+    return layers
 
 
-def apply_gptq(modules: list[nn.Module], run: Callable[[], Any], block_size: int = 128, damp: float = 0.01,
-               act_order: bool = False) -> dict[str, float]:
-    """GPTQ every weight-quantized Linear/Conv2d in `modules`; `run()` feeds calibration data.
-    Returns the GPTQ objective per layer."""
-    layers = weight_layers(modules)
-    with HessianCollector(layers) as hc, torch.no_grad():
-        run()
-    losses = {}
-    for name, layer in tqdm(layers.items(), desc="gptq", unit="layer", disable=None):
-        if name not in hc.hessians:
+def stage_of(name: str) -> str:
+    """The block a layer belongs to: up to the first numeric index ("0.transformer_blocks.3.attn1.to_q"
+    -> "0.transformer_blocks.3", "0.down_blocks.1.resnets.0.conv1" -> "0.down_blocks.1"), else itself."""
+    parts = name.split(".")
+    for j in range(2, len(parts)):
+        if parts[j].isdigit():
+            return ".".join(parts[: j + 1])
+    return name
+
+
+def _call_order(layers: dict[str, QuantModule], run: Callable[[], Any]) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def make(name: str) -> Callable:
+        def hook(*_: Any) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _gptq_layers(layers: dict[str, QuantModule], hessians: dict[str, torch.Tensor], block_size: int,
+                 damp: float, act_order: bool, losses: dict[str, float]) -> None:
+    for name, layer in layers.items():
+        if name not in hessians:
             log.warning("GPTQ: layer %s saw no calibration data; keeping round-to-nearest", name)
             continue
         w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-        result = gptq(w2d, hc.hessians[name], layer.weight_quantizer.spec, block_size, damp, act_order)
+        result = gptq(w2d, hessians[name], layer.weight_quantizer.spec, block_size, damp, act_order)
         with torch.no_grad():
             layer.weight.copy_(result.weight.reshape(layer.weight.shape))
         layer.weight_quantizer.set_qparams(result.qparams)
         losses[name] = result.loss
+
+
+def apply_gptq(modules: list[nn.Module], run: Callable[[], Any], block_size: int = 128, damp: float = 0.01,
+               act_order: bool = False, sequential: bool = False) -> dict[str, float]:
+    """GPTQ every weight-quantized Linear/Conv in `modules`; `run()` feeds calibration data.
+
+    `sequential`: blocks (`stage_of`) are solved in the order the forward reaches them, each on
+    Hessians collected with every earlier block already quantized, so a block corrects the error its
+    inputs really carry (one calibration run per block instead of one in all).
+    Returns the GPTQ objective per layer."""
+    layers = weight_layers(modules)
+    losses: dict[str, float] = {}
+    if not sequential:
+        with HessianCollector(layers) as hc, torch.no_grad():
+            run()
+        _gptq_layers(dict(tqdm(layers.items(), desc="gptq", unit="layer", disable=None)), hc.hessians,
+                     block_size, damp, act_order, losses)
+        return losses
+    order = _call_order(layers, run)
+    stages: dict[str, list[str]] = {}
+    for name in order + [n for n in layers if n not in order]:  # never-called layers last (they warn)
+        stages.setdefault(stage_of(name), []).append(name)
+    for names in tqdm(stages.values(), desc="gptq (sequential)", unit="block", disable=None):
+        part = {n: layers[n] for n in names}
+        with HessianCollector(part) as hc, torch.no_grad():
+            run()
+        _gptq_layers(part, hc.hessians, block_size, damp, act_order, losses)
     return losses
