@@ -86,6 +86,11 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"  {n:4d} x {k}")
             for k, v in part.get("provenance", {}).items():
                 print(f"  {k}: {v}")
+    if args.kernels:  # which kernel each layer runs on this machine: needs loading the packed model
+        from . import load_quantized, report
+
+        rep = report(load_quantized(args.dir, backend=args.kernels))
+        print(rep if args.layers else "\n".join(str(rep).splitlines()[-len(rep.kernels()) - 1:]))
     return 0
 
 
@@ -200,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mixed)
     i = sub.add_parser("info", help="describe a saved quantized model")
     i.add_argument("dir")
+    i.add_argument("--kernels", nargs="?", const="auto", default=None, metavar="BACKEND",
+                   help="load it and say which kernel each layer runs here (default backend: auto)")
+    i.add_argument("--layers", action="store_true", help="with --kernels: the whole per-layer table")
     i.set_defaults(func=cmd_info)
     r = sub.add_parser("recipes", help="list built-in recipes")
     r.set_defaults(func=cmd_recipes)

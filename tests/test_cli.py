@@ -11,6 +11,8 @@ def test_quantize_info_recipes(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "recipe=w4a8" in text and "W int4 / A int8" in text and "MB on disk" in text
+    assert main(["info", str(out), "--kernels"]) == 0  # group-wise int4 has no int8 GEMM: simulated, says why
+    assert "x simulated (weights must be quantized per channel" in capsys.readouterr().out
     assert main(["recipes"]) == 0 and "nvfp4" in capsys.readouterr().out
 
 
