@@ -90,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         from . import load_quantized, report
 
         rep = report(load_quantized(args.dir, backend=args.kernels))
-        print(rep if args.layers else "\n".join(str(rep).splitlines()[-len(rep.kernels()) - 1:]))
+        print(rep if args.layers else rep.summary())
     return 0
 
 

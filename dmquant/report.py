@@ -42,17 +42,23 @@ class QuantReport:
             counts[r.kernel] = counts.get(r.kernel, 0) + 1
         return counts
 
+    def summary(self) -> str:
+        """Totals and the kernel count lines (the table's footer)."""
+        out = [f"{len(self.rows)} quantized layers; model {_mb(self.fp_bytes)} -> {_mb(self.quant_bytes)} "
+               f"({self.compression:.2f}x smaller)"]
+        out += [f"  {n:4d} x {k}" for k, n in self.kernels().items()]
+        if any(k.startswith("simulated") for k in self.kernels()):
+            out.append("simulated layers decode their packed weights on every call: slower than the float model "
+                       "(memory is saved, speed is not); dmquant.kernels lists what runs on a kernel")
+        return "\n".join(out)
+
     def __str__(self) -> str:
         head = ("component", "layer", "type", "weight", "input", "params", "bytes fp", "bytes q", "kernel")
         body = [(r.component, r.name, r.kind, r.weight, r.input, f"{r.params:,}", _mb(r.fp_bytes), _mb(r.quant_bytes),
                  r.kernel) for r in self.rows]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        out = [line(head), line("-" * w for w in widths), *map(line, body)]
-        out.append(f"\n{len(self.rows)} quantized layers; model {_mb(self.fp_bytes)} -> {_mb(self.quant_bytes)} "
-                   f"({self.compression:.2f}x smaller)")
-        out += [f"  {n:4d} x {k}" for k, n in self.kernels().items()]
-        return "\n".join(out)
+        return "\n".join([line(head), line("-" * w for w in widths), *map(line, body), "", self.summary()])
 
 
 def _mb(n: int) -> str:
