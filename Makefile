@@ -7,7 +7,7 @@ STAMP := $(VENV)/.dmquant-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast test-gates bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
@@ -20,6 +20,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Minutes, not a quarter hour: everything but the slow tests and the quality gates.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not regression"
+
+# The quality gates alone, on another float code path (the baselines record both; see baselines/).
+test-gates: $(STAMP)
+	ATEN_CPU_CAPABILITY=$(or $(ISA),default) ONEDNN_MAX_CPU_ISA=$(or $(ONEDNN_ISA),SSE41) $(PY) -m pytest -m regression
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py
