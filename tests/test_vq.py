@@ -99,6 +99,7 @@ def test_vq4dit_recipe_on_tiny_pixart():
     layers = [m for m in vq.modules() if hasattr(m, "weight_quantizer") and hasattr(m, "qname")]
     assert layers and all(m.weight_quantizer is None for m in layers)
     w = layers[0].weight.detach()
+    assert torch.equal(layers[0].vq.decode(w[0].numel()), w.reshape(w.shape[0], -1))
     assert to_subvectors(w.reshape(w.shape[0], -1), 4).reshape(-1, 4).unique(dim=0).shape[0] <= 256
     with torch.no_grad():
         s_vq = sqnr_db(ref, vq(*args, **kwargs, return_dict=False)[0])

@@ -34,6 +34,19 @@ class VQResult:
     kmeans_loss: float  # the same for the k-means assignments alone
 
 
+@dataclass
+class VQCodes:
+    """What a packed VQ layer stores: codebook and one index per sub-vector (bits * dim bits each)."""
+
+    codebook: torch.Tensor
+    codes: torch.Tensor
+    bits: int
+    dim: int
+
+    def decode(self, n_in: int) -> torch.Tensor:
+        return from_subvectors(self.codebook[self.codes], n_in)
+
+
 def to_subvectors(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """(out, in) -> (out, ceil(in / dim), dim), zero-padding the last sub-vector of each row."""
     pad = -weight.shape[1] % dim
@@ -153,7 +166,8 @@ def apply_vq(modules: list[nn.Module], run: Callable[[], Any], bits: int = 2, di
              iters: int = 300, lr: float = 1e-2) -> dict[str, float]:
     """Recipe step `vq`: vector-quantize every weight-quantized Linear/Conv2d of `modules`, calibrated
     on the Hessians of one run. The layer's scalar weight quantizer is dropped: its weight now lies on
-    the codebook. Returns the relative output error per layer."""
+    the codebook (`layer.vq` keeps codebook and indices; save_quantized cannot store them yet).
+    Returns the relative output error per layer."""
     layers = weight_layers(modules)
     with HessianCollector(layers) as hc, torch.no_grad():
         run()
@@ -165,6 +179,7 @@ def apply_vq(modules: list[nn.Module], run: Callable[[], Any], bits: int = 2, di
         with torch.no_grad():
             w.copy_(result.weight.reshape(w.shape))
         layer.weight_quantizer = None
+        layer.vq = VQCodes(result.codebook, result.codes, bits, dim)  # for a packed format (not stored yet)
         losses[name] = result.loss
         log.debug("vq %s: output error %.4g (k-means alone %.4g)", name, result.loss, result.kmeans_loss)
     return losses
