@@ -22,6 +22,7 @@ from .algorithms import STEPS
 from .config import QuantSpec, Recipe
 from .filters import LayerFilter
 from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
+from .nn.switch import weight_cache_disabled
 from .provenance import provenance
 from .recipes import get_recipe
 from .timestep import attach_timestep_hook
@@ -170,13 +171,13 @@ def _calibrate(obj: Any, recipe: Recipe, runner: Any, modules: list[nn.Module]) 
     """Run the recipe's steps in order, then freeze the static activation scales still missing."""
     run = StepRun(runner, obj)
     steps = {}
-    with uncalibrated_passthrough(*modules):
+    with weight_cache_disabled(*modules), uncalibrated_passthrough(*modules):
         for step in recipe.steps:
             t0 = time.perf_counter()
             STEPS[step.name](modules, run, **step.args)
             steps[step.name] = round(time.perf_counter() - t0, 3)
             log.info("step %s took %.1f s", step.name, steps[step.name])
-    with observing(*modules, uncalibrated_only=True):  # activation ranges of the final weights
+    with weight_cache_disabled(*modules), observing(*modules, uncalibrated_only=True):  # final weights' ranges
         run()
     data = getattr(runner, "description", getattr(runner, "__name__", "callable"))
     return {**(data if isinstance(data, dict) else {"data": data}), "step_seconds": steps}

@@ -163,3 +163,18 @@ def test_load_quantized_with_dtype_and_backend(tmp_path):
     if weight_only.available():
         assert all("weight-only" in r.kernel for r in dmquant.report(loaded).rows)
     assert torch.allclose(y.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())  # bf16 activations
+
+
+def test_calibration_never_caches_a_second_weight_copy():
+    """Static recipes calibrate on float masters: without the fake-weight cache only one layer's
+    fake-quantized copy exists at a time (peak memory ~ the float model, not twice it)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
+    cached = []
+
+    def calibrate(m: nn.Module) -> None:
+        m(torch.randn(4, 64))
+        cached.extend(layer._wcache is not None for layer in quant_layers(m).values())
+
+    dmquant.quantize(model, "w8a8-static", calibration=calibrate)
+    assert cached and not any(cached)
+    assert all(layer.is_packed and layer.cache_weight for layer in quant_layers(model).values())

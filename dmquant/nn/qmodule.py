@@ -45,6 +45,7 @@ class QuantModule:
         w = self._parameters["weight"]
         self.weight_shape, self.weight_dtype = tuple(w.shape), w.dtype
         self._wcache: tuple[tuple, torch.Tensor] | None = None
+        self.cache_weight = True  # off while calibrating large models (nn.switch.weight_cache_disabled)
         self._kcache: tuple[tuple, object] | None = None  # (key, (kernel, packed kernel weights) or None)
         if init_scales and self.weight_quantizer is not None:
             self.weight_quantizer.init_from(w.detach())
@@ -145,7 +146,7 @@ class QuantModule:
             return self.decoded_weight(dtype)  # decoded per call: caching it would re-create the float copy
         if wq is None or not wq.enabled:
             return self.weight
-        if self._needs_grad():
+        if self._needs_grad() or not self.cache_weight:
             return wq(self.weight)  # training: no cache, gradients flow through the STE
         key = self._weight_key()
         if self._wcache is None or self._wcache[0] != key:

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from torch import nn
 
+from .qmodule import QuantModule
 from .quantizer import TensorQuantizer
 
 
@@ -33,3 +34,17 @@ def quantization_disabled(*modules: nn.Module) -> Iterator[None]:
     finally:
         for q, was in zip(quantizers, previous):
             q.enabled = was
+
+
+@contextlib.contextmanager
+def weight_cache_disabled(*modules: nn.Module) -> Iterator[None]:
+    """Inside, float-master layers fake-quantize their weight on every call instead of caching it, so
+    calibrating a large model holds one float copy of it, not two (one layer's copy at a time)."""
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, QuantModule)]
+    for layer in layers:
+        layer.cache_weight, layer._wcache = False, None
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cache_weight = True
