@@ -98,7 +98,7 @@ def gate_from_runs(runs: list[dict[str, Any]], metrics: dict[str, Any], floors: 
         values = [r["metrics"][key] for r in runs]
         worst = min(values) if directions[key] == "higher" else max(values)
         spread = max(values) - min(values)
-        tolerance = math.ceil(max(floors[key], FACTOR * spread) * 1000) / 1000
+        tolerance = math.ceil(round(max(floors[key], FACTOR * spread) * 1000, 6)) / 1000  # up, to 1e-3
         gated[key] = {"value": worst, "tolerance": tolerance,
                       "paths": {r["variant"]: r["metrics"][key] for r in runs if "+ulp" not in r["variant"]},
                       "spread": {"min": min(values), "max": max(values), "runs": len(values)},

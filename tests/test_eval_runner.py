@@ -46,10 +46,33 @@ def test_fp_cache_key_follows_the_weight_files(tmp_path):
     assert cfg.key() != before
 
 
-@pytest.mark.parametrize("backend", ["quanto:int8", "torchao:int8dq"])
-def test_other_libraries_through_the_same_harness(tmp_path, backend):
-    rows = evaluate(config(tmp_path, [backend]))
-    assert rows[1]["name"] == backend and rows[1]["psnr"] > 20
+@pytest.mark.parametrize("backend,layers", [("quanto:int8", "40/40"), ("torchao:int8dq", "40/40"),
+                                            ("torch:bf16", "all (cast)")])
+def test_other_libraries_through_the_same_harness(tmp_path, backend, layers):
+    """Like for like: the peers quantize exactly dmquant w8a8's 40 layers; every row has its bytes."""
+    rows = evaluate(config(tmp_path, [backend, "w8a8"]))
+    fp, peer, ours = rows
+    assert peer["name"] == backend and peer["psnr"] > 20 and peer["layers"] == layers and ours["layers"] == "40"
+    assert peer["psnr_ci"][0] <= peer["psnr"] <= peer["psnr_ci"][1]
+    assert 0 < peer["model_mb"] < fp["model_mb"] and 0 < ours["model_mb"] < fp["model_mb"]
+    if backend == "torch:bf16":
+        assert peer["model_mb"] == pytest.approx(fp["model_mb"] / 2)
+
+
+def test_peer_layer_sets_and_bytes_are_counted_not_assumed():
+    from torch import nn
+    from optimum import quanto
+
+    from dmquant.eval.backends import apply_backend, module_bytes
+    from dmquant.pipelines import load
+
+    pipe = apply_backend(load("tiny-sd"), "torchao:int8dq")  # torchao has no Conv2d: the row says so
+    assert pipe.backend_info["layers"] == "70/107" and pipe.backend_info["recipe"] == "w8a8"
+    layer = nn.Sequential(nn.Linear(64, 32))
+    quanto.quantize(layer, weights=quanto.qint8)
+    quanto.freeze(layer)
+    # int8 codes + fp32 per-channel scales + fp32 bias + quanto's two scalar activation scales
+    assert module_bytes(layer) == 32 * 64 + 32 * 4 + 32 * 4 + 2 * 4
 
 
 def test_bad_inputs(tmp_path):
@@ -59,6 +82,7 @@ def test_bad_inputs(tmp_path):
         evaluate(config(tmp_path, ["quanto:int3"]))
 
 
+@pytest.mark.slow
 def test_two_processes_give_identical_numbers(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
