@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...]):
+def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...] | None):
     from .eval import EvalConfig, load_prompts
 
     models = [m for m in (args.recipe or "").split(",") if m] + (args.quantized or []) + (args.backend or [])
@@ -126,7 +126,7 @@ def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...]):
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate
 
-    evaluate(_eval_config(args, tuple(args.metrics.split(","))))
+    evaluate(_eval_config(args, tuple(args.metrics.split(",")) if args.metrics else None))
     print(f"\nwrote {args.out}/metrics.json, results.md, grid, report.html")
     return 0
 
@@ -168,7 +168,8 @@ def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
     p.add_argument("--calib-prompts", type=int, default=None, help="held-out calibration prompts (default 16)")
     p.add_argument("--calib-timesteps", default=None, help="recorded steps for every recipe (default: each recipe's)")
     if metrics:
-        p.add_argument("--metrics", default="psnr,ssim,fid,adherence,vbench")
+        p.add_argument("--metrics", default=None, help="comma-separated; default: every metric that applies "
+                       "(psnr, ssim; adherence and FID (n >= 50) on miniatures; vbench on video)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ against: a PixArt checkpoint compared with SD's FP images gives numbers that mea
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from .metrics.fid import MIN_SAMPLES
 
 TINY_PREFIX = "tiny-"
+log = logging.getLogger(__name__)
 
 
 def _pipeline_index(pipeline: str) -> dict[str, Any] | None:
@@ -70,6 +72,19 @@ def check_checkpoint(pipeline: str, folder: str | Path) -> None:
         if drop(json.loads(ours.read_text())) != drop(json.loads(theirs.read_text())):
             raise ValueError(f"{folder}'s {denoiser} configuration differs from {fp_folder}'s: "
                              "not a quantized copy of this pipeline")
+
+
+def default_metrics(pipeline: str, n_prompts: int) -> tuple[str, ...]:
+    """Every metric that applies without extra files: PSNR and SSIM; adherence, and FID from
+    MIN_SAMPLES prompts, with a miniature's judge; VBench-style scores for video pipelines."""
+    chosen = ["psnr", "ssim"]
+    if pipeline in NAMES:
+        chosen += ["adherence"] + (["fid"] if n_prompts >= MIN_SAMPLES else [])
+    if is_video(pipeline):
+        chosen.append("vbench")
+    if pipeline in NAMES and n_prompts < MIN_SAMPLES:
+        log.info("FID left out: %d prompts < %d (ask for it with more prompts)", n_prompts, MIN_SAMPLES)
+    return tuple(chosen)
 
 
 def check_metrics(metrics: tuple[str, ...], pipeline: str, n_prompts: int, extra: dict[str, Any]) -> None:

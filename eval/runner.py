@@ -28,7 +28,7 @@ from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from .backends import apply_backend, module_bytes
 from .grid import html_report, save_grid
 from .bootstrap import bootstrap_ci
-from .checks import check_checkpoint, check_metrics
+from .checks import check_checkpoint, check_metrics, default_metrics
 from .metrics import psnr, ssim, video_scores
 from .metrics.fid import frechet_distance as fid_from_features, resolve_extractor
 from .table import format_table
@@ -45,7 +45,7 @@ class EvalConfig:
     prompts: list[str]
     seed: int = 0
     steps: int | None = None
-    metrics: tuple[str, ...] = ("psnr", "ssim", "fid", "adherence", "vbench")
+    metrics: tuple[str, ...] | None = None  # None: every metric that applies (checks.default_metrics)
     out: Path = Path("outputs/eval")
     batch_size: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # clip_checkpoint, lpips_backbone, perturb, ...
@@ -267,6 +267,8 @@ def _real_samples(pipeline: str, n: int) -> torch.Tensor:
 
 def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Metrics rows (FP first), plus metrics.json, results.md, grid and report.html under cfg.out."""
+    if cfg.metrics is None:
+        cfg.metrics = default_metrics(cfg.pipeline, len(cfg.prompts))
     check_metrics(cfg.metrics, cfg.pipeline, len(cfg.prompts), cfg.extra)
     for model in cfg.models:
         if Path(model).is_dir():
