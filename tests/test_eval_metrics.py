@@ -1,6 +1,7 @@
 """Metrics against independent references: scipy sqrtm and closed forms, float64 formulas written here,
 PIL resizing, and manual CLIP computations on tiny random CLIP models built offline."""
 import json
+import math
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ from scipy.ndimage import correlate1d
 
 from dmquant.eval import FIDResult, clip_score, fid, frechet_distance, lpips, psnr, ssim
 from dmquant.eval.metrics.clip import score_from_features
+from dmquant.eval.metrics.fid import resolve_extractor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -106,6 +108,32 @@ def test_inception_without_torch_fidelity_says_what_to_install(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         fid(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), extractor="inception", weights=weights)
+
+
+@pytest.mark.slow
+def test_inception_fid_runs_from_a_given_weights_file(tmp_path, monkeypatch):
+    """torch-fidelity's Inception (declared in the `full` extra) from a local file: random weights of
+    the right architecture stand in for the real file, which tests may not download."""
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    with monkeypatch.context() as m:  # build the bare architecture: skip its weight loading once
+        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        skeleton = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    weights = tmp_path / "pt_inception.pth"
+    torch.save(skeleton.state_dict(), weights)
+    a, b = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    same = fid(a, a, extractor="inception", weights=weights)
+    other = fid(a, b, extractor="inception", weights=weights)
+    assert same.extractor == "inception" and abs(same.value) < 1e-6 and math.isfinite(other.value)
+    features, _ = resolve_extractor("inception", weights)
+    assert features(a).shape == (3, 2048)  # Inception pool features (random weights: values are not FIDs)
+    bad = tmp_path / "bad.pth"
+    torch.save({"w": torch.zeros(1), "code": print}, bad)  # a pickle with more than tensors
+    with pytest.raises(ValueError, match="not a plain PyTorch state dict"):
+        fid(a, b, extractor="inception", weights=bad)
 
 
 class _Layers(torch.nn.Module):

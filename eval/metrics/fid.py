@@ -101,6 +101,10 @@ def _torchmetrics_inception(weights: str | os.PathLike | None) -> Callable:
                           f"extractor='clean-fid' with ${CLEANFID_ENV}")
     from torchmetrics.image.fid import NoTrainInceptionV3
 
+    try:  # torch-fidelity unpickles the file without restriction: accept only a plain tensor state dict
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a plain PyTorch state dict of torch-fidelity's Inception: {err}") from err
     net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                              feature_extractor_weights_path=str(path))
     # torchmetrics feeds uint8 images and resizes to 299 inside, as torch-fidelity does.
