@@ -15,5 +15,5 @@ from .table import format_table
 
 __all__ = ["frechet_distance", "fid", "FIDResult", "psnr", "ssim", "lpips", "clip_score", "subject_consistency",
            "background_consistency", "temporal_flickering", "motion_smoothness", "dynamic_degree", "frame_quality",
-           "video_metrics", "video_scores", "image_grid", "save_grid", "html_report", "format_table", "EvalConfig", "evaluate",
-           "load_prompts", "assert_quality", "check_baseline", "record_baseline"]
+           "video_metrics", "video_scores", "image_grid", "save_grid", "html_report", "format_table", "EvalConfig",
+           "evaluate", "load_prompts", "assert_quality", "check_baseline", "record_baseline"]

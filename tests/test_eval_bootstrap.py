@@ -71,7 +71,8 @@ def test_table_bolds_only_what_the_interval_cannot_separate():
     g = torch.Generator().manual_seed(2)
     base = 30 + 5 * torch.randn(12, generator=g)
     jitter = 0.01 * torch.randn(12, generator=g)
-    rows = [{"name": name, "psnr": float(v.mean()), "psnr_ci": list(bootstrap_ci(v)), "per_prompt": {"psnr": v.tolist()}}
+    rows = [{"name": name, "psnr": float(v.mean()), "psnr_ci": list(bootstrap_ci(v)),
+             "per_prompt": {"psnr": v.tolist()}}
             for name, v in (("a", base + 3), ("b", base + 3 + jitter - jitter.mean()), ("c", base))]
     assert leaders(rows, "psnr") == {0, 1}
     text = format_table(rows)

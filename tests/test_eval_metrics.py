@@ -121,7 +121,8 @@ def test_inception_fid_runs_from_a_given_weights_file(tmp_path, monkeypatch):
     torch.save({}, empty)
     with monkeypatch.context() as m:  # build the bare architecture: skip its weight loading once
         m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        skeleton = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+        skeleton = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(empty))
     weights = tmp_path / "pt_inception.pth"
     torch.save(skeleton.state_dict(), weights)
     a, b = torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)

@@ -36,8 +36,8 @@ def test_baselines_record_how_their_tolerance_was_measured(baseline):
 
 
 def test_gate_from_runs_takes_the_worst_value_and_the_range():
-    runs = [{"variant": v, "metrics": {"psnr": p, "lpips": l, "per_prompt": {"psnr": [p], "lpips": [l]}}}
-            for v, p, l in (("avx2", 50.0, 0.01), ("default", 48.5, 0.03), ("avx2+ulp0", 51.2, 0.02))]
+    runs = [{"variant": v, "metrics": {"psnr": p, "lpips": d, "per_prompt": {"psnr": [p], "lpips": [d]}}}
+            for v, p, d in (("avx2", 50.0, 0.01), ("default", 48.5, 0.03), ("avx2+ulp0", 51.2, 0.02))]
     gates = gate_from_runs(runs, {"psnr": {}, "lpips": {}}, {"psnr": 1.0, "lpips": 0.05},
                            {"psnr": "higher", "lpips": "lower"})
     assert gates["psnr"]["value"] == 48.5 and gates["psnr"]["tolerance"] == pytest.approx(2.7)
