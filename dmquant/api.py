@@ -19,32 +19,17 @@ from tqdm.auto import tqdm
 from .calibrate import StepRun, observing, prepare_calibration, uncalibrated_passthrough
 from .components import BARE, DENOISER_ATTRS, TEXT_ENCODER_ATTRS, find_components, get_path, set_path
 from .algorithms import STEPS
-from .config import QuantSpec, Recipe
+from .config import Recipe
 from .filters import LayerFilter
 from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
 from .nn.switch import weight_cache_disabled
+from .plans import LayerPlan, record_in_host_config
 from .provenance import provenance
 from .recipes import get_recipe
 from .timestep import attach_timestep_hook
 from .transforms.layer import attach as attach_transforms
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What happens to one layer: a quantized class with weight/input specs, or attention specs."""
-
-    kind: str  # "layer" | "attention"
-    weight: QuantSpec | None = None
-    input: QuantSpec | None = None
-    # What the transform steps left on the layer (dmquant.transforms), re-created on load:
-    smooth: str | None = None  # "online": x / s before the input quantizer; "folded": the previous op divides
-    output_scale: bool = False  # outputs carry 1/s of the next layer's folded smoothing
-    rotation: str | None = None  # input rotation: "hadamard" | "random" online, "folded:hadamard:<b>" upstream
-    output_rotation: str | None = None  # outputs carry a rotation folded for the next layer
-    lowrank_rank: int = 0  # SVD branch rank (SVDQuant), kept in the model's float dtype
-    lora: tuple[tuple[str, int], ...] = ()  # merged LoRA adapters (name, rank), after the SVD ranks
 
 
 @dataclass
@@ -164,6 +149,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
         calib_info["seconds"] = round(time.perf_counter() - t0, 3)
     for module in components.values():
         module.dmquant_state.provenance = provenance(recipe, calibration=calib_info)
+        record_in_host_config(module)
     return pack_weights(obj) if pack else obj
 
 

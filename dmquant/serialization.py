@@ -10,7 +10,6 @@ verifies hashes, rebuilds the skeleton on the meta device, re-applies the plan a
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import logging
@@ -22,40 +21,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import LayerPlan, QuantState, apply_plan, quant_layers, quantized_components, track_timesteps
+from .api import QuantState, apply_plan, quant_layers, quantized_components, track_timesteps
 from .atomic import MANIFEST, atomic_directory, hash_tree, verify_tree
 from .components import BARE
-from .config import QuantSpec, Recipe
+from .config import Recipe
 from .nn.quantizer import TensorQuantizer
 from .payload import decode_weight, encode_weight
+from .plans import FORMAT_VERSION, plan_from_json, plan_to_json, record_in_host_config
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
 WEIGHTS = "dmquant.safetensors"
-
-
-# -- plans as JSON ------------------------------------------------------------------------------
-# Transform records (smoothing, rotation, low-rank branch, LoRA) are written only where set, so plans
-# without them read as before and checkpoints older than them load with the defaults.
-_EXTRA = [f for f in dataclasses.fields(LayerPlan) if f.name not in ("kind", "weight", "input")]
-
-
-def _plan_to_json(plan: dict[str, LayerPlan]) -> dict[str, Any]:
-    spec = lambda s: None if s is None else s.__dict__.copy()  # noqa: E731
-    return {n: {"kind": p.kind, "weight": spec(p.weight), "input": spec(p.input),
-                **{f.name: getattr(p, f.name) for f in _EXTRA if getattr(p, f.name) != f.default}}
-            for n, p in plan.items()}
-
-
-def _tuples(v: Any) -> Any:
-    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
-
-
-def _plan_from_json(data: dict[str, Any]) -> dict[str, LayerPlan]:
-    spec = lambda s: None if s is None else QuantSpec.from_dict(s)  # noqa: E731
-    return {n: LayerPlan(p["kind"], spec(p["weight"]), spec(p["input"]),
-                         **{f.name: _tuples(p[f.name]) for f in _EXTRA if f.name in p})
-            for n, p in data.items()}
 
 
 # -- saving -------------------------------------------------------------------------------------
@@ -107,7 +82,7 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
             state.pop(full + "weight_packed", None)
             state.update(encode_weight(layer, full))
             layers[name] = {"shape": list(layer.weight_shape), "dtype": str(layer.weight_dtype).removeprefix("torch.")}
-        entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": _plan_to_json(st.plan),
+        entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": plan_to_json(st.plan),
                                "weights": layers, "provenance": st.provenance, "timestep_scale": st.timestep_scale}
     save_file(_unshared(state), str(folder / WEIGHTS), metadata={"format": "dmquant"})
     return entry
@@ -185,7 +160,7 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
         recipe = Recipe.from_dict(part["recipe"])
         if backend is not None:
             recipe = recipe.replace(backend=backend)
-        plan = _plan_from_json(part["plan"])
+        plan = plan_from_json(part["plan"])
         try:
             apply_plan(target, plan, recipe, init_scales=False)
         except AttributeError as err:
@@ -199,6 +174,7 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
             layer.weight_shape, layer.weight_dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}), part.get("timestep_scale"))
         track_timesteps(target, part.get("timestep_scale"))
+        record_in_host_config(target)
     _restore_quantizer_buffers(module, state)
     try:
         result = module.load_state_dict(state, strict=False, assign=True)

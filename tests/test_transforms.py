@@ -14,7 +14,7 @@ from torch import nn
 import dmquant
 from dmquant.config import Step
 from dmquant.nn import quantization_disabled
-from dmquant.serialization import _plan_from_json
+from dmquant.plans import plan_from_json
 from dmquant.timestep import noise_level
 from dmquant.transforms import (ActivationStats, hadamard, merge_lora, random_orthogonal, rotate, smoothing_factors,
                                 unmerge_lora)
@@ -257,7 +257,7 @@ def test_save_load_keeps_branch_and_transforms_bitwise(family, tmp_path):
 
 
 def test_plans_without_transform_keys_still_load():
-    plan = _plan_from_json({"a": {"kind": "layer", "weight": {"format": "int8"}, "input": None}})
+    plan = plan_from_json({"a": {"kind": "layer", "weight": {"format": "int8"}, "input": None}})
     assert plan["a"].lowrank_rank == 0 and plan["a"].smooth is None and plan["a"].lora == ()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..nn.qmodule import QuantModule
+from ..plans import record_in_host_config
 from . import orthogonal as rot
 
 
@@ -137,6 +138,7 @@ def sync_plan(component: nn.Module, name: str, layer: QuantModule) -> None:
                                                           output_rotation=None)
     fields.update(lowrank_rank=b.svd_rank if b is not None else 0, lora=tuple(b.adapters) if b is not None else ())
     state.plan[name] = dataclasses.replace(state.plan[name], **fields)
+    record_in_host_config(component)
 
 
 def attach(layer: QuantModule, plan: Any) -> None:

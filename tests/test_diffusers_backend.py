@@ -1,0 +1,64 @@
+"""dmquant inside diffusers: quantize on load, save_pretrained / from_pretrained of quantized models and
+pipelines, bitwise. References: `dmquant.quantize` on the same float weights, and the saved model's
+own outputs."""
+import pytest
+import torch
+from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+import dmquant
+from dmquant.api import quant_layers
+from dmquant.pipelines import DmquantConfig, build_tiny_pipeline, generate
+
+
+def test_quantize_on_load_matches_quantize_and_round_trips_bitwise(denoiser, tmp_path):
+    family, model, run = denoiser
+    cls = type(model)
+    model.save_pretrained(tmp_path / "fp")
+    loaded = cls.from_pretrained(tmp_path / "fp", quantization_config=DmquantConfig("w4a8"))
+    reference = dmquant.quantize(model, "w4a8")
+    assert torch.equal(run(loaded), run(reference))
+    assert all(layer.is_packed for layer in quant_layers(loaded).values() if layer.weight_quantizer is not None)
+    for source, name in ((loaded, "a"), (reference, "b")):  # from diffusers' loader and from dmquant.quantize
+        source.save_pretrained(tmp_path / name)
+        again = cls.from_pretrained(tmp_path / name)
+        assert again.dmquant_state.plan == source.dmquant_state.plan
+        assert torch.equal(run(again), run(source))
+
+
+def test_pipeline_save_pretrained_keeps_quantization(tmp_path):
+    pipe = build_tiny_pipeline("pixart")
+    dmquant.quantize(pipe, "w8a8-static", calibration={"prompts": ["a red circle", "a blue square"], "steps": 2})
+    images = generate(pipe, ["a green cross"], seed=0, steps=2)
+    pipe.save_pretrained(tmp_path / "p")
+    again = DiffusionPipeline.from_pretrained(tmp_path / "p")
+    again.set_progress_bar_config(disable=True)
+    assert again.transformer.dmquant_state.recipe.name == "w8a8-static"
+    assert torch.equal(generate(again, ["a green cross"], seed=0, steps=2), images)
+
+
+def test_pipeline_quantization_config_routes_dmquant_to_a_component(tmp_path):
+    pipe = build_tiny_pipeline("pixart")
+    pipe.save_pretrained(tmp_path / "fp")
+    mapping = PipelineQuantizationConfig(quant_mapping={"transformer": DmquantConfig("w8a8")})
+    q = DiffusionPipeline.from_pretrained(tmp_path / "fp", quantization_config=mapping)
+    assert q.transformer.dmquant_state.recipe.name == "w8a8"
+    assert getattr(q.vae, "dmquant_state", None) is None
+
+
+def test_calibrating_recipes_and_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        DmquantConfig("w9a9")
+    pipe = build_tiny_pipeline("pixart")
+    pipe.transformer.save_pretrained(tmp_path / "fp")
+    with pytest.raises(ValueError, match=r"needs calibration data.*dmquant.quantize"):
+        type(pipe.transformer).from_pretrained(tmp_path / "fp", quantization_config=DmquantConfig("w8a8-static"))
+
+
+def test_quantized_text_encoder_never_reloads_as_float(tmp_path):
+    """transformers knows no "dmquant" method: its from_pretrained must not hand back random floats."""
+    pipe = build_tiny_pipeline("pixart")
+    enc = pipe.text_encoder
+    dmquant.quantize(pipe, dmquant.get_recipe("w8a8").replace(components=("text_encoder",)))
+    enc.save_pretrained(tmp_path / "enc")
+    with pytest.raises(Exception, match="dmquant"):
+        type(enc).from_pretrained(tmp_path / "enc")
