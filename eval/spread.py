@@ -126,17 +126,39 @@ def write_spread(path: Path, runs: list[dict[str, Any]], command: str, perturbat
     path.write_text(json.dumps(base, indent=1) + "\n")
 
 
+def spread_table(baselines: list[Path]) -> str:
+    """Markdown: per baseline and metric, each code path's value, the range over all runs, and the
+    gate (reference = worst run, tolerance) as recorded by --write."""
+    from .table import _markdown
+
+    paths = list({**CODE_PATHS, **_native_path()})
+    head = ["baseline", "metric", *paths, "all runs min..max (n)", "reference", "tolerance"]
+    body = []
+    for path in baselines:
+        for key, gate in json.loads(path.read_text())["metrics"].items():
+            if "spread" not in gate:
+                continue
+            s = gate["spread"]
+            body.append([path.stem, key, *(f"{gate['paths'][p]:.4f}" if p in gate["paths"] else "-" for p in paths),
+                         f"{s['min']:.4f}..{s['max']:.4f} ({s['runs']})", f"{gate['value']:.4f}", f"{gate['tolerance']}"])
+    return "\n".join(_markdown(head, body)) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dmquant.eval.spread", description=__doc__.split("\n\n")[0])
     p.add_argument("baselines", nargs="+", type=Path)
     p.add_argument("--perturbations", type=int, default=3, help="ulp-perturbed runs on the first code path")
     p.add_argument("--write", action="store_true", help="rewrite the baselines' references and tolerances")
+    p.add_argument("--table", action="store_true", help="print the recorded spreads as markdown; run nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--perturb", default="none", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     missing = [str(b) for b in args.baselines if not b.is_file()]
     if missing:
         raise FileNotFoundError(f"baseline file(s) not found: {', '.join(missing)}")
+    if args.table:
+        print(spread_table(args.baselines))
+        return 0
     if args.worker:
         seeds = [None if s == "none" else int(s) for s in args.perturb.split(",")]
         print(json.dumps(run_worker(args.baselines, seeds)))
