@@ -139,8 +139,9 @@ def spread_table(baselines: list[Path]) -> str:
             if "spread" not in gate:
                 continue
             s = gate["spread"]
-            body.append([path.stem, key, *(f"{gate['paths'][p]:.4f}" if p in gate["paths"] else "-" for p in paths),
-                         f"{s['min']:.4f}..{s['max']:.4f} ({s['runs']})", f"{gate['value']:.4f}", f"{gate['tolerance']}"])
+            values = [f"{gate['paths'][p]:.4f}" if p in gate["paths"] else "-" for p in paths]
+            body.append([path.stem, key, *values, f"{s['min']:.4f}..{s['max']:.4f} ({s['runs']})",
+                         f"{gate['value']:.4f}", f"{gate['tolerance']}"])
     return "\n".join(_markdown(head, body)) + "\n"
 
 
