@@ -21,7 +21,7 @@ from .components import BARE, DENOISER_ATTRS, TEXT_ENCODER_ATTRS, find_component
 from .algorithms import STEPS
 from .config import Recipe
 from .filters import LayerFilter
-from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
+from .nn import QuantModule, TensorQuantizer, is_attention, quant_class_for, quantize_attention
 from .nn.switch import weight_cache_disabled
 from .plans import LayerPlan, record_in_host_config
 from .provenance import provenance
@@ -42,10 +42,18 @@ class QuantState:
     timestep_scale: float | None = None  # denoisers: t / timestep_scale is the noise level quantizers key on
 
 
-def track_timesteps(module: nn.Module, timestep_scale: float | None) -> None:
-    """Attach the noise-level hook to a denoiser whose forward takes a timestep."""
-    if timestep_scale is not None:
+def track_timesteps(module: nn.Module, timestep_scale: float | None, inference: bool = False) -> None:
+    """Attach the noise-level hook to a denoiser whose forward takes a timestep. For `inference`
+    (quantization done) only where some quantizer has per-timestep scales: a hook nothing reads
+    would only stand in the way of `torch.compile(fullgraph=True)`."""
+    needed = timestep_scale is not None and (not inference or any(
+        q.spec.timestep_groups > 1 for q in module.modules() if isinstance(q, TensorQuantizer)))
+    hook = getattr(module, "dmquant_timestep_hook", None)
+    if needed:
         attach_timestep_hook(module, timestep_scale)
+    elif hook is not None:
+        hook.remove()
+        del module.dmquant_timestep_hook
 
 
 def plan_for(module: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
@@ -150,6 +158,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
     for module in components.values():
         module.dmquant_state.provenance = provenance(recipe, calibration=calib_info)
         record_in_host_config(module)
+        track_timesteps(module, module.dmquant_state.timestep_scale, inference=True)
     return pack_weights(obj) if pack else obj
 
 

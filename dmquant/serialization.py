@@ -173,7 +173,7 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
             state[f"{prefix}{name}.weight_packed"] = packed
             layer.weight_shape, layer.weight_dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}), part.get("timestep_scale"))
-        track_timesteps(target, part.get("timestep_scale"))
+        track_timesteps(target, part.get("timestep_scale"), inference=True)
         record_in_host_config(target)
     _restore_quantizer_buffers(module, state)
     try:

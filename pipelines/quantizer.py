@@ -126,7 +126,7 @@ class DmquantQuantizer(DiffusersQuantizer):
         recipe = cfg.resolved_recipe()
         if self.pre_quantized:
             model.dmquant_state = QuantState(recipe, plan_from_json(cfg.plan), timestep_scale=cfg.timestep_scale)
-            track_timesteps(model, cfg.timestep_scale)
+            track_timesteps(model, cfg.timestep_scale, inference=True)
         else:
             dmquant.quantize(model, recipe, timestep_scale=cfg.timestep_scale or 1000.0)
         record_in_host_config(model)

@@ -169,6 +169,8 @@ class QuantModule:
         reference), e.g. for shapes or formats the kernel lacks, or when gradients are needed."""
         if self.backend == "fake" or self.weight_quantizer is None or self._needs_grad():
             return None
+        if torch.compiler.is_compiling():  # opaque prepacked kernel weights do not trace: the graph
+            return None  # runs the simulated path, which inductor fuses (see README: torch.compile)
         iq = self.input_quantizer
         if not self.weight_quantizer.enabled or (iq is not None and (
                 not iq.enabled or iq.observing or (iq.scale is None and iq.allow_uncalibrated))):

@@ -205,6 +205,9 @@ def _known_level(name: str) -> float:
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
+    if torch.compiler.is_compiling():  # no data-dependent branch in a compiled graph: a runtime assert
+        torch._assert_async(torch.isfinite(t).all(), f"non-finite (NaN/inf) values reached quantizer {name or '?'}")
+        return
     if not torch.isfinite(t).all():
         raise FloatingPointError(f"non-finite (NaN/inf) values reached quantizer {name or '?'}: "
                                  "check the model's inputs or run it in higher precision")
