@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +51,18 @@ def _native_path() -> dict[str, dict[str, str]]:
     return {}
 
 
+RESUME_DIR = Path(os.environ.get("DMQUANT_SPREAD_RESUME", Path(tempfile.gettempdir()) / "dmquant-spread-resume"))
+
+
+def _resume_file(path: Path, seed: int | None) -> Path:
+    """Where a finished run is kept when RESUME_DIR exists (create it to make a long measurement
+    resumable or to run code paths in parallel; empty it after changing code: runs are keyed only by
+    baseline, seed and the code-path variables)."""
+    env = [os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")]
+    key = hashlib.sha256(json.dumps([path.read_text(), seed, env]).encode()).hexdigest()[:16]
+    return RESUME_DIR / f"{path.stem}-{key}.json"
+
+
 def run_worker(baselines: list[Path], perturbations: list[int | None]) -> list[dict[str, Any]]:
     """Evaluate each baseline once per perturbation seed (None: unperturbed) in this process."""
     from .regression import evaluate_baseline
@@ -57,8 +70,14 @@ def run_worker(baselines: list[Path], perturbations: list[int | None]) -> list[d
     out = []
     for path in baselines:
         for seed in perturbations:
-            with tempfile.TemporaryDirectory() as tmp:
-                row = evaluate_baseline(json.loads(path.read_text()), Path(tmp), perturb=seed)
+            done = _resume_file(path, seed)
+            if RESUME_DIR.is_dir() and done.is_file():
+                row = json.loads(done.read_text())
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    row = evaluate_baseline(json.loads(path.read_text()), Path(tmp), perturb=seed)
+                if RESUME_DIR.is_dir():
+                    done.write_text(json.dumps(row))
             out.append({"baseline": path.name, "perturb": seed, "metrics": row})
     return out
 
