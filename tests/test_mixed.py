@@ -143,9 +143,14 @@ def tiny_pixart():
     return build_tiny_pipeline("pixart")
 
 
-def test_search_recipe_quantizes_at_predicted_bytes(tiny_pixart, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("mixed-cache")
+
+
+def test_search_recipe_quantizes_at_predicted_bytes(tiny_pixart, cache, tmp_path, monkeypatch):
     result = search(tiny_pixart, "w4a8", base="w4a8", candidates=CANDS, calibration=FAST, groups=1,
-                    cache_dir=tmp_path, progress=False)
+                    cache_dir=cache, progress=False)
     path = result.write(tmp_path / "r.yaml", heatmap=tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
     recipe = load_recipe_file(path)
@@ -162,8 +167,22 @@ def test_search_recipe_quantizes_at_predicted_bytes(tiny_pixart, tmp_path, monke
     # a second budget is served by the cache: nothing is measured again
     monkeypatch.setattr(flow, "measure", lambda *a, **k: pytest.fail("re-measured"))
     five = search(tiny_pixart, "5bits", base="w4a8", candidates=CANDS, calibration=FAST, groups=1,
-                  cache_dir=tmp_path, progress=False)
+                  cache_dir=cache, progress=False)
     assert five.allocation.average_bits <= 5 and five.sensitivity.meta["key"] == result.sensitivity.meta["key"]
+
+
+def test_cli_mixed_writes_a_loadable_recipe(cache, tmp_path, capsys):
+    from dmquant.cli import main
+
+    out = tmp_path / "r.yaml"
+    code = main(["mixed", "--pipeline", "tiny-pixart", "--budget", "5bits", "--base", "w4a8", "--candidates", CANDS,
+                 "--num-prompts", "1", "--steps", "2", "--timesteps", "uniform:1", "--groups", "1",
+                 "--cache-dir", str(cache), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    recipe = load_recipe_file(out)
+    assert recipe.name == "w4a8-mixed-5bits" and "5bits" in out.read_text().splitlines()[1]
+    assert main(["mixed", "--pipeline", "tiny-pixart", "--budget", "lots", "--out", str(out)]) == 2
+    assert "unknown recipe 'lots'" in capsys.readouterr().err
 
 
 def test_search_reproducible_from_seed(tiny_pixart, tmp_path):

@@ -128,12 +128,11 @@ def search(pipe: Any, budget: str | float, *, base: str | Recipe = "w4a8",
     if base_name is None:
         raise ValueError(f"the base weight spec {base.weight.short()} must be one of the candidates "
                          f"{[c.name for c in cands]} (e.g. add {base.weight.format}:{base.weight.granularity})")
+    budget_recipe = None if is_numeric_budget(budget) else get_recipe(str(budget))  # fail before measuring
     sens = measure_pipeline(pipe, cands, base, calibration=calibration, seed=seed, groups=groups, content=content,
                             cache_dir=cache_dir, progress=progress)
     denoiser = get_path(pipe, denoiser_path(pipe))
-    recipe_bytes = None
-    if not is_numeric_budget(budget):
-        recipe_bytes = recipe_nbytes(denoiser, get_recipe(str(budget)), sens)
+    recipe_bytes = None if budget_recipe is None else recipe_nbytes(denoiser, budget_recipe, sens)
     allocation = solve(sens, budget, content_weight=content_weight, recipe_bytes=recipe_bytes)
     label = name or f"{base.name}-mixed-{str(budget).replace(' ', '')}"
     recipe = build_recipe(base, allocation, cands, list(quantizable_layers(denoiser)), label,
