@@ -68,7 +68,8 @@ def check_checkpoint(pipeline: str, folder: str | Path) -> None:
     denoiser = family_of(saved["_class_name"]).denoiser
     ours, theirs = folder / denoiser / "config.json", fp_folder / denoiser / "config.json"
     if ours.is_file() and theirs.is_file():
-        drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731  (versions, paths)
+        drop = lambda c: {k: v for k, v in c.items()  # noqa: E731  (versions, paths, the plan dmquant records)
+                          if not k.startswith("_") and k != "quantization_config"}
         if drop(json.loads(ours.read_text())) != drop(json.loads(theirs.read_text())):
             raise ValueError(f"{folder}'s {denoiser} configuration differs from {fp_folder}'s: "
                              "not a quantized copy of this pipeline")
