@@ -14,14 +14,15 @@ import resource
 import time
 
 import torch
-
 from dmquant.calibration import DenoiserCall, Trajectory
+
 from dmquant.mixed import measure, parse_candidates, quantizable_layers
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15 = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+        "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}
+log = logging.getLogger("mixed_memory")
 
 
 def peak_gib() -> float:
@@ -49,7 +50,7 @@ def main() -> None:
             layers=[n for n, _ in layers], groups=1)
     after = peak_gib()
     largest = layers[0][1].weight.numel() * 4 / 2**30
-    logging.info("model %.2f GiB; peak RSS %.2f GiB before measuring, %.2f GiB after (+%.3f GiB) for %d layers "
+    log.info("model %.2f GiB; peak RSS %.2f GiB before measuring, %.2f GiB after (+%.3f GiB) for %d layers "
                  "x 2 candidates in %.0f s; largest layer %.3f GiB", model_gib, before, after, after - before,
                  len(layers), time.perf_counter() - t0, largest)
 

@@ -8,11 +8,11 @@ float trajectory, bit allocation by integer programming under a budget, an ordin
 """
 from .allocate import Allocation, allocate, parse_budget, solve
 from .candidates import DEFAULT_CANDIDATES, FP, Candidate, parse_candidates, quantizable_layers, weight_nbytes
-from .recipe import build_recipe, recipe_yaml, save_heatmap, suggest_exclude, write_recipe
 from .flow import SearchResult, measure_pipeline, recipe_nbytes, search
+from .recipe import build_recipe, recipe_yaml, save_heatmap, suggest_exclude, write_recipe
 from .sensitivity import Sensitivity, measure
 
-__all__ = ["Allocation", "allocate", "parse_budget", "solve", "DEFAULT_CANDIDATES", "FP", "Candidate",
-           "parse_candidates", "quantizable_layers", "weight_nbytes", "build_recipe", "recipe_yaml", "save_heatmap",
-           "suggest_exclude", "write_recipe", "SearchResult", "measure_pipeline", "recipe_nbytes", "search",
-           "Sensitivity", "measure"]
+__all__ = ["DEFAULT_CANDIDATES", "FP", "Allocation", "Candidate", "SearchResult", "Sensitivity", "allocate",
+           "build_recipe", "measure", "measure_pipeline", "parse_budget", "parse_candidates", "quantizable_layers",
+           "recipe_nbytes", "recipe_yaml", "save_heatmap", "search", "solve", "suggest_exclude", "weight_nbytes",
+           "write_recipe"]

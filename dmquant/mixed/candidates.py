@@ -32,7 +32,7 @@ class Candidate:
     weight: QuantSpec | None
 
     @classmethod
-    def parse(cls, text: str) -> "Candidate":
+    def parse(cls, text: str) -> Candidate:
         """`fp`, `int4` (per channel), `int4:group:64`, `nvfp4`, `fp8_e4m3:channel`, `uint4:group:64` ..."""
         text = text.strip()
         if text == FP:

@@ -9,7 +9,8 @@ judge, the x0 latent low-passed (2x2 means: layout and colour, not texture).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -73,7 +73,7 @@ class Sensitivity:
         path.with_suffix(".json").write_text(json.dumps(info, indent=1))
 
     @classmethod
-    def load(cls, path: Path) -> "Sensitivity":
+    def load(cls, path: Path) -> Sensitivity:
         info = json.loads(path.with_suffix(".json").read_text())
         if info.get("format") != FORMAT:
             raise ValueError(f"{path}: sensitivity cache format {info.get('format')} is not {FORMAT}")
