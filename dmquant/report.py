@@ -101,8 +101,18 @@ def report(obj: Any) -> QuantReport:
             wq, iq = layer.weight_quantizer, layer.input_quantizer
             rep.rows.append(LayerRow(path, name, type(layer).__name__, spec(wq and wq.spec), spec(iq and iq.spec),
                                      numel, fp_row, q_row, layer.kernel_name()))
+        att = module.dmquant_state.recipe.attention
+        for name, plan in module.dmquant_state.plan.items():
+            if plan.kind == "attention":
+                rep.rows.append(LayerRow(path, name, "attention", "-", _attention_specs(att), 0, 0, 0,
+                                         "simulated (attention internals)"))
         rep.fp_bytes += held - act_bytes - extras + quantized_fp
         rep.quant_bytes += held - extras + quantized_q
     if not rep.rows:
         raise ValueError("nothing quantized: call dmquant.quantize first")
     return rep
+
+
+def _attention_specs(att: Any) -> str:
+    parts = {"qkv": att.qkv, "v": att.v, "p": att.probs}
+    return " ".join(f"{k} {s.short()}" for k, s in parts.items() if s is not None) or "-"

@@ -73,6 +73,9 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
         st: QuantState = part.dmquant_state
         layers = {}
         for name, layer in quant_layers(part).items():
+            if getattr(layer, "vq", None) is not None:
+                raise ValueError(f"{prefix}{name} holds vector-quantized (VQ) weights, which have no packed "
+                                 "format yet: such a model cannot be saved (nothing was written)")
             if layer.weight_quantizer is None:
                 continue
             full = f"{prefix}{name}."
