@@ -13,6 +13,7 @@ from dmquant.calibration import DenoiserCall, Trajectory
 from torch import nn
 
 import dmquant
+import dmquant.mixed
 from dmquant.mixed import allocate, flow, measure, parse_budget, parse_candidates, search, weight_nbytes
 from dmquant.recipes import get_recipe, load_recipe_file
 
@@ -191,6 +192,19 @@ def test_search_reproducible_from_seed(tiny_pixart, tmp_path):
     assert torch.equal(runs[0].sensitivity.quality, runs[1].sensitivity.quality)
     with pytest.raises(ValueError, match="searched per model"):
         get_recipe("auto-4.5bits")
+
+
+def test_auto_name_searches_on_the_model(monkeypatch):
+    seen = {}
+
+    def fake_search(model, budget, base, name):
+        seen.update(model=model, budget=budget, base=base, name=name)
+        return type("R", (), {"recipe": get_recipe("w4a8").replace(name=name)})
+
+    monkeypatch.setattr(dmquant.mixed, "search", fake_search)
+    recipe = get_recipe("auto-1.2MiB", model="pipe")
+    assert recipe.name == "auto-1.2MiB"
+    assert seen == {"model": "pipe", "budget": "1.2MiB", "base": "gptq-w4a8", "name": "auto-1.2MiB"}
 
 
 def test_bos_aware_text_encoder():
