@@ -133,7 +133,7 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
     level per-timestep scales key on (1000 for DDPM-trained and most flow models, 1 for FLUX, whose
     pipeline already passes t / 1000).
     """
-    recipe = get_recipe(recipe)
+    recipe = get_recipe(recipe, obj)  # auto-<budget> recipes are searched on obj (dmquant.mixed)
     if backend is not None:
         recipe = recipe.replace(backend=backend)
     components = find_components(obj, recipe.components)

@@ -205,6 +205,9 @@ def test_auto_name_searches_on_the_model(monkeypatch):
     recipe = get_recipe("auto-1.2MiB", model="pipe")
     assert recipe.name == "auto-1.2MiB"
     assert seen == {"model": "pipe", "budget": "1.2MiB", "base": "gptq-w4a8", "name": "auto-1.2MiB"}
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    dmquant.quantize(model, "auto-3bits")  # quantize hands its object to the search
+    assert seen["model"] is model and model.dmquant_state.recipe.name == "auto-3bits"
 
 
 def test_bos_aware_text_encoder():
