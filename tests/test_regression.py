@@ -22,17 +22,22 @@ def test_builtin_recipes_hold_their_baselines(baseline):
 
 @pytest.mark.parametrize("baseline", BASELINES, ids=lambda p: p.stem)
 def test_baselines_record_how_their_tolerance_was_measured(baseline):
-    """Reference = worst run, tolerance = max(floor, observed range), values on both float code paths,
-    and the gate runs fake quantization (float math; no CPU int8 kernel with its 7-bit grid)."""
+    """Near-lossless gates (PSNR >= 40 dB, where sampling chaos moves PSNR by dB between CPUs) carry a
+    measured spread: reference = worst run, tolerance = max(floor, observed range), values on both float
+    code paths. Every gate runs fake quantization (float math; no CPU int8 kernel with its 7-bit grid)
+    and keeps per-prompt values for the paired interval in `regress`."""
     base = json.loads(baseline.read_text())
-    assert {"command", "variants", "rule", "cpu"} <= set(base["spread_measured"])
     assert get_recipe(base["model"]).backend == "fake"
+    for key, gate in base["metrics"].items():
+        assert len(gate["per_prompt"]) == len(base["prompts"])
+    if base["metrics"]["psnr"]["value"] < 40:
+        return
+    assert {"command", "variants", "rule", "cpu"} <= set(base["spread_measured"])
     for key, gate in base["metrics"].items():
         assert {"avx2", "default"} <= set(gate["paths"])
         spread = gate["spread"]
         assert spread["runs"] >= 4 and spread["min"] <= gate["value"] <= spread["max"]
         assert gate["tolerance"] >= max(DEFAULT_TOLERANCE[key], spread["max"] - spread["min"]) - 1e-3
-        assert len(gate["per_prompt"]) == len(base["prompts"])
 
 
 def test_gate_from_runs_takes_the_worst_value_and_the_range():
