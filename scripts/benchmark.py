@@ -1,94 +1,263 @@
 #!/usr/bin/env python
-"""Whole-model benchmark on a PixArt-alpha-sized transformer (random weights, CPU):
+"""Deployment benchmark: every deployable recipe on PixArt-alpha-sized and SD1.5-sized denoisers
+(random weights from their configs, CPU), against fp32 and bf16, measured side by side.
 
-1. checkpoint size: dmquant packed W4 (int4, group 128) vs the fp16 diffusers checkpoint;
-2. end-to-end latency: W8A8 (per-token and per-tensor dynamic activations) on the CPU int8 kernels
-   vs fp32 and vs fake quantization, same inputs, side by side; plus each path's SQNR against fp32.
+For each model and recipe, in fresh processes:
+1. quantize (calibrating on random inputs at 5 timesteps where the recipe needs data): peak RSS of the
+   process over the fp32 model's own RSS, then `save_quantized`: size on disk;
+2. `load_quantized(backend="auto")` in a new process: resident memory added by the load and one
+   forward (RSS; float rows likewise, after one forward so memory-mapped weights count), the
+   kernel each layer runs (`report`), then forward latency with fp32, bf16 and the quantized model
+   interleaved in one loop (their ratios share the machine's load), and SQNR against fp32.
+The fp32 / fp16 rows load the diffusers checkpoint the same way.
 
-    python scripts/benchmark.py            # full PixArt-alpha XL-2 shape (611 M params, ~3 min)
-    python scripts/benchmark.py --small    # 4 layers, for a quick look
+    python scripts/benchmark.py                          # both models, all recipes (~1 h on 2 cores)
+    python scripts/benchmark.py --model pixart --recipes w8a8,w4a16
+    python scripts/benchmark.py --small                  # tiny configs: a smoke run in seconds
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import dmquant
-from dmquant.primitives import sqnr_db
+RECIPES = ["w8a8", "w4a8-cpu", "w4a16", "svdquant-w4a4", "w8a8-static", "nvfp4", "fp8", "smoothquant-w8a8", "w4a8",
+           "w8a8-tsa"]
+CALIB_TIMESTEPS = (999, 750, 500, 250, 1)
 
 
-def pixart_alpha(num_layers: int) -> torch.nn.Module:
-    from diffusers import PixArtTransformer2DModel
+# -- models and inputs --------------------------------------------------------------------------
+def build(model: str, small: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model == "pixart":
+        from diffusers import PixArtTransformer2DModel
 
-    return PixArtTransformer2DModel(
-        sample_size=64, num_layers=num_layers, attention_head_dim=72, num_attention_heads=16, in_channels=4,
-        out_channels=8, cross_attention_dim=1152, caption_channels=4096, patch_size=2,
-        norm_type="ada_norm_single", num_embeds_ada_norm=1000,
-    ).eval()
+        return PixArtTransformer2DModel(
+            sample_size=64, num_layers=2 if small else 28, attention_head_dim=72 if not small else 16,
+            num_attention_heads=16 if not small else 2, in_channels=4, out_channels=8,
+            cross_attention_dim=1152 if not small else 32, caption_channels=4096 if not small else 64, patch_size=2,
+            norm_type="ada_norm_single", num_embeds_ada_norm=1000).eval()
+    from diffusers import UNet2DConditionModel
+
+    if small:
+        return UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8, norm_num_groups=8).eval()
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()  # SD1.5's shape: 860 M
+
+
+def inputs(model: torch.nn.Module, latent: int, timestep: int = 500) -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(1)
+    cfg = model.config
+    x = torch.randn(1, cfg.in_channels, latent, latent, generator=g)
+    if hasattr(cfg, "caption_channels"):
+        text = torch.randn(1, 120, cfg.caption_channels, generator=g)
+        return (x,), dict(encoder_hidden_states=text, timestep=torch.tensor([timestep]),
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    text = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    return (x,), dict(encoder_hidden_states=text, timestep=torch.tensor([timestep]), return_dict=False)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def checkpoint_sizes(model: torch.nn.Module, tmp: Path) -> tuple[int, int]:
-    fp16 = copy.deepcopy(model).half()
-    fp16.save_pretrained(tmp / "fp16")
-    dmquant.quantize(fp16, dmquant.Recipe(name="w4-g128", weight=dmquant.QuantSpec("int4", "group:128")))
-    dmquant.save_quantized(fp16, tmp / "w4")
-    return dir_bytes(tmp / "fp16"), dir_bytes(tmp / "w4")
+# -- the measurements, each run in its own process -----------------------------------------------
+def job_baseline(a: argparse.Namespace) -> dict:
+    model = build(a.model, a.small)
+    model.save_pretrained(Path(a.work) / "fp32")
+    model.half().save_pretrained(Path(a.work) / "fp16")
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "fp32_disk": dir_bytes(Path(a.work) / "fp32"), "fp16_disk": dir_bytes(Path(a.work) / "fp16")}
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (also builds the packed kernels)
-    times = []
+def job_load_float(a: argparse.Namespace) -> dict:
+    from diffusers import DiffusionPipeline  # noqa: F401 - import cost outside the measured RSS
+
+    cls = type(build(a.model, True))
+    before = rss_bytes()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[a.dtype]
+    model = cls.from_pretrained(Path(a.work) / a.dtype, torch_dtype=dtype).eval()
+    args, kw = inputs(model, a.latent)
+    with torch.no_grad():  # resident = after one forward, as for the quantized models (weights paged in)
+        model(*(x.to(dtype) for x in args), **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                                                for k, v in kw.items()})
+    return {"rss": rss_bytes() - before, "params": sum(p.numel() for p in model.parameters())}
+
+
+def job_quantize(a: argparse.Namespace) -> dict:
+    import dmquant
+
+    cls = type(build(a.model, True))
+    before = rss_bytes()
+    model = cls.from_pretrained(Path(a.work) / "fp32").eval()  # as users do: quantize a loaded float model
+    torch.stack([p.detach().sum() for p in model.parameters()])  # page the (memory-mapped) weights in
+    model_rss = rss_bytes() - before
+    recipe = dmquant.get_recipe(a.recipe)
+
+    def calibrate(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for t in CALIB_TIMESTEPS:
+                args, kw = inputs(m, a.latent, t)
+                m(*args, **kw)
+
+    t0 = time.perf_counter()
+    dmquant.quantize(model, recipe, calibration=calibrate if recipe.needs_calibration else None)
+    seconds = time.perf_counter() - t0
+    out = Path(a.work) / a.recipe
+    dmquant.save_quantized(model, out)
+    return {"model_rss": model_rss, "peak_over_base": peak_rss_bytes() - before, "quantize_s": seconds,
+            "disk": dir_bytes(out)}
+
+
+def _time_interleaved(runs: dict, repeats: int, warm: tuple[str, ...]) -> dict[str, float]:
+    for name in warm:
+        runs[name]()  # warm-up: builds packed kernel weights
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def job_serve(a: argparse.Namespace) -> dict:
+    import dmquant
+    from dmquant.primitives import sqnr_db
+
+    cls = type(build(a.model, True))
+    before = rss_bytes()
+    q = dmquant.load_quantized(Path(a.work) / a.recipe, backend="auto")
+    args, kw = inputs(q, a.latent)
+    with torch.no_grad():
+        q(*args, **kw)  # resident after one forward: packed codes plus the kernels' prepacked weights
+    resident = rss_bytes() - before
+    kernels = dmquant.report(q).kernels()
+    fp32 = cls.from_pretrained(Path(a.work) / "fp32").eval()
+    bf16 = cls.from_pretrained(Path(a.work) / "fp32", torch_dtype=torch.bfloat16).eval()
+    args16 = tuple(x.bfloat16() for x in args)
+    kw16 = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    with torch.no_grad():
+        ref = fp32(*args, **kw)[0]
+        quality = {"sqnr_q": sqnr_db(ref, q(*args, **kw)[0]), "sqnr_bf16": sqnr_db(ref, bf16(*args16, **kw16)[0].float())}
+        times = _time_interleaved({"fp32": lambda: fp32(*args, **kw), "bf16": lambda: bf16(*args16, **kw16),
+                                   "q": lambda: q(*args, **kw)}, a.repeats, warm=("fp32", "q"))
+    return {"resident": resident, "kernels": kernels, **quality, **{f"t_{k}": v for k, v in times.items()}}
+
+
+JOBS = {"baseline": job_baseline, "load_float": job_load_float, "quantize": job_quantize, "serve": job_serve}
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def run_job(job: str, a: argparse.Namespace, **extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--job", job, "--model", a.model, "--work", a.work, "--latent", str(a.latent),
+           "--repeats", str(a.repeats), "--threads", str(a.threads), *(["--small"] if a.small else [])]
+    for k, v in extra.items():
+        cmd += [f"--{k}", v]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{job} {extra} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def kernel_summary(kernels: dict[str, int]) -> str:
+    total = sum(kernels.values())
+    on = sum(n for k, n in kernels.items() if not k.startswith("simulated"))
+    return f"{on}/{total} on kernels"
+
+
+def table(model: str, base: dict, rows: dict[str, dict]) -> str:
+    fp32, fp16 = base["fp32"], base["fp16"]
+    lines = [f"### {model}: {base['params'] / 1e6:.0f} M params, latent {base['latent']}x{base['latent']}",
+             "",
+             "| model | layers on kernels | speed vs fp32 | speed vs bf16 | resident MiB | vs fp32 | vs fp16 | "
+             "disk MiB | quantize peak / fp32 model | SQNR vs fp32 dB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| fp32 | - | 1.00 | - | {mib(fp32['rss'])} | 1.00 | {fp32['rss'] / fp16['rss']:.2f} | "
+             f"{mib(base['fp32_disk'])} | - | - |",
+             f"| fp16 (storage) | - | - | - | {mib(fp16['rss'])} | {fp16['rss'] / fp32['rss']:.2f} | 1.00 | "
+             f"{mib(base['fp16_disk'])} | - | - |"]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:80]} |")
+            continue
+        lines.append(
+            f"| {name} | {kernel_summary(r['kernels'])} | {r['t_fp32'] / r['t_q']:.2f} | {r['t_bf16'] / r['t_q']:.2f} | "
+            f"{mib(r['resident'])} | {r['resident'] / fp32['rss']:.2f} | {r['resident'] / fp16['rss']:.2f} | "
+            f"{mib(r['disk'])} | {r['peak_over_base'] / r['model_rss']:.2f} | {r['sqnr_q']:.1f} |")
+    bf = next((r for r in rows.values() if "t_bf16" in r), None)
+    if bf is not None:
+        lines.append(f"\nbf16 in the same loops: {bf['t_fp32'] / bf['t_bf16']:.2f}x the speed of fp32 "
+                     f"(SQNR {bf['sqnr_bf16']:.1f} dB).")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="4 layers instead of 28")
-    parser.add_argument("--latent", type=int, default=32, help="latent side (32 -> 256 tokens)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model = pixart_alpha(4 if args.small else 28)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"PixArt-alpha-shaped transformer: {n_params / 1e6:.0f} M params, latent {args.latent}x{args.latent}")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        fp16_bytes, w4_bytes = checkpoint_sizes(model, Path(tmp))
-    print(f"checkpoint: fp16 {fp16_bytes / 2**20:.1f} MiB, dmquant W4 g128 {w4_bytes / 2**20:.1f} MiB "
-          f"-> {fp16_bytes / w4_bytes:.2f}x smaller")
-
-    x = torch.randn(1, 4, args.latent, args.latent)
-    kw = dict(encoder_hidden_states=torch.randn(1, 120, 4096), timestep=torch.tensor([500]),
-              added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
-    rows = []
-    with torch.no_grad():
-        ref = model(x, **kw)[0]
-        t_fp32 = timed(lambda: model(x, **kw), args.repeats)
-        rows.append(("fp32", t_fp32, float("inf")))
-        for recipe, backend in (("w8a8", "fbgemm"), ("w8a8-cpu", "fbgemm"), ("w8a8", "fake")):
-            q = dmquant.quantize(copy.deepcopy(model), recipe, backend=backend)
-            out = q(x, **kw)[0]
-            rows.append((f"{recipe} [{backend}]", timed(lambda: q(x, **kw), args.repeats), sqnr_db(ref, out)))
-            del q
-    print(f"\n{'path':<24}{'latency':>10}{'speed vs fp32':>15}{'SQNR vs fp32':>15}")
-    for name, t, db in rows:
-        print(f"{name:<24}{t * 1e3:>8.0f}ms{t_fp32 / t:>14.2f}x{db:>13.1f}dB")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="both", choices=("pixart", "sd", "both"))
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--small", action="store_true", help="tiny configs (smoke run)")
+    p.add_argument("--latent", type=int, default=32, help="latent side (PixArt: 32 -> 256 tokens)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="1 by default: on a shared 2-core machine OpenMP threads stall when a core is busy")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown tables here")
+    p.add_argument("--job", choices=list(JOBS), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.job:
+        print(json.dumps(JOBS[a.job](a)))
+        return
+    models = ["pixart", "sd"] if a.model == "both" else [a.model]
+    out = [f"`python scripts/benchmark.py {' '.join(sys.argv[1:])}` ({torch.__version__}, "
+           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {a.threads} threads)"]
+    for model in models:
+        with tempfile.TemporaryDirectory() as work:
+            sub = argparse.Namespace(**{**vars(a), "model": model, "work": work})
+            base = {**run_job("baseline", sub), "latent": a.latent,
+                    "fp32": run_job("load_float", sub, dtype="fp32"), "fp16": run_job("load_float", sub, dtype="fp16")}
+            rows: dict[str, dict] = {}
+            for recipe in a.recipes.split(","):
+                print(f"[{model}] {recipe} ...", file=sys.stderr, flush=True)
+                try:
+                    rows[recipe] = {**run_job("quantize", sub, recipe=recipe), **run_job("serve", sub, recipe=recipe)}
+                except RuntimeError as err:
+                    rows[recipe] = {"error": str(err).splitlines()[-1]}
+                if a.out is not None:  # partial tables survive an interrupted run
+                    a.out.mkdir(parents=True, exist_ok=True)
+                    (a.out / f"{model}.md").write_text(table(model, base, rows) + "\n")
+            out.append(table(model, base, rows))
+            print(out[-1], flush=True)
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "benchmark.md").write_text("\n\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
