@@ -190,3 +190,12 @@ def test_attention_only_recipes_report_and_vq_models_refuse_to_save(denoiser, tm
     with pytest.raises(ValueError, match="vector-quantized"):
         dmquant.save_quantized(vq, tmp_path / "vq")
     assert not (tmp_path / "vq").exists()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_int8_codes_come_straight_from_the_packed_bytes(bits):
+    """Sign extension of packed b-bit codes equals the grid values fake quantization decodes."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(40, 24), QuantSpec(f"int{bits}", "channel"), None, name="l")
+    q.pack_weight()
+    assert torch.equal(q.int_weight_codes().to(torch.float32), q.weight_codes())

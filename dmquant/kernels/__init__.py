@@ -79,9 +79,10 @@ class Kernel:
     def prepare(self, layer: Any) -> Any:
         """Pack the layer's weight codes and scales (exactly what fake quantization uses)."""
         wq = layer.weight_quantizer
-        codes = layer.weight_codes().reshape(layer.weight_shape)
         if wq.spec.format.startswith("int"):
-            codes = codes.to(torch.int8)
+            codes = layer.int_weight_codes().reshape(layer.weight_shape)
+        else:
+            codes = layer.weight_codes().reshape(layer.weight_shape)
         scale = wq.scale.detach().float().reshape(-1)
         if _is_linear(layer):
             return self.prepack_linear(codes, scale, layer.bias)

@@ -109,6 +109,17 @@ class QuantModule:
             return element_format(spec.fmt, spec.symmetric).decode(codes).reshape(self.weight_shape[0], -1)
         return wq.codes(self._parameters["weight"].detach())
 
+    def int_weight_codes(self) -> torch.Tensor:
+        """Signed integer weight codes as int8, (out, in * kernel), for integer GEMM kernels: sign-extended
+        straight from the packed bytes (no float copy, which would cost 4 bytes a weight while a kernel
+        prepares)."""
+        spec = self.weight_quantizer.spec
+        if not (self.is_packed and spec.symmetric and spec.format.startswith("int")):
+            return self.weight_codes().to(torch.int8)
+        shift = 8 - spec.bits  # two's complement b-bit codes: move the sign bit to bit 7, shift back
+        u = unpack(self._buffers["weight_packed"], spec.bits, math.prod(self.weight_shape))
+        return ((u << shift).view(torch.int8) >> shift).reshape(self.weight_shape[0], -1)
+
     def decoded_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dequantize the packed codes (bit for bit what fake quantization of the master gave)."""
         wq = self.weight_quantizer
