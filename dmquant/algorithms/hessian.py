@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..nn.qconv import _QuantConvNd
 from ..nn.qmodule import QuantModule
 from .gptq import gptq
+from .hooks import hooked_run
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,7 @@ def _call_order(layers: dict[str, QuantModule], run: Callable[[], Any]) -> list[
                 order.append(name)
         return hook
 
-    handles = [m.register_forward_pre_hook(make(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_run(run, [(m, make(n)) for n, m in layers.items()])  # leaf layers finish in the order they start
     return order
 
 

@@ -35,6 +35,7 @@ from ..nn.qmodule import QuantModule
 from ..nn.switch import quantization_disabled
 from ..timestep import current_noise_level, noise_level
 from .adaround import SoftRounding, annealed_beta, layer_rounding, pack_codes, rounded_weight
+from .hooks import hooked_run
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +131,6 @@ class _Capture:
             if self.want_outputs:
                 self.outputs.append([t.detach().clone() for t in _tensors(output)])
         self.calls += 1
-
-
-def _hooked_run(run: Callable[[], Any], hooks: list[tuple[nn.Module, Callable]]) -> None:
-    """run() under no_grad with forward hooks (args, kwargs, output) that are removed afterwards."""
-    handles = [m.register_forward_hook(h, with_kwargs=True) for m, h in hooks]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _serve(layer: QuantModule, weight: Callable[[], torch.Tensor]) -> None:
@@ -275,15 +265,15 @@ def apply_block_reconstruction(modules: list[nn.Module], run: Callable[[], Any],
         counts: dict[Unit, int] = {}  # calls per unit, in the order of each unit's first call
         count = lambda u: lambda *_: counts.update({u: counts.get(u, 0) + 1})  # noqa: E731
         with quantization_disabled(*modules):
-            _hooked_run(run, [(u.module, count(u)) for u in units])
+            hooked_run(run, [(u.module, count(u)) for u in units])
         for unseen in [u.name for u in units if u not in counts]:
             log.warning("adaround: %s saw no calibration data; keeping round-to-nearest", unseen)
         for unit, n_calls in tqdm(counts.items(), desc="adaround", unit="block", disable=None):
             keep = set(torch.linspace(0, n_calls - 1, min(samples or n_calls, n_calls)).round().long().tolist())
             fp, q = _Capture(keep, outputs=True), _Capture(keep, outputs=False)
             with quantization_disabled(*modules):
-                _hooked_run(run, [(unit.module, fp)])
-            _hooked_run(run, [(unit.module, q)])
+                hooked_run(run, [(unit.module, fp)])
+            hooked_run(run, [(unit.module, q)])
             if q.calls != fp.calls:
                 raise RuntimeError(f"adaround: run() called {unit.name} {fp.calls} times in float and {q.calls} times "
                                    "quantized; calibration must repeat the same calls (fix its seeds)")
