@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dmquant.calibrate import static_quantizers
+from dmquant.observe import static_quantizers
 from dmquant.components import denoiser_path, get_path
 
 from .timesteps import parse_selection, select_steps
@@ -96,7 +96,7 @@ class TrajectoryRunner:
         self.trajectory.replay(denoiser)
         if isinstance(obj, nn.Module) or not self.prompts:
             return
-        from dmquant.api import quantized_components
+        from dmquant.state import quantized_components
         from dmquant.pipelines import generate
 
         others = [m for m in quantized_components(obj).values() if m is not denoiser]

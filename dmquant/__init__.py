@@ -6,8 +6,10 @@
 >>> dmquant.save_quantized(pipe, "out/")
 >>> pipe = dmquant.load_quantized("out/")
 """
-from .api import LayerPlan, QuantState, quantize
-from .calibrate import observing
+from .api import quantize
+from .observe import observing
+from .plans import LayerPlan
+from .state import QuantState
 from .config import AttentionSpec, Override, QuantSpec, Recipe
 from .formats import get_format, list_formats
 from .granularity import PerChannel, PerGroup, PerTensor, PerToken

@@ -20,7 +20,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     from . import quantize, report, save_quantized
-    from .api import quantized_components
+    from .state import quantized_components
     from .pipelines import load
 
     pipe = load(args.pipeline)

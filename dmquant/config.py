@@ -14,6 +14,7 @@ from typing import Any
 from .formats import BlockFormat, FloatFormat, get_format
 from .granularity import PerGroup, PerToken, parse_granularity
 from .observers import parse_observer
+from .step_configs import step_config
 
 RECIPE_VERSION = 1
 BACKENDS = ("fake", "auto", "cpu", "fbgemm", "cuda")  # "fbgemm": the CPU int GEMM only (older name)
@@ -146,16 +147,22 @@ class Override:
 
 @dataclass(frozen=True)
 class Step:
-    """An algorithm a recipe runs after the layers are swapped, e.g. {name: gptq, args: {...}}."""
+    """An algorithm a recipe runs after the layers are swapped, e.g. {name: gptq, args: {...}}.
+
+    `args` (the values given, checked and normalised) build the step's typed config
+    (`dmquant.step_configs`) at once, so a misspelt argument fails before any work."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .algorithms import STEPS  # late: the algorithms import configs
+        config = step_config(self.name, self.args, f"step {self.name!r}")
+        object.__setattr__(self, "args", {k: getattr(config, k) for k in self.args})
 
-        if self.name not in STEPS:
-            raise ValueError(f"unknown recipe step {self.name!r}; available steps: {sorted(STEPS)}")
+    @property
+    def config(self) -> Any:
+        """The typed arguments, defaults filled in."""
+        return step_config(self.name, self.args)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str, where: str = "step") -> "Step":

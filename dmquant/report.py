@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .api import quant_layers, quantized_components
+from .state import quant_layers, quantized_components
 from .nn.quantizer import TensorQuantizer
 from .payload import extra_nbytes, weight_nbytes
 

@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import QuantState, apply_plan, quant_layers, quantized_components, track_timesteps
+from .apply import apply_plan
+from .state import QuantState, quant_layers, quantized_components, track_timesteps
 from .atomic import MANIFEST, atomic_directory, hash_tree, verify_tree
 from .components import BARE
 from .config import Recipe

@@ -89,7 +89,7 @@ TOOLS = {"quanto": (_quanto, ("int8", "w8", "w4")), "torchao": (_torchao, ("int8
 
 def recipe_layers(denoiser: nn.Module, recipe: str) -> list[str]:
     """The layers dmquant's `recipe` quantizes in this denoiser (names relative to it)."""
-    from dmquant.api import plan_for
+    from dmquant.apply import plan_for
     from dmquant.recipes import get_recipe
 
     return [name for name, step in plan_for(denoiser, get_recipe(recipe)).items() if step.kind == "layer"]

@@ -16,6 +16,7 @@ from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from .metrics.fid import MIN_SAMPLES
 
 TINY_PREFIX = "tiny-"
+ALL_METRICS = ("psnr", "ssim", "lpips", "fid", "adherence", "clip", "vbench")
 log = logging.getLogger(__name__)
 
 
@@ -90,8 +91,6 @@ def default_metrics(pipeline: str, n_prompts: int) -> tuple[str, ...]:
 
 def check_metrics(metrics: tuple[str, ...], pipeline: str, n_prompts: int, extra: dict[str, Any]) -> None:
     """Raise, naming every problem, if any requested metric could not be computed."""
-    from .runner import ALL_METRICS
-
     unknown = set(metrics) - set(ALL_METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {ALL_METRICS}")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dmquant
-from dmquant.api import quantized_components
+from dmquant.state import quantized_components
 from dmquant.components import denoiser_path, get_path
 from dmquant.pipelines import generate, load
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
@@ -28,13 +28,12 @@ from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from .backends import apply_backend, module_bytes
 from .grid import html_report, save_grid
 from .bootstrap import bootstrap_ci
-from .checks import check_checkpoint, check_metrics, default_metrics
+from .checks import ALL_METRICS, check_checkpoint, check_metrics, default_metrics
 from .metrics import psnr, ssim, video_scores
 from .metrics.fid import frechet_distance as fid_from_features, resolve_extractor
 from .table import format_table
 
 log = logging.getLogger(__name__)
-ALL_METRICS = ("psnr", "ssim", "lpips", "fid", "adherence", "clip", "vbench")
 FID_RESAMPLES = 200
 
 

@@ -37,9 +37,9 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     elif (Path(key) / "quantization.json").is_file():
-        import dmquant
+        from dmquant.serialization import load_quantized
 
-        return dmquant.load_quantized(key, device=device)
+        return load_quantized(key, device=device)
     elif Path(key).is_dir():
         index = Path(key) / "model_index.json"
         if not index.is_file():

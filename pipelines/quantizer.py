@@ -23,8 +23,8 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from safetensors import safe_open
 
-import dmquant
-from dmquant.api import QuantState, apply_plan, quant_layers, track_timesteps
+from dmquant.apply import apply_plan, apply_recipe
+from dmquant.state import QuantState, quant_layers, track_timesteps
 from dmquant.config import Recipe
 from dmquant.plans import FORMAT_VERSION, QUANT_METHOD, plan_from_json, record_in_host_config
 from dmquant.recipes import get_recipe
@@ -128,7 +128,7 @@ class DmquantQuantizer(DiffusersQuantizer):
             model.dmquant_state = QuantState(recipe, plan_from_json(cfg.plan), timestep_scale=cfg.timestep_scale)
             track_timesteps(model, cfg.timestep_scale, inference=True)
         else:
-            dmquant.quantize(model, recipe, timestep_scale=cfg.timestep_scale or 1000.0)
+            apply_recipe(model, recipe, timestep_scale=cfg.timestep_scale or 1000.0)
         record_in_host_config(model)
         return model
 

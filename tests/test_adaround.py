@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 import dmquant
-from dmquant.algorithms import STEPS, annealed_beta, apply_block_reconstruction, grid_neighbours, soft_rounding
-from dmquant.api import quant_layers
-from dmquant.calibrate import static_quantizers
+from dmquant.algorithms import annealed_beta, apply_block_reconstruction, grid_neighbours, soft_rounding
+from dmquant.steps import STEPS
+from dmquant.state import quant_layers
+from dmquant.observe import static_quantizers
 from dmquant.config import QuantSpec, Recipe, Step
 from dmquant.formats import get_format
 from dmquant.nn import QuantLinear

@@ -94,7 +94,7 @@ def test_text_encoder_and_vae_decoder_components():
     assert any(isinstance(m, QuantModule) for m in pipe.text_encoder.modules())
     assert any(isinstance(m, QuantModule) for m in pipe.vae.decoder.modules())
     assert not any(isinstance(m, QuantModule) for m in pipe.vae.encoder.modules())
-    assert set(dmquant.api.quantized_components(pipe)) == {"unet", "text_encoder", "vae.decoder"}
+    assert set(dmquant.state.quantized_components(pipe)) == {"unet", "text_encoder", "vae.decoder"}
 
 
 # -- the bad-input table -------------------------------------------------------------------------

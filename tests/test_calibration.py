@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dmquant
-import dmquant.calibrate
+import dmquant.observe
 from dmquant.calibration import CalibrationSet, Trajectory, eda_steps, parse_selection, uniform_steps
 from dmquant.config import QuantSpec, Recipe
 from dmquant.nn import TensorQuantizer
@@ -295,7 +295,7 @@ def test_static_calibration_on_the_cpu_kernel_backend_under_no_grad():
 def test_failed_observation_leaves_no_quantizer_observing():
     seen, unseen = TensorQuantizer(QuantSpec("int8", "tensor"), -1, "seen"), TensorQuantizer(QuantSpec("int8", "tensor"), -1, "unseen")
     with pytest.raises(RuntimeError, match="unseen saw no data"):
-        with dmquant.calibrate.observing_quantizers([unseen, seen]):
+        with dmquant.observe.observing_quantizers([unseen, seen]):
             seen(torch.ones(2, 3))
     assert seen.calibrated and not seen.observing and not unseen.observing
     with pytest.raises(ValueError, match="calibrated already"):
@@ -310,6 +310,6 @@ def test_other_components_calibrate_without_touching_the_denoiser_statistics(tin
     alone = load("tiny-sd")
     dmquant.quantize(alone, _tiny_recipe())
     dmquant.quantize(tiny_sd, _tiny_recipe(components=("denoiser", "text_encoder")))
-    scales = lambda m: [q.scale for q in dmquant.calibrate.static_quantizers(m)]  # noqa: E731
+    scales = lambda m: [q.scale for q in dmquant.observe.static_quantizers(m)]  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(scales(alone.unet), scales(tiny_sd.unet)))
     assert scales(tiny_sd.text_encoder) and all(s is not None for s in scales(tiny_sd.text_encoder))

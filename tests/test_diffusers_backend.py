@@ -6,7 +6,7 @@ import torch
 from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
 import dmquant
-from dmquant.api import quant_layers
+from dmquant.state import quant_layers
 from dmquant.pipelines import DmquantConfig, build_tiny_pipeline, generate
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dmquant
-from dmquant.algorithms import STEPS
-from dmquant.api import quant_layers
+from dmquant.steps import STEPS
+from dmquant.state import quant_layers
 from dmquant.config import Step
 from dmquant.finetune import LowRankDelta
 from dmquant.finetune import distill as distill_module

@@ -202,7 +202,7 @@ def test_auto_name_searches_on_the_model(monkeypatch):
         return type("R", (), {"recipe": get_recipe("w4a8").replace(name=name)})
 
     monkeypatch.setattr(dmquant.mixed, "search", fake_search)
-    recipe = get_recipe("auto-1.2MiB", model="pipe")
+    recipe = dmquant.api.resolve_recipe("auto-1.2MiB", "pipe")
     assert recipe.name == "auto-1.2MiB"
     assert seen == {"model": "pipe", "budget": "1.2MiB", "base": "gptq-w4a8", "name": "auto-1.2MiB"}
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
@@ -213,7 +213,8 @@ def test_auto_name_searches_on_the_model(monkeypatch):
 def test_bos_aware_text_encoder():
     from dmquant.pipelines import build_tiny_pipeline
 
-    from dmquant.mixed.bos import bos_states, quantize_text_encoder_bos
+    from dmquant.api import quantize_text_encoder_bos
+    from dmquant.mixed.bos import bos_states
 
     pipe = build_tiny_pipeline("sd")
     ids = pipe.tokenizer(["a red circle", "blue square at the top"], padding="max_length", truncation=True,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import dmquant
-from dmquant.api import quant_layers
+from dmquant.state import quant_layers
 from dmquant.config import QuantSpec, Recipe
 from dmquant.kernels import BACKENDS, cpu, select_kernel, weight_only
 from dmquant.nn import QuantConv2d, QuantLinear, quantization_disabled

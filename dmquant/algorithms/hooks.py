@@ -16,3 +16,11 @@ def hooked_run(run: Callable[[], Any], hooks: list[tuple[nn.Module, Callable]]) 
     finally:
         for h in handles:
             h.remove()
+
+
+def output_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a module output (tensor, tuple, or diffusers output dict), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    return [t for v in values for t in output_tensors(v)]

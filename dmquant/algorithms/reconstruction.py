@@ -30,21 +30,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate import static_quantizers
 from ..nn.qmodule import QuantModule
-from ..nn.switch import quantization_disabled
+from ..nn.switch import quantization_disabled, serving
+from ..observe import trainable_static_scales
 from ..timestep import current_noise_level, noise_level
 from .adaround import SoftRounding, annealed_beta, layer_rounding, pack_codes, rounded_weight
-from .hooks import hooked_run
+from .hooks import hooked_run, output_tensors
+from .units import DEFAULT_BLOCKS, Unit, find_units
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BLOCKS: tuple[str, ...] = (
-    r"(^|\.)(down|up)_blocks\.\d+\.(resnets|attentions)\.\d+$",  # UNet ResnetBlock2D / Transformer2DModel
-    r"(^|\.)mid_block\.(resnets|attentions)\.\d+$",
-    r"(^|\.)((temporal_|single_)?transformer_)?blocks\.\d+$",  # DiT, Latte temporal, Flux single, Wan
-)
-
 
 @dataclass
 class UnitResult:
@@ -58,35 +52,6 @@ class UnitResult:
     kept_rtn: bool  # the reconstruction did not beat RTN on the calibration data, so RTN stays
 
 
-@dataclass(eq=False)
-class Unit:
-    """What is reconstructed together: a block (or a lone layer) and its weight-quantized layers."""
-
-    name: str
-    module: nn.Module
-    layers: dict[str, QuantModule]
-
-
-def find_units(modules: Sequence[nn.Module], blocks: Sequence[str] = DEFAULT_BLOCKS,
-               skip: str | None = None) -> list[Unit]:
-    """Blocks (outermost modules whose name matches a pattern) with their non-skipped weight-quantized
-    layers, then each such layer outside all blocks on its own. Names are `{component index}.{path}`."""
-    units, lone = [], []
-    for i, root in enumerate(modules):
-        named = dict(root.named_modules())
-        heads: list[str] = []
-        for name in named:  # pre-order: ancestors come first, so the outermost match wins
-            if name and any(re.search(p, name) for p in blocks) and not any(name.startswith(h + ".") for h in heads):
-                heads.append(name)
-        layers = {n: m for n, m in named.items() if isinstance(m, QuantModule) and m.weight_quantizer is not None
-                  and m.weight_quantizer.enabled and not (skip and re.search(skip, n))}
-        inner = {h: {f"{i}.{n}": m for n, m in layers.items() if n.startswith(h + ".")} for h in heads}
-        units += [Unit(f"{i}.{h}", named[h], inner[h]) for h in heads if inner[h]]
-        lone += [Unit(f"{i}.{n}", m, {f"{i}.{n}": m}) for n, m in layers.items()
-                 if not any(n == h or n.startswith(h + ".") for h in heads)]
-    return units + lone
-
-
 def _detached(obj: Any) -> Any:
     """Copies of the tensors in a call's args/kwargs (the model may reuse or modify its buffers)."""
     if isinstance(obj, torch.Tensor):
@@ -94,14 +59,6 @@ def _detached(obj: Any) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_detached(v) for v in obj)
     return {k: _detached(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors of a module output (tensor, tuple, or diffusers output dict), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    return [t for v in values for t in _tensors(v)]
 
 
 @dataclass
@@ -129,37 +86,18 @@ class _Capture:
         if self.calls in self.keep:
             self.inputs.append(_Call(_detached(args), _detached(kwargs), current_noise_level()))
             if self.want_outputs:
-                self.outputs.append([t.detach().clone() for t in _tensors(output)])
+                self.outputs.append([t.detach().clone() for t in output_tensors(output)])
         self.calls += 1
 
 
-def _serve(layer: QuantModule, weight: Callable[[], torch.Tensor]) -> None:
-    """Give a layer a weight, its float Parameter untouched (an instance attribute shadows the method),
-    on the "fake" backend so that no kernel packs the stale float weight instead."""
-    layer.quantized_weight = lambda: weight() if layer.weight_quantizer.enabled else layer.weight
-    layer.backend = "fake"
-
-
-@contextlib.contextmanager
-def _serving(layers: list[QuantModule]) -> Iterator[None]:
-    """Undo every `_serve` on exit, restoring the layers' backends."""
-    backends = {layer: layer.backend for layer in layers}
-    try:
-        yield
-    finally:
-        for layer, backend in backends.items():
-            layer.__dict__.pop("quantized_weight", None)
-            layer.backend = backend
-
-
 def _sq_error(output: Any, target: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    pairs = zip(_tensors(output), target, strict=True)
+    pairs = zip(output_tensors(output), target, strict=True)
     return sum(((o.float() - t.float()) ** 2).sum() for o, t in pairs), sum(t.numel() for t in target)
 
 
 def _input_gap(fp: list[_Call], q: list[_Call]) -> float:
     """Relative L2 distance of a unit's quantized inputs from its float ones (first tensor of each call)."""
-    a, b = (torch.cat([_tensors((c.args, c.kwargs))[0].double().flatten() for c in calls]) for calls in (fp, q))
+    a, b = (torch.cat([output_tensors((c.args, c.kwargs))[0].double().flatten() for c in calls]) for calls in (fp, q))
     return float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
@@ -167,15 +105,6 @@ def _input_gap(fp: list[_Call], q: list[_Call]) -> float:
 def _mse(module: nn.Module, inputs: list[_Call], targets: list[list[torch.Tensor]]) -> float:
     errs = [_sq_error(call.replay(module), t) for call, t in zip(inputs, targets)]
     return float(sum(e for e, _ in errs) / sum(n for _, n in errs))
-
-
-def _lsq_scales(module: nn.Module) -> list[torch.Tensor]:
-    quantizers = static_quantizers(module)
-    pending = [q.name for q in quantizers if q.observing or q.scale is None]
-    if pending:
-        raise ValueError(f"adaround lsq=True learns calibrated static activation scales, but {pending[:3]} have "
-                         "none yet: put a `ranges` step before `adaround` in the recipe")
-    return [q.scale.requires_grad_(True) for q in quantizers]
 
 
 def _optimise(unit: Unit, rounding: list[SoftRounding], scales: list[torch.Tensor], inputs: list[_Call],
@@ -207,7 +136,7 @@ def _reconstruct(unit: Unit, inputs: list[_Call], targets: list[list[torch.Tenso
     """Optimise one unit (in eval mode, its own parameters frozen); returns its result and the
     uint8 codes to keep per layer, the unit's layers left serving them."""
     module, layers = unit.module, list(unit.layers.values())
-    scales = _lsq_scales(module) if lsq else []
+    scales = trainable_static_scales(module, "adaround") if lsq else []
     initial = [t.detach().clone() for t in scales]
     flags = [(p, p.requires_grad) for p in module.parameters()]
     was_training = module.training
@@ -216,19 +145,19 @@ def _reconstruct(unit: Unit, inputs: list[_Call], targets: list[list[torch.Tenso
         mse_rtn = _mse(module, inputs, targets)
         rounding = [layer_rounding(layer) for layer in layers]
         for layer, r in zip(layers, rounding):
-            _serve(layer, lambda layer=layer, r=r: r.soft().to(layer.weight.dtype).reshape(layer.weight.shape))
+            layer.serve(lambda layer=layer, r=r: r.soft().to(layer.weight.dtype).reshape(layer.weight.shape))
         module.requires_grad_(False)
         with torch.enable_grad():
             optimise(unit, rounding, scales, inputs, targets)
         codes = {layer: pack_codes(layer, r.codes()) for layer, r in zip(layers, rounding)}
         for layer, c in codes.items():
-            _serve(layer, lambda layer=layer, c=c: rounded_weight(layer, c))
+            layer.serve(lambda layer=layer, c=c: rounded_weight(layer, c))
         mse = _mse(module, inputs, targets)
         kept_rtn = mse > mse_rtn
         if kept_rtn:  # keep RTN (and the initial scales): never worse on the calibration data
             codes = {layer: pack_codes(layer, layer.weight_quantizer.codes(layer.weight.detach())) for layer in layers}
             for layer, c in codes.items():
-                _serve(layer, lambda layer=layer, c=c: rounded_weight(layer, c))
+                layer.serve(lambda layer=layer, c=c: rounded_weight(layer, c))
             with torch.no_grad():
                 for t, t0 in zip(scales, initial):
                     t.copy_(t0)
@@ -258,10 +187,10 @@ def apply_block_reconstruction(modules: list[nn.Module], run: Callable[[], Any],
         raise ValueError("adaround: need iters >= 0, batch_size >= 1, samples >= 1 and beta = [start, end]")
     optimise = functools.partial(_optimise, iters=iters, lr=lr, batch_size=batch_size, weight=weight,
                                  beta=(float(beta[0]), float(beta[1])), warmup=warmup, lsq_lr=lsq_lr, seed=seed)
-    units = find_units(modules, DEFAULT_BLOCKS if blocks is None else tuple(blocks), skip)
+    units = find_units(modules, blocks, skip)
     results: dict[str, UnitResult] = {}
     codes: dict[QuantModule, torch.Tensor] = {}
-    with _serving([layer for u in units for layer in u.layers.values()]):
+    with serving([layer for u in units for layer in u.layers.values()]):
         counts: dict[Unit, int] = {}  # calls per unit, in the order of each unit's first call
         count = lambda u: lambda *_: counts.update({u: counts.get(u, 0) + 1})  # noqa: E731
         with quantization_disabled(*modules):

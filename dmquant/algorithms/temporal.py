@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..calibrate import observing_quantizers
+from ..observe import observing_quantizers
 from ..nn.qmodule import QuantModule
 
 log = logging.getLogger(__name__)
@@ -20,12 +20,13 @@ log = logging.getLogger(__name__)
 TEMPORAL = r"(^|\.)(time_embedding|time_emb_proj|adaln_single|timestep_embedder)(\.|$)"
 
 
-def temporal_layers(module: nn.Module, pattern: str = TEMPORAL) -> dict[str, QuantModule]:
-    rx = re.compile(pattern)
+def temporal_layers(module: nn.Module, pattern: str | None = None) -> dict[str, QuantModule]:
+    """{name: layer} of the quantized layers matching `pattern` (default `TEMPORAL`)."""
+    rx = re.compile(pattern or TEMPORAL)
     return {n: m for n, m in module.named_modules() if isinstance(m, QuantModule) and rx.search(n)}
 
 
-def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str = TEMPORAL) -> dict[str, int]:
+def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str | None = None) -> dict[str, int]:
     """Recipe step `temporal`: static input scales of the temporal layers of the denoiser (the first
     component) from one call per visited timestep. Needs the recorded trajectory (a CalibrationSet)."""
     trajectory = getattr(run, "trajectory", None)
@@ -36,7 +37,7 @@ def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str = TEMPOR
     quantizers = [m.input_quantizer for m in temporal_layers(denoiser, pattern).values()
                   if m.input_quantizer is not None and not m.input_quantizer.spec.dynamic]
     if not quantizers:
-        log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern)
+        log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern or TEMPORAL)
         return {"layers": 0, "timesteps": 0}
     calls = list(trajectory.timestep_calls())
     with observing_quantizers(quantizers):

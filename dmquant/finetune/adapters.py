@@ -9,7 +9,7 @@ A `LowRankDelta` is up @ down, reshaped to the layer's weight. Two placements sh
     precision; it must be decayed to rank 0 before the end (`dmquant.finetune.qvgen`).
 The float Parameter is not touched until the merge, so the same modules under `quantization_disabled`
 are the full-precision teacher throughout training (the layers are served their weights, see
-`dmquant.algorithms.reconstruction._serve`).
+`QuantModule.serve`).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..algorithms.reconstruction import _serve, _serving
 from ..nn.qmodule import QuantModule
+from ..nn.switch import serving
 
 
 class LowRankDelta(nn.Module):
@@ -109,9 +109,9 @@ def adapter_buffers(adapters: dict[str, LayerAdapters]) -> dict[str, torch.Tenso
 @contextlib.contextmanager
 def serving_adapters(adapters: dict[str, LayerAdapters]) -> Iterator[None]:
     """Inside, each layer computes with its adapters; on exit (also on error) the layers are restored."""
-    with _serving([a.layer for a in adapters.values()]):
+    with serving([a.layer for a in adapters.values()]):
         for a in adapters.values():
-            _serve(a.layer, a.served)
+            a.layer.serve(a.served)
         yield
 
 

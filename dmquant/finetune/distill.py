@@ -24,36 +24,17 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from ..algorithms.reconstruction import DEFAULT_BLOCKS, _tensors, find_units
-from ..calibrate import static_quantizers
+from ..algorithms.hooks import output_tensors
+from ..algorithms.units import find_units
 from ..components import denoiser_path, get_path
 from ..nn.qmodule import QuantModule
 from ..nn.switch import quantization_disabled
+from ..observe import static_quantizers, trainable_static_scales
+from ..step_configs import DistillConfig
 from .adapters import LayerAdapters, adapter_buffers, adapter_parameters, merge_adapters, serving_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Loop settings shared by the fine-tuning steps (see each step's docstring for its defaults)."""
-
-    iters: int = 100
-    lr: float = 1e-3
-    batch_size: int = 4  # trajectory calls per optimizer step
-    lsq_lr: float = 1e-3  # step sizes: relative to each scale tensor's mean
-    feature_weight: float = 0.0  # block-wise feature loss weight (0: output loss only)
-    blocks: tuple[str, ...] = DEFAULT_BLOCKS
-    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
-    checkpoint: str | None = None  # directory; the file is <checkpoint>/<name>.safetensors
-    checkpoint_every: int = 50
-    resume: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("fine-tuning needs iters >= 0, batch_size >= 1 and checkpoint_every >= 1")
 
 
 @dataclass
@@ -95,13 +76,11 @@ def trajectory_inputs(modules: Sequence[nn.Module], run: Any, step: str) -> tupl
     return denoiser, list(trajectory.calls)
 
 
-def lsq_scales(module: nn.Module, layers: Sequence[QuantModule] | None = None) -> dict[str, torch.Tensor]:
+def lsq_scales(module: nn.Module, step: str, layers: Sequence[QuantModule] | None = None) -> dict[str, torch.Tensor]:
     """Static activation step sizes to learn (per timestep group: the scale rows), by quantizer name;
     `layers` limits them to those layers' input quantizers."""
-    from ..algorithms.reconstruction import _lsq_scales
-
     scales = {q.name: q.scale for q in static_quantizers(module)}
-    _lsq_scales(module)  # raises unless a `ranges` step calibrated them; marks them trainable
+    trainable_static_scales(module, step)  # raises unless a `ranges` step calibrated them
     if layers is not None:
         keep = {layer.input_quantizer.name for layer in layers if layer.input_quantizer is not None}
         for name in [n for n in scales if n not in keep]:
@@ -125,7 +104,7 @@ class _Features:
 
     def __init__(self, blocks: list[nn.Module]) -> None:
         self.outputs: list[torch.Tensor] = []
-        self._handles = [b.register_forward_hook(lambda _m, _a, o: self.outputs.append(_tensors(o)[0]))
+        self._handles = [b.register_forward_hook(lambda _m, _a, o: self.outputs.append(output_tensors(o)[0]))
                          for b in blocks]
 
     def take(self) -> list[torch.Tensor]:
@@ -148,7 +127,7 @@ def _output_mse(denoiser: nn.Module, calls: list, held: list[int], teacher: Call
     errs = []
     for i in held:
         target = teacher(i)[0]
-        errs.append(float((_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float() - target).pow(2).mean()))
+        errs.append(float((output_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float() - target).pow(2).mean()))
         features.take()
     return sum(errs) / len(errs)
 
@@ -191,7 +170,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
         """Float output (and block features) of call i, computed once: the float model is deterministic."""
         if i not in cache:
             with quantization_disabled(denoiser), torch.no_grad():
-                out = _tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float()
+                out = output_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float()
             cache[i] = (out, [f.float() for f in features.take()])
         return cache[i]
 
@@ -213,7 +192,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                     kwargs = on_device(calls[i].kwargs, device)
                     target, target_features = teacher(i)
                     with accel.autocast():
-                        loss = (_tensors(denoiser(**kwargs))[0].float() - target).pow(2).mean()
+                        loss = (output_tensors(denoiser(**kwargs))[0].float() - target).pow(2).mean()
                         if blocks:
                             loss = loss + cfg.feature_weight * sum(
                                 map(_relative_mse, features.take(), target_features)) / len(blocks)

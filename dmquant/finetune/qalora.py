@@ -35,11 +35,11 @@ def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: S
     """The common body of the fine-tuning steps: adapters on the layers `select(denoiser, calls)` picks,
     their step sizes if `lsq` (all of them when every weight-quantized layer trains), the distillation
     loop, the merge."""
-    cfg = DistillConfig(**{k: tuple(v) if k == "blocks" else v for k, v in loop.items()})
+    cfg = DistillConfig(**loop)
     denoiser, calls = trajectory_inputs(modules, run, name)
     layers = select(denoiser, calls)
     every = len(layers) == len(weight_quantized_layers(denoiser))
-    scales = lsq_scales(denoiser, None if every else list(layers.values())) if lsq else {}
+    scales = lsq_scales(denoiser, name, None if every else list(layers.values())) if lsq else {}
     adapters = make_adapters(layers, rank, aux_rank, cfg.seed, scale_aware)
     schedule: Schedule | None = schedule_for(adapters, cfg) if schedule_for is not None else None
     result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms.reconstruction import _tensors
+from ..algorithms.hooks import output_tensors
 from ..algorithms.temporal import TEMPORAL
 from ..nn.qmodule import QuantModule
 from ..nn.quantizer import TensorQuantizer
@@ -36,7 +36,7 @@ def layer_sensitivity(denoiser: nn.Module, calls: list, layers: dict[str, QuantM
     picks = torch.linspace(0, len(calls) - 1, min(samples, len(calls))).round().long().unique().tolist()
     device = next(denoiser.parameters()).device
     inputs = [on_device(calls[i].kwargs, device) for i in picks]
-    out = lambda kw: _tensors(denoiser(**kw))[0].float()  # noqa: E731
+    out = lambda kw: output_tensors(denoiser(**kw))[0].float()  # noqa: E731
     found = {}
     with quantization_disabled(denoiser):
         targets = [out(kw) for kw in inputs]
@@ -52,11 +52,11 @@ def layer_sensitivity(denoiser: nn.Module, calls: list, layers: dict[str, QuantM
     return found
 
 
-def select_layers(denoiser: nn.Module, calls: list, top: float, temporal: str, samples: int,
+def select_layers(denoiser: nn.Module, calls: list, top: float, temporal: str | None, samples: int,
                   report: dict[str, Any]) -> dict[str, QuantModule]:
     """The temporal layers plus the `top` fraction (at least one) of the others by sensitivity."""
     layers = weight_quantized_layers(denoiser)
-    chosen = {n: m for n, m in layers.items() if re.search(temporal, n)}
+    chosen = {n: m for n, m in layers.items() if re.search(temporal or TEMPORAL, n)}
     others = {n: m for n, m in layers.items() if n not in chosen}
     sens = layer_sensitivity(denoiser, calls, others, samples)
     ranked = sorted(sens, key=sens.get, reverse=True)[: max(1, round(top * len(others)))] if others else []
@@ -67,7 +67,7 @@ def select_layers(denoiser: nn.Module, calls: list, top: float, temporal: str, s
     return chosen
 
 
-def apply_quest(modules: list[nn.Module], run: Any, rank: int = 8, top: float = 0.25, temporal: str = TEMPORAL,
+def apply_quest(modules: list[nn.Module], run: Any, rank: int = 8, top: float = 0.25, temporal: str | None = None,
                 samples: int = 4, lsq: bool = True, scale_aware: bool = True, **loop: Any) -> DistillResult:
     """Recipe step `quest`: selective QALoRA fine-tuning of the temporal layers (regex `temporal`) and
     the `top` fraction of the other weight-quantized layers by sensitivity (measured on `samples`

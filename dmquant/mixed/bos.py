@@ -49,16 +49,3 @@ def attach_bos(encoder: nn.Module, states: tuple[torch.Tensor, ...]) -> Any:
         return output
 
     return encoder.register_forward_hook(hook)
-
-
-def quantize_text_encoder_bos(pipe: Any, recipe: Any, **quantize_kwargs: Any) -> Any:
-    """`dmquant.quantize(pipe, recipe)` for a recipe covering the text encoder, with its BOS output
-    precomputed from the float encoder first and restored on every call (MixDQ's BOS-aware scheme).
-    The hook lives on the module: re-attach it after loading a saved model."""
-    from .. import quantize
-
-    encoder = pipe.text_encoder
-    states = bos_states(encoder, pipe.tokenizer)
-    quantize(pipe, recipe, **quantize_kwargs)
-    encoder.dmquant_bos_hook = attach_bos(encoder, states)
-    return pipe

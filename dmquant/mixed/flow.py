@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..api import plan_for
+from ..apply import plan_for
 from ..components import denoiser_path, get_path
 from ..config import Recipe
 from ..recipes import get_recipe
@@ -59,8 +58,8 @@ class SearchResult:
 
 
 def _content(pipe: Any, kind: str) -> tuple[ContentFn | None, str]:
-    pipelines = import_module("dmquant.pipelines")  # the layer above the core, loaded only for a pipeline
-    judge, miniature_name = pipelines.judge, pipelines.miniature_name
+    from dmquant.pipelines import judge, miniature_name  # diffusers adapters: loaded only for a pipeline
+
     if kind not in CONTENTS:
         raise ValueError(f"content metric {kind!r}: choose from {CONTENTS}")
     name = miniature_name(pipe)
@@ -80,7 +79,8 @@ def measure_pipeline(pipe: Any, candidates: list[Candidate], base: Recipe, *, ca
                      progress: bool = True) -> Sensitivity:
     """Sensitivity of the pipeline's float denoiser, from the cache when the same model, calibration,
     candidates and metrics were measured before (the trajectory is not even recorded then)."""
-    CalibrationSet = import_module("dmquant.calibration").CalibrationSet  # above the core: loaded late
+    from dmquant.calibration import CalibrationSet  # loads diffusers' pipeline machinery: only when measuring
+
     settings = {**DEFAULT_CALIBRATION, **(calibration or {}), "seed": 1_000_000 + seed}
     denoiser = get_path(pipe, denoiser_path(pipe))
     content_fn, content_name = _content(pipe, content)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ class QuantModule:
     input_quantizer: TensorQuantizer | None
     lowrank: nn.Module | None
     transform: nn.Module | None
+    served: Callable[[], torch.Tensor] | None = None  # a trial weight an algorithm serves (see `serve`)
 
     def setup_quant(self, weight: QuantSpec | None, input: QuantSpec | None, backend: str = "fake",
                     name: str = "", init_scales: bool = True) -> None:
@@ -148,8 +150,16 @@ class QuantModule:
         s = wq.scale
         return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version, wq.generation)
 
+    def serve(self, weight: Callable[[], torch.Tensor] | None) -> None:
+        """Compute with `weight()` as the quantized weight (a trial rounding, a weight plus adapters)
+        while the float master stays untouched; None stops. A served layer runs the simulated path, so
+        no kernel packs the stale master instead (`nn.switch.serving` undoes it on exit)."""
+        self.served = weight
+
     def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         wq = self.weight_quantizer
+        if self.served is not None:
+            return self.served() if wq.enabled else self.weight
         if self.is_packed:
             if not wq.enabled:
                 raise RuntimeError(f"{self.qname}: the float weight was dropped when the layer was packed; "
@@ -178,7 +188,7 @@ class QuantModule:
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Run on the backend's real low-bit kernel; None falls back to fake quantization (the
         reference), e.g. for shapes or formats the kernel lacks, or when gradients are needed."""
-        if self.backend == "fake" or self.weight_quantizer is None or self._needs_grad():
+        if self.backend == "fake" or self.weight_quantizer is None or self.served is not None or self._needs_grad():
             return None
         if torch.compiler.is_compiling():  # opaque prepacked kernel weights do not trace: the graph
             return None  # runs the simulated path, which inductor fuses (see README: torch.compile)

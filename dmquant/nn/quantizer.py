@@ -124,6 +124,10 @@ class TensorQuantizer(nn.Module):
     def start_observing(self) -> None:
         self._observers = {}
 
+    def abort_observing(self) -> None:
+        """Leave observation without freezing anything (the run that fed it failed)."""
+        self._observers = None
+
     def finish_observing(self) -> None:
         """Freeze the observed ranges into static scales, one per timestep group and segment."""
         observed, self._observers = self._observers, None

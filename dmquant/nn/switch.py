@@ -48,3 +48,13 @@ def weight_cache_disabled(*modules: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.cache_weight = True
+
+
+@contextlib.contextmanager
+def serving(layers: list[QuantModule]) -> Iterator[None]:
+    """Layers may be given trial weights (`QuantModule.serve`) inside; all stop serving on exit."""
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.serve(None)

@@ -33,23 +33,19 @@ def recipes() -> dict[str, str]:
 AUTO_PREFIX, AUTO_BASE = "auto-", "gptq-w4a8"
 
 
-def get_recipe(recipe: str | Path | Recipe, model: Any = None) -> Recipe:
+def get_recipe(recipe: str | Path | Recipe) -> Recipe:
     """Resolve a built-in name, a YAML/JSON path, or a Recipe into a Recipe.
 
-    `auto-<budget>` (e.g. auto-4.5bits, auto-1.2MiB, auto-w4a8) is searched on `model` by measured
-    sensitivity (`dmquant.mixed.search` on gptq-w4a8, cached), so it needs the pipeline."""
+    `auto-<budget>` recipes (e.g. auto-4.5bits) are searched per model: `dmquant.quantize(pipe,
+    "auto-4.5bits")` or `dmquant mixed` resolve them."""
     if isinstance(recipe, Recipe):
         return recipe
     builtins = _builtin_files()
     key = str(recipe)
     if key.lower().startswith(AUTO_PREFIX):
         budget = key[len(AUTO_PREFIX):]
-        if model is None:
-            raise ValueError(f"{key} is searched per model: run `dmquant mixed --pipeline P --budget {budget} "
-                             f"--base {AUTO_BASE} --out recipe.yaml` or get_recipe({key!r}, pipe)")
-        from ..mixed import search  # late: the search needs the API, which imports recipes
-
-        return search(model, budget, base=AUTO_BASE, name=key).recipe
+        raise ValueError(f"{key} is searched per model: dmquant.quantize(pipe, {key!r}), or run `dmquant mixed "
+                         f"--pipeline P --budget {budget} --base {AUTO_BASE} --out recipe.yaml`")
     if key.lower() in builtins:
         return load_recipe_file(builtins[key.lower()])
     if key.endswith((".yaml", ".yml", ".json")) or Path(key).is_file():

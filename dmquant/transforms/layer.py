@@ -139,16 +139,3 @@ def sync_plan(component: nn.Module, name: str, layer: QuantModule) -> None:
     fields.update(lowrank_rank=b.svd_rank if b is not None else 0, lora=tuple(b.adapters) if b is not None else ())
     state.plan[name] = dataclasses.replace(state.plan[name], **fields)
     record_in_host_config(component)
-
-
-def attach(layer: QuantModule, plan: Any) -> None:
-    """Re-create the (empty) transform buffers and low-rank branch a LayerPlan names, so that
-    load_state_dict assigns them."""
-    from .lowrank import LowRankBranch
-
-    w = layer.weight
-    if plan.smooth or plan.output_scale or plan.rotation or plan.output_rotation:
-        layer.transform = LayerTransform(w.shape[1], w.shape[0], layer.INPUT_AXIS, plan.smooth, plan.output_scale,
-                                         plan.rotation, plan.output_rotation, device=w.device, dtype=w.dtype)
-    if plan.lowrank_rank or plan.lora:
-        layer.lowrank = LowRankBranch.empty(layer, plan.lowrank_rank, plan.lora)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..components import DENOISER_ATTRS
 from ..nn.qmodule import QuantModule
+from ..state import quantized_components
 from .layer import sync_plan
 from .lowrank import LowRankBranch
 
@@ -48,8 +49,6 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.
 
 
 def _components(obj: Any) -> dict[str, nn.Module]:
-    from ..api import quantized_components  # late: the api imports the transforms
-
     comps = quantized_components(obj)
     if not comps:
         raise ValueError("LoRA merging needs a dmquant-quantized model (call dmquant.quantize first)")

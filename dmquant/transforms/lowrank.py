@@ -67,26 +67,26 @@ class LowRankBranch(nn.Module):
               adapters: Any = ()) -> "LowRankBranch":
         """A branch for `layer` from factors (r, in[*kernel]) and (out, r): a Linear pair, or for a
         convolution a conv of the layer's geometry with r outputs followed by a 1x1 conv."""
-        r, w = down.shape[0], layer.weight
+        r, shape = down.shape[0], layer.weight_shape  # no decode of a packed weight
         if isinstance(layer, nn.Linear):
-            d = nn.Linear(w.shape[1], r, bias=False, device="meta")
-            u = nn.Linear(r, w.shape[0], bias=False, device="meta")
+            d = nn.Linear(shape[1], r, bias=False, device="meta")
+            u = nn.Linear(r, shape[0], bias=False, device="meta")
         else:
-            conv = _CONV[w.dim()]
-            d = conv(w.shape[1], r, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False,
+            conv = _CONV[len(shape)]
+            d = conv(shape[1], r, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False,
                      padding_mode=layer.padding_mode, device="meta")
-            u = conv(r, w.shape[0], 1, bias=False, device="meta")
+            u = conv(r, shape[0], 1, bias=False, device="meta")
         # contiguous: the same numbers in another memory layout would round differently in the matmul
-        d.weight = nn.Parameter(down.reshape(r, *w.shape[1:]).contiguous())
-        u.weight = nn.Parameter(up.reshape(w.shape[0], r, *[1] * (w.dim() - 2)).contiguous())
+        d.weight = nn.Parameter(down.reshape(r, *shape[1:]).contiguous())
+        u.weight = nn.Parameter(up.reshape(shape[0], r, *[1] * (len(shape) - 2)).contiguous())
         return cls(d, u, svd_rank, adapters)
 
     @classmethod
     def empty(cls, layer: QuantModule, svd_rank: int, adapters: Any = ()) -> "LowRankBranch":
         """Placeholder of the right shapes (on the layer's device, e.g. meta) for load_state_dict."""
-        r, w = svd_rank + sum(int(n) for _, n in adapters), layer.weight
-        new = lambda *shape: torch.empty(*shape, device=w.device, dtype=w.dtype)  # noqa: E731
-        return cls.build(layer, new(r, *w.shape[1:]), new(w.shape[0], r), svd_rank, adapters)
+        r, shape = svd_rank + sum(int(n) for _, n in adapters), layer.weight_shape
+        new = lambda *dims: torch.empty(*dims, device=layer.weight_device, dtype=layer.weight_dtype)  # noqa: E731
+        return cls.build(layer, new(r, *shape[1:]), new(shape[0], r), svd_rank, adapters)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) weights in layer shape: (r, in, *kernel) and (out, r, *ones)."""

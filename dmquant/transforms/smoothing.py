@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from ..nn.qmodule import QuantModule
+from ..step_configs import SMOOTHING_ALPHAS
 from .folds import Fold, smoothing_folds
 from .layer import quantized_layers, set_weight, sync_plan, transform_of
 from .lowrank import LowRankBranch, svd_split
 from .stats import ActivationStats
 
 log = logging.getLogger(__name__)
-ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
 
 def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) in float64; 1 for dead channels, clamped to 1e+-4."""
@@ -82,7 +81,7 @@ def _groups(module: nn.Module, fold: bool) -> list[_Group]:
     return groups + [_Group(module, (n,)) for n in layers if n not in taken]
 
 
-def apply_smoothquant(modules: list[nn.Module], run: Callable[[], Any], alpha: float | Sequence[float] = ALPHAS,
+def apply_smoothquant(modules: list[nn.Module], run: Callable[[], Any], alpha: float | Sequence[float] = SMOOTHING_ALPHAS,
                       fold: bool = True, timestep_aware: bool = False, buckets: int = 4, samples: int = 256,
                       rank: int = 0) -> dict[str, float | None]:
     """Smooth every weight- and input-quantized layer; returns the chosen alpha per group (None: left

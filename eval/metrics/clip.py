@@ -35,8 +35,7 @@ def _resize_center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @lru_cache(maxsize=2)
 def _open_clip(model_name: str, checkpoint: str) -> tuple[Any, Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # some architectures name a hub tokenizer: fail fast, never wait
-    import open_clip
+    import open_clip  # a local checkpoint file; architectures whose tokenizer lives on the hub need HF_HUB_OFFLINE=1 offline
 
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint)
     return model.eval(), open_clip.get_tokenizer(model_name), preprocess
@@ -74,10 +73,10 @@ class _PooledCLIP(torch.nn.Module):
 
 @lru_cache(maxsize=2)
 def _hf_clip(folder: str) -> tuple[_PooledCLIP, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no hub; never wait on one
     from transformers import CLIPModel, CLIPProcessor
 
-    return _PooledCLIP(CLIPModel.from_pretrained(folder).eval()), CLIPProcessor.from_pretrained(folder)
+    return (_PooledCLIP(CLIPModel.from_pretrained(folder, local_files_only=True).eval()),  # never waits on a hub
+            CLIPProcessor.from_pretrained(folder, local_files_only=True))
 
 
 @torch.no_grad()

@@ -1,0 +1,57 @@
+"""The registry of recipe steps: name -> function, with the typed arguments of `dmquant.step_configs`.
+
+A step is `fn(modules, run, **args)` (see `dmquant.algorithms`); `run_steps` runs a recipe's steps in
+order over the quantized components, the calibration data fed by a `StepRun`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+from torch import nn
+
+from .algorithms import apply_block_reconstruction, apply_gptq, apply_vq, calibrate_ranges, calibrate_temporal
+from .algorithms import split_shortcuts
+from .config import Step
+from .finetune import apply_efficientdm, apply_quest, apply_qvgen
+from .step_configs import STEP_CONFIGS
+from .transforms import apply_rotation, apply_smoothquant, apply_svd
+
+log = logging.getLogger(__name__)
+
+StepFunction = Callable[..., Any]
+STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges,
+                                  "adaround": apply_block_reconstruction, "split_shortcut": split_shortcuts,
+                                  "efficientdm": apply_efficientdm, "quest": apply_quest, "qvgen": apply_qvgen,
+                                  "temporal": calibrate_temporal, "vq": apply_vq,
+                                  "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd}
+assert STEPS.keys() == STEP_CONFIGS.keys(), "every step needs a typed config and a function"
+
+
+class StepRun:
+    """What a recipe step calls to feed calibration data: `run()`; `run.trajectory` is the recorded
+    denoiser inputs when the data came from `dmquant.calibration` (None for a plain callable)."""
+
+    def __init__(self, runner: Callable[[Any], Any], obj: Any) -> None:
+        self.runner, self.obj = runner, obj
+
+    def __call__(self) -> None:
+        self.runner(self.obj)
+
+    @property
+    def trajectory(self) -> Any:
+        return getattr(self.runner, "trajectory", None)
+
+
+def run_steps(steps: tuple[Step, ...], modules: list[nn.Module], run: StepRun) -> dict[str, float]:
+    """Run each step with its typed arguments; {step name: seconds}."""
+    seconds = {}
+    for step in steps:
+        t0 = time.perf_counter()
+        config = step.config
+        STEPS[step.name](modules, run, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        seconds[step.name] = round(time.perf_counter() - t0, 3)
+        log.info("step %s took %.1f s", step.name, seconds[step.name])
+    return seconds
