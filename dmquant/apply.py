@@ -21,9 +21,9 @@ from .filters import LayerFilter
 from .nn import is_attention, quant_class_for, quantize_attention
 from .nn.switch import weight_cache_disabled
 from .observe import observing, uncalibrated_passthrough
-from .plans import LayerPlan, record_in_host_config
+from .plans import LayerPlan
 from .provenance import provenance
-from .state import QuantState, quant_layers, quantized_components, track_timesteps
+from .state import QuantState, quant_layers, quantized_components, sync_state, track_timesteps
 from .steps import StepRun, run_steps
 from .transforms import attach_transforms
 
@@ -118,7 +118,7 @@ def apply_recipe(obj: Any, recipe: Recipe, runner: Callable[[Any], Any] | None =
         calib_info["seconds"] = round(time.perf_counter() - t0, 3)
     for module in components.values():
         module.dmquant_state.provenance = provenance(recipe, calibration=calib_info)
-        record_in_host_config(module)
+        sync_state(module)
         track_timesteps(module, module.dmquant_state.timestep_scale, inference=True)
     return pack_weights(obj) if pack else obj
 
@@ -127,8 +127,10 @@ def _calibrate(obj: Any, recipe: Recipe, runner: Any, modules: list[nn.Module]) 
     """Run the recipe's steps in order, then freeze the static activation scales still missing."""
     run = StepRun(runner, obj)
     with weight_cache_disabled(*modules), uncalibrated_passthrough(*modules):
-        steps = run_steps(recipe.steps, modules, run)
+        outcomes = run_steps(recipe.steps, modules, run)
+    for module in modules:
+        module.dmquant_state.steps = outcomes
     with weight_cache_disabled(*modules), observing(*modules, uncalibrated_only=True):  # final weights' ranges
         run()
     data = getattr(runner, "description", getattr(runner, "__name__", "callable"))
-    return {**(data if isinstance(data, dict) else {"data": data}), "step_seconds": steps}
+    return {**(data if isinstance(data, dict) else {"data": data}), "step_seconds": {o.name: o.seconds for o in outcomes}}

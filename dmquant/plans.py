@@ -2,15 +2,15 @@
 
 A recipe resolves into a plan `{layer name: LayerPlan}` per component; the plan, not the recipe, is
 what a checkpoint re-applies onto a fresh skeleton, and what a diffusers `config.json` carries as its
-`quantization_config` (so `save_pretrained` / `from_pretrained` keep the quantization).
+`quantization_config` (so `save_pretrained` / `from_pretrained` keep the quantization). Once layers
+are quantized, their plan is read back from the modules (`dmquant.state.plan_of`), never kept in step
+by hand.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
-
-from torch import nn
 
 from .config import QuantSpec
 
@@ -55,22 +55,3 @@ def plan_from_json(data: dict[str, Any]) -> dict[str, LayerPlan]:
     return {n: LayerPlan(p["kind"], spec(p["weight"]), spec(p["input"]),
                          **{f.name: _tuples(p[f.name]) for f in _EXTRA if f.name in p})
             for n, p in data.items()}
-
-
-def host_config_entry(module: nn.Module) -> dict[str, Any]:
-    """The `quantization_config` a quantized component carries in its host library's config."""
-    state = module.dmquant_state
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "recipe": state.recipe.to_dict(),
-            "plan": plan_to_json(state.plan), "timestep_scale": state.timestep_scale}
-
-
-def record_in_host_config(module: nn.Module) -> None:
-    """Write the plan into the component's config, so the host library's own `save_pretrained` saves it
-    (diffusers models), or its `from_pretrained` refuses the packed weights loudly (transformers models:
-    they know no "dmquant" method) instead of loading random float weights."""
-    if getattr(module, "dmquant_state", None) is None:
-        return
-    if hasattr(module, "register_to_config"):  # diffusers ConfigMixin
-        module.register_to_config(quantization_config=host_config_entry(module))
-    elif hasattr(getattr(module, "config", None), "to_dict"):  # transformers PretrainedConfig
-        module.config.quantization_config = host_config_entry(module)

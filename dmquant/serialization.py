@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .apply import apply_plan
-from .state import QuantState, quant_layers, quantized_components, track_timesteps
+from .state import QuantState, plan_of, quant_layers, quantized_components, sync_state, track_timesteps
 from .atomic import MANIFEST, atomic_directory, hash_tree, verify_tree
 from .components import BARE
 from .config import Recipe
 from .nn.quantizer import TensorQuantizer
 from .payload import decode_weight, encode_weight
-from .plans import FORMAT_VERSION, plan_from_json, plan_to_json, record_in_host_config
+from .plans import FORMAT_VERSION, plan_from_json, plan_to_json
 
 log = logging.getLogger(__name__)
 WEIGHTS = "dmquant.safetensors"
@@ -65,6 +65,8 @@ def save_quantized(obj: Any, directory: str | Path) -> Path:
 
 def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True)
+    for part in subs.values():
+        sync_state(part)  # the plan and config.json as the modules are now, whatever changed them since
     library = _save_config(module, folder)
     state = module.state_dict()
     entry: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -86,7 +88,7 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
             state.pop(full + "weight_packed", None)
             state.update(encode_weight(layer, full))
             layers[name] = {"shape": list(layer.weight_shape), "dtype": str(layer.weight_dtype).removeprefix("torch.")}
-        entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": plan_to_json(st.plan),
+        entry["parts"][sub] = {"recipe": st.recipe.to_dict(), "plan": plan_to_json(plan_of(part)),
                                "weights": layers, "provenance": st.provenance, "timestep_scale": st.timestep_scale}
     save_file(_unshared(state), str(folder / WEIGHTS), metadata={"format": "dmquant"})
     return entry
@@ -178,7 +180,7 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
             layer.weight_shape, layer.weight_dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}), part.get("timestep_scale"))
         track_timesteps(target, part.get("timestep_scale"), inference=True)
-        record_in_host_config(target)
+        sync_state(target)
     _restore_quantizer_buffers(module, state)
     try:
         result = module.load_state_dict(state, strict=False, assign=True)

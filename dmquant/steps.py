@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
@@ -16,7 +17,6 @@ from .algorithms import apply_block_reconstruction, apply_gptq, apply_vq, calibr
 from .algorithms import split_shortcuts
 from .config import Step
 from .finetune import apply_efficientdm, apply_quest, apply_qvgen
-from .step_configs import STEP_CONFIGS
 from .transforms import apply_rotation, apply_smoothquant, apply_svd
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges
                                   "efficientdm": apply_efficientdm, "quest": apply_quest, "qvgen": apply_qvgen,
                                   "temporal": calibrate_temporal, "vq": apply_vq,
                                   "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd}
-assert STEPS.keys() == STEP_CONFIGS.keys(), "every step needs a typed config and a function"
 
 
 class StepRun:
@@ -45,13 +44,24 @@ class StepRun:
         return getattr(self.runner, "trajectory", None)
 
 
-def run_steps(steps: tuple[Step, ...], modules: list[nn.Module], run: StepRun) -> dict[str, float]:
-    """Run each step with its typed arguments; {step name: seconds}."""
-    seconds = {}
+@dataclass
+class StepOutcome:
+    """What one recipe step did: its typed arguments, its time, and the figures it returned (per-layer
+    errors, losses, chosen ranks: whatever the step reports). Kept in `module.dmquant_state.steps`."""
+
+    name: str
+    config: Any
+    seconds: float
+    result: Any
+
+
+def run_steps(steps: tuple[Step, ...], modules: list[nn.Module], run: StepRun) -> list[StepOutcome]:
+    """Run each step with its typed arguments, in order."""
+    outcomes = []
     for step in steps:
         t0 = time.perf_counter()
         config = step.config
-        STEPS[step.name](modules, run, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-        seconds[step.name] = round(time.perf_counter() - t0, 3)
-        log.info("step %s took %.1f s", step.name, seconds[step.name])
-    return seconds
+        result = STEPS[step.name](modules, run, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        outcomes.append(StepOutcome(step.name, config, round(time.perf_counter() - t0, 3), result))
+        log.info("step %s took %.1f s", step.name, outcomes[-1].seconds)
+    return outcomes

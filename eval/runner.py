@@ -28,7 +28,7 @@ from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from .backends import apply_backend, module_bytes
 from .grid import html_report, save_grid
 from .bootstrap import bootstrap_ci
-from .checks import ALL_METRICS, check_checkpoint, check_metrics, default_metrics
+from .checks import check_checkpoint, check_metrics, default_metrics
 from .metrics import psnr, ssim, video_scores
 from .metrics.fid import frechet_distance as fid_from_features, resolve_extractor
 from .table import format_table

@@ -24,9 +24,9 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from safetensors import safe_open
 
 from dmquant.apply import apply_plan, apply_recipe
-from dmquant.state import QuantState, quant_layers, track_timesteps
+from dmquant.state import QuantState, quant_layers, sync_state, track_timesteps
 from dmquant.config import Recipe
-from dmquant.plans import FORMAT_VERSION, QUANT_METHOD, plan_from_json, record_in_host_config
+from dmquant.plans import FORMAT_VERSION, QUANT_METHOD, plan_from_json
 from dmquant.recipes import get_recipe
 
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
@@ -129,7 +129,7 @@ class DmquantQuantizer(DiffusersQuantizer):
             track_timesteps(model, cfg.timestep_scale, inference=True)
         else:
             apply_recipe(model, recipe, timestep_scale=cfg.timestep_scale or 1000.0)
-        record_in_host_config(model)
+        sync_state(model)
         return model
 
     @property

@@ -221,3 +221,23 @@ def test_step_arguments_are_normalised_and_keep_the_recipe_hash():
     r = Recipe.from_dict({"name": "r", "weight": {"format": "int4"}, "steps": [{"name": "gptq"}]})
     assert r.to_dict()["steps"] == [{"name": "gptq", "args": {}}]  # defaults are not written into the recipe
     assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_step_outcomes_are_kept_in_the_state_and_the_plan_is_read_from_the_modules():
+    import torch
+
+    import dmquant
+    from dmquant.config import Recipe
+    from dmquant.state import plan_of
+    from dmquant.step_configs import GPTQConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    x = torch.randn(64, 32)
+    recipe = Recipe.from_dict({"name": "r", "weight": {"format": "int4"}, "exclude": [],
+                               "steps": [{"name": "gptq", "args": {"block_size": 16}}, {"name": "svd", "args": {"rank": 4}}]})
+    dmquant.quantize(model, recipe, calibration=lambda m: m(x))
+    state = model.dmquant_state
+    assert [o.name for o in state.steps] == ["gptq", "svd"]
+    assert state.steps[0].config == GPTQConfig(block_size=16) and set(state.steps[0].result) == {"0.0", "0.2"}
+    assert state.plan == plan_of(model) and state.plan["0"].lowrank_rank == 4  # svd's branch, read back

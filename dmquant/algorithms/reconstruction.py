@@ -22,9 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ from ..observe import trainable_static_scales
 from ..timestep import current_noise_level, noise_level
 from .adaround import SoftRounding, annealed_beta, layer_rounding, pack_codes, rounded_weight
 from .hooks import hooked_run, output_tensors
-from .units import DEFAULT_BLOCKS, Unit, find_units
+from .units import Unit, find_units
 
 log = logging.getLogger(__name__)
 

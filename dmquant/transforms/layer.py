@@ -8,14 +8,12 @@ adapter into the layer's space, and the plan names them so loading rebuilds the 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..nn.qmodule import QuantModule
-from ..plans import record_in_host_config
 from . import orthogonal as rot
 
 
@@ -126,16 +124,3 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     wq = getattr(module, "weight_quantizer", None)
     if wq is not None:
         wq.init_from(module.weight.detach())
-
-
-def sync_plan(component: nn.Module, name: str, layer: QuantModule) -> None:
-    """Record the layer's transforms and branch in its component's plan (what save/load re-applies)."""
-    state = getattr(component, "dmquant_state", None)
-    if state is None or name not in state.plan:
-        return
-    t, b = layer.transform, layer.lowrank
-    fields = t.plan_fields() if t is not None else dict(smooth=None, output_scale=False, rotation=None,
-                                                          output_rotation=None)
-    fields.update(lowrank_rank=b.svd_rank if b is not None else 0, lora=tuple(b.adapters) if b is not None else ())
-    state.plan[name] = dataclasses.replace(state.plan[name], **fields)
-    record_in_host_config(component)

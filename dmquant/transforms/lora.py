@@ -22,8 +22,7 @@ from torch import nn
 
 from ..components import DENOISER_ATTRS
 from ..nn.qmodule import QuantModule
-from ..state import quantized_components
-from .layer import sync_plan
+from ..state import quantized_components, sync_state
 from .lowrank import LowRankBranch
 
 _KEY = re.compile(r"^(?P<layer>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)"
@@ -78,29 +77,30 @@ def merge_lora(obj: Any, lora: Mapping[str, torch.Tensor], name: str = "lora", s
         raise ValueError(f"LoRA targets that are not quantized layers of this model: {bad[:5]} "
                          "(merge those into the float model before quantizing)")
     for key, ((_, _, layer), (a, b, _)) in targets.items():
-        w = layer.weight
-        if a.shape[1:] != w.shape[1:] or b.shape[0] != w.shape[0] or b.shape[1] != a.shape[0]:
+        shape = layer.weight_shape  # no decode of a packed weight
+        if a.shape[1:] != shape[1:] or b.shape[0] != shape[0] or b.shape[1] != a.shape[0]:
             raise ValueError(f"LoRA {key}: factors {tuple(a.shape)}, {tuple(b.shape)} do not fit the weight "
-                             f"{tuple(w.shape)}")
+                             f"{tuple(shape)}")
         if layer.lowrank is not None and name in dict(layer.lowrank.adapters):
             raise ValueError(f"an adapter named {name!r} is already merged into {key}")
     merged = []
-    for key, ((module, layer_name, layer), (a, b, alpha)) in targets.items():
+    for key, ((_, _, layer), (a, b, alpha)) in targets.items():
         r = a.shape[0]
-        down, up = a.to(layer.weight.device).double(), b.to(layer.weight.device).double() * scale
+        down, up = a.to(layer.weight_device).double(), b.to(layer.weight_device).double() * scale
         up = up * (alpha / r if alpha is not None else 1.0)
         if layer.transform is not None:
             down, up = layer.transform.adapter_factors(down, up)
         old = layer.lowrank
-        like = layer.weight if old is None else old.down.weight
-        down, up = down.to(like.dtype), up.to(like.dtype)
+        dtype = layer.weight_dtype if old is None else old.down.weight.dtype
+        down, up = down.to(dtype), up.to(dtype)
         if old is not None:
             d0, u0 = old.factors()
             down, up = torch.cat([d0, down]), torch.cat([u0, up], 1)
         layer.lowrank = LowRankBranch.build(layer, down, up, old.svd_rank if old else 0,
                                             [*(old.adapters if old else ()), (name, r)])
-        sync_plan(module, layer_name, layer)
         merged.append(key)
+    for module in comps.values():
+        sync_state(module)
     return merged
 
 
@@ -120,8 +120,8 @@ def unmerge_lora(obj: Any, name: str = "lora") -> list[str]:
             down, up = torch.cat([d[:start], d[stop:]]), torch.cat([u[:, :start], u[:, stop:]], 1)
             rest = branch.adapters[:i] + branch.adapters[i + 1:]
             layer.lowrank = LowRankBranch.build(layer, down, up, branch.svd_rank, rest) if down.shape[0] else None
-            sync_plan(module, layer_name, layer)
             done.append(layer_name)
+        sync_state(module)
     if not done:
         raise ValueError(f"no adapter named {name!r} is merged into this model")
     return done

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..nn.qmodule import QuantModule
-from .layer import quantized_layers, set_weight, sync_plan
+from .layer import quantized_layers, set_weight
 
 _CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 
@@ -114,6 +114,5 @@ def apply_svd(modules: list[nn.Module], run: Callable[[], Any], rank: int = 32,
         split = svd_split(w.reshape(w.shape[0], -1), r, w.dtype)
         layer.lowrank = LowRankBranch.build(layer, split.down, split.up, split.rank)
         set_weight(layer, split.residual.reshape(w.shape))
-        sync_plan(module, name, layer)
         out[name] = split.tail_norm / max(float(w.double().norm()), 1e-30)
     return out

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..nn.qlinear import QuantLinear
 from .folds import attention_pairs
-from .layer import quantized_layers, set_weight, sync_plan, transform_of
+from .layer import quantized_layers, set_weight, transform_of
 from .orthogonal import KINDS, hadamard, hadamard_block, random_orthogonal, rotate
 
 
@@ -51,7 +51,6 @@ def apply_rotation(modules: list[nn.Module], run: Callable[[], Any], kind: str =
                 q = hadamard(hadamard_block(n)) if kind == "hadamard" else random_orthogonal(n, seed + i)
                 set_weight(layer, rotate(layer.weight.double(), q.double()))
                 transform_of(layer).set_rotation(kind, q.to(layer.weight) if kind == "random" else None)
-                sync_plan(module, name, layer)
                 done[name] = kind
     return done
 
@@ -73,7 +72,5 @@ def _fold_attention(module: nn.Module, layers: dict[str, QuantLinear]) -> dict[s
         transform_of(out).set_rotation(f"folded:hadamard:{b}")
         if v_name in layers:
             transform_of(v).output_rotation = f"hadamard:{b}"
-            sync_plan(module, v_name, v)
-        sync_plan(module, out_name, out)
         folded[out_name] = f"folded:hadamard:{b}"
     return folded

@@ -23,7 +23,7 @@ from torch import nn
 from ..nn.qmodule import QuantModule
 from ..step_configs import SMOOTHING_ALPHAS
 from .folds import Fold, smoothing_folds
-from .layer import quantized_layers, set_weight, sync_plan, transform_of
+from .layer import quantized_layers, set_weight, transform_of
 from .lowrank import LowRankBranch, svd_split
 from .stats import ActivationStats
 
@@ -162,9 +162,5 @@ def _apply(g: _Group, mods: dict[str, nn.Module], s: torch.Tensor) -> None:
         set_weight(m, scale_columns(m.weight, s))
         if isinstance(m, QuantModule):
             transform_of(m).set_smoothing(s.to(m.weight), folded=g.fold is not None)
-            sync_plan(g.module, c, m)
     if g.fold is not None:
         g.fold.divide(g.module, s)
-        target = g.fold.target(g.module)
-        if isinstance(target, QuantModule):
-            sync_plan(g.module, g.fold.prev, target)
