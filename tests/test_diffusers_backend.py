@@ -62,3 +62,31 @@ def test_quantized_text_encoder_never_reloads_as_float(tmp_path):
     enc.save_pretrained(tmp_path / "enc")
     with pytest.raises(Exception, match="dmquant"):
         type(enc).from_pretrained(tmp_path / "enc")
+
+
+def test_user_attention_processor_is_refused_or_kept_quantized(denoiser):
+    """set_attn_processor on quantized attention never silently drops it: a plain processor is refused,
+    `keep_quantization(processor)` runs it with the layer's own quantizers."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from dmquant.nn import QuantAttnProcessor
+    from dmquant.nn.qattention import keep_quantization
+
+    def set_all(model, processor):  # Latte has no set_attn_processor: each Attention's set_processor
+        for m in model.modules():
+            if hasattr(m, "set_processor"):
+                m.set_processor(processor)
+
+    family, model, run = denoiser
+    q = dmquant.quantize(model, "w8a8-attn", pack=False)  # float masters kept for the float check below
+    before = run(q)
+    with pytest.raises(ValueError, match=r"quantized by dmquant.*keep_quantization"):
+        (q.set_attn_processor if hasattr(q, "set_attn_processor") else lambda p: set_all(q, p))(AttnProcessor2_0())
+    assert all(isinstance(m.processor, QuantAttnProcessor) for m in q.modules() if hasattr(m, "dmquant_attention"))
+    set_all(q, keep_quantization(AttnProcessor2_0()))
+    procs = [m.processor for m in q.modules() if hasattr(m, "dmquant_attention")]
+    assert procs and all(isinstance(p, QuantAttnProcessor) and p.quantizers is not None for p in procs)
+    assert len({id(p.quantizers) for p in procs}) == len(procs)  # each layer keeps its own quantizers
+    torch.testing.assert_close(run(q), before, rtol=1e-5, atol=1e-5)
+    with dmquant.quantization_disabled(q):
+        assert not torch.allclose(run(q), before, atol=1e-6)  # the quantization was live, not a no-op

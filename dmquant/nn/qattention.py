@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from typing import Any, Iterator
 
 import torch
@@ -34,6 +35,7 @@ class AttentionQuantizers(nn.Module):
     def __init__(self, spec: AttentionSpec, name: str = "") -> None:
         super().__init__()
         self.spec = spec
+        self.name = name
 
         def make(s: QuantSpec | None, role: str) -> TensorQuantizer | None:
             # (..., tokens, channels): "channel" = one scale per channel across tokens (rows over axis -2).
@@ -122,6 +124,29 @@ class QuantAttnProcessor:
             return self.inner(attn, *args, **kwargs)
 
 
+class keep_quantization:  # noqa: N801 - used like a function: keep_quantization(processor)
+    """Marks a processor for a quantized attention layer: its attention core runs quantized with the
+    layer's own quantizers (what reaches F.scaled_dot_product_attention is quantized), e.g.
+    `model.set_attn_processor(keep_quantization(AttnProcessor2_0()))`."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor.inner if isinstance(processor, QuantAttnProcessor) else processor
+
+
+def _guarded_set_processor(module: nn.Module, processor: Any, *args: Any, **kwargs: Any) -> None:
+    """`set_processor` of a quantized attention layer: a plain processor would silently drop the
+    attention quantization, so it is refused; `keep_quantization(processor)` keeps it."""
+    if isinstance(processor, keep_quantization):
+        processor = QuantAttnProcessor(processor.processor, module.dmquant_attention)
+    elif not isinstance(processor, QuantAttnProcessor):
+        raise ValueError(
+            f"attention {module.dmquant_attention.name or type(module).__name__!r} is quantized by dmquant: "
+            f"{type(processor).__name__} would replace its quantized processor and silently drop the Q/K/V "
+            "quantization. Keep it with set_attn_processor(dmquant.nn.qattention.keep_quantization(processor)), "
+            "or quantize with a recipe without `attention:` to use float attention")
+    type(module).set_processor(module, processor, *args, **kwargs)
+
+
 def is_attention(module: nn.Module) -> bool:
     return hasattr(module, "set_processor") and hasattr(module, "processor")
 
@@ -133,5 +158,6 @@ def quantize_attention(module: nn.Module, spec: AttentionSpec, name: str = "") -
         proc = proc.inner
     quantizers = AttentionQuantizers(spec, name)
     module.dmquant_attention = quantizers
+    module.set_processor = types.MethodType(_guarded_set_processor, module)  # refuses unquantized processors
     module.set_processor(QuantAttnProcessor(proc, quantizers))
     return quantizers
