@@ -36,6 +36,13 @@ def noise_level(value: float) -> Iterator[None]:
         _NOISE.reset(token)
 
 
+def level_of(t: Any, timestep_scale: float) -> float:
+    """The noise level of a denoiser call's timestep argument: t / timestep_scale. The one reader every
+    consumer uses (the inference hook, the trajectory recorder); a batch of mixed timesteps has no
+    single noise level (NaN)."""
+    return _timestep_value(t) / timestep_scale
+
+
 def _timestep_value(t: Any) -> float:
     if isinstance(t, torch.Tensor):
         if t.numel() == 0:
@@ -66,7 +73,7 @@ class TimestepHook:
             t = args[self._position]
         else:
             t = None  # no timestep: per-timestep quantizers raise their own error if reached
-        level = None if t is None else _timestep_value(t) / self.timestep_scale
+        level = None if t is None else level_of(t, self.timestep_scale)
         self._tokens.append(_NOISE.set(level))
 
     def _exit(self, *_: Any) -> None:

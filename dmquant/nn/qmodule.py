@@ -150,6 +150,11 @@ class QuantModule:
         s = wq.scale
         return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version, wq.generation)
 
+    def set_weight_cache(self, enabled: bool) -> None:
+        """Cache the fake-quantized weight between calls (default) or recompute it on every call (one
+        layer's copy at a time while a large model calibrates)."""
+        self.cache_weight, self._wcache = enabled, None
+
     def serve(self, weight: Callable[[], torch.Tensor] | None) -> None:
         """Compute with `weight()` as the quantized weight (a trial rounding, a weight plus adapters)
         while the float master stays untouched; None stops. A served layer runs the simulated path, so

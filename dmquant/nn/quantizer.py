@@ -6,7 +6,9 @@ Calibration is a protocol: `start_observing()` -> run data -> `finish_observing(
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -123,6 +125,17 @@ class TensorQuantizer(nn.Module):
 
     def start_observing(self) -> None:
         self._observers = {}
+
+    @contextlib.contextmanager
+    def observation_paused(self) -> Iterator[None]:
+        """Inside, an observing quantizer neither records nor quantizes (another component's data is
+        flowing through it); its statistics so far are kept for when it resumes."""
+        held, was = self._observers, self.enabled
+        self._observers, self.enabled = None, False
+        try:
+            yield
+        finally:
+            self._observers, self.enabled = held, was
 
     def abort_observing(self) -> None:
         """Leave observation without freezing anything (the run that fed it failed)."""

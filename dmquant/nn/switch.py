@@ -42,12 +42,12 @@ def weight_cache_disabled(*modules: nn.Module) -> Iterator[None]:
     calibrating a large model holds one float copy of it, not two (one layer's copy at a time)."""
     layers = [m for mod in modules for m in mod.modules() if isinstance(m, QuantModule)]
     for layer in layers:
-        layer.cache_weight, layer._wcache = False, None
+        layer.set_weight_cache(False)
     try:
         yield
     finally:
         for layer in layers:
-            layer.cache_weight = True
+            layer.set_weight_cache(True)
 
 
 @contextlib.contextmanager
