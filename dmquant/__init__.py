@@ -5,27 +5,22 @@
 >>> print(dmquant.report(pipe))
 >>> dmquant.save_quantized(pipe, "out/")
 >>> pipe = dmquant.load_quantized("out/")
+
+The top level holds the verbs and the recipe types a user writes; everything else lives in its
+module (`dmquant.formats`, `dmquant.observe`, `dmquant.state`, `dmquant.timestep`, ...), and the
+diffusers integration (`DmquantConfig` for `from_pretrained`) in `dmquant.pipelines`.
 """
 from .api import quantize
-from .observe import observing
-from .plans import LayerPlan
-from .state import QuantState
+from .apply import pack_weights
 from .config import AttentionSpec, Override, QuantSpec, Recipe
-from .formats import get_format, list_formats
-from .granularity import PerChannel, PerGroup, PerTensor, PerToken
 from .nn import quantization_disabled
-from .observers import parse_observer
-from .primitives import fake_quantize
 from .recipes import get_recipe, recipes
 from .report import report
 from .serialization import load_quantized, save_quantized
-from .timestep import current_noise_level, noise_level
 from .transforms import merge_lora, unmerge_lora
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize", "recipes", "get_recipe", "report", "save_quantized", "load_quantized", "observing",
-    "Recipe", "QuantSpec", "AttentionSpec", "Override", "LayerPlan", "QuantState",
-    "get_format", "list_formats", "fake_quantize", "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "quantization_disabled", "parse_observer", "noise_level", "current_noise_level", "merge_lora", "unmerge_lora",
+    "quantize", "pack_weights", "report", "save_quantized", "load_quantized", "merge_lora", "unmerge_lora",
+    "quantization_disabled", "recipes", "get_recipe", "Recipe", "QuantSpec", "AttentionSpec", "Override",
 ]
