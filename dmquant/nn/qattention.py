@@ -4,7 +4,7 @@ The model's own processor keeps doing everything model-specific (RoPE, norms, jo
 `QuantAttnProcessor` wraps it and, for the duration of the call, routes
 `torch.nn.functional.scaled_dot_product_attention` (which every diffusers 2.0 processor and the native
 attention dispatcher call) through a version that quantizes its inputs and, when asked, computes the
-softmax explicitly so its output can be quantized too. Not thread-safe across concurrent forwards.
+softmax explicitly so its output can be quantized too (a torch-function mode: no global patching).
 
 SageAttention(2)-style options (`AttentionSpec`): Q and K quantized per block of tokens, K smoothed by
 its per-channel mean (every query's scores shift by one constant, so softmax is unchanged, while the
@@ -13,14 +13,14 @@ sum to one, so the mean is added back exactly after P V), V per channel and P in
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import types
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import AttentionSpec, QuantSpec
 from ..granularity import PerChannel
@@ -100,14 +100,19 @@ class AttentionQuantizers(nn.Module):
         return probs @ value
 
 
-@contextlib.contextmanager
-def _routed_sdpa(fn: Any) -> Iterator[None]:
-    previous = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = fn
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = previous
+class _QuantizedSDPA(TorchFunctionMode):
+    """Inside, calls of F.scaled_dot_product_attention run `sdpa` instead. A torch-function mode lives on
+    this thread's dispatch stack for the `with` block only: nothing global is patched, other threads and
+    other code see torch's own function, and torch.compile traces it."""
+
+    def __init__(self, sdpa: Any) -> None:
+        super().__init__()
+        self.sdpa = sdpa
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is _SDPA:  # the mode is off inside this method: `sdpa` reaches the real kernels
+            return self.sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 class QuantAttnProcessor:
@@ -120,7 +125,7 @@ class QuantAttnProcessor:
         self.__call__ = inner.__call__
 
     def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        with _routed_sdpa(self.quantizers.sdpa):
+        with _QuantizedSDPA(self.quantizers.sdpa):
             return self.inner(attn, *args, **kwargs)
 
 
