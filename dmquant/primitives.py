@@ -149,11 +149,6 @@ def fake_quantize(x: torch.Tensor, fmt: Format, gran: Granularity, qp: QParams) 
     return from_blocks(r * qp.effective_scale().unsqueeze(-1), x.shape).to(x.dtype)
 
 
-def dynamic_fake_quantize(x: torch.Tensor, fmt: Format, gran: Granularity, symmetric: bool = True) -> torch.Tensor:
-    """Fake-quantize with scales chosen from `x` itself (dynamic activation quantization)."""
-    return fake_quantize(x, fmt, gran, choose_qparams(x, fmt, gran, symmetric))
-
-
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better)."""
     ref = reference.double()
