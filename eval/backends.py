@@ -2,7 +2,10 @@
 
 A backend spec is "tool:config[@recipe]": quanto:int8 (W8A8), quanto:w8, quanto:w4, torchao:int8dq
 (dynamic int8 activations + int8 weights), torchao:int8wo (weight-only), modelopt:int8 / modelopt:fp8
-(fake quant, where nvidia-modelopt is installed), and torch:bf16 (the whole denoiser cast to bf16).
+(fake quant, where nvidia-modelopt is installed), torch:bf16 (the whole denoiser cast to bf16), and
+diffusers' own quantization backends the way a diffusers user reaches them, reloading the denoiser with
+`from_pretrained(..., quantization_config=...)`: diffusers:torchao-int8wo, diffusers:torchao-int8dq,
+diffusers:quanto-w8, diffusers:quanto-w4.
 
 Like for like: a library quantizes exactly the layers the dmquant recipe after "@" quantizes
 (default: w8a8 for 8-bit configs, w4a16 for quanto:w4), so first/last layers, embeddings and adaLN
@@ -20,8 +23,10 @@ from torch import nn
 
 from dmquant.components import denoiser_path, get_path
 
-LIKE_FOR_LIKE = {"int8": "w8a8", "w8": "w8a8", "w4": "w4a16", "int8dq": "w8a8", "int8wo": "w8a8", "fp8": "w8a8"}
-Apply = Callable[[nn.Module, Callable | None, list[str]], None]
+LIKE_FOR_LIKE = {"int8": "w8a8", "w8": "w8a8", "w4": "w4a16", "int8dq": "w8a8", "int8wo": "w8a8", "fp8": "w8a8",
+                 "torchao-int8wo": "w8a8", "torchao-int8dq": "w8a8", "quanto-w8": "w8a8", "quanto-w4": "w4a16"}
+# Quantizes the denoiser in place, or returns the quantized model that replaces it.
+Apply = Callable[[nn.Module, Callable | None, list[str]], nn.Module | None]
 
 
 def _quanto(config: str) -> Apply:
@@ -57,7 +62,40 @@ def _modelopt(config: str) -> Apply:
 
     cfg = {"int8": mtq.INT8_DEFAULT_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[config]
     # modelopt's own layer selection (not restricted to the recipe's): the row's layer count says so.
-    return lambda model, calibrate, layers: mtq.quantize(model, cfg, forward_loop=calibrate and (lambda _: calibrate()))
+    def apply(model: nn.Module, calibrate: Callable | None, layers: list[str]) -> None:
+        mtq.quantize(model, cfg, forward_loop=calibrate and (lambda _: calibrate()))
+
+    return apply
+
+
+def _diffusers(config: str) -> Apply:
+    """diffusers' `quantization_config` path: save the float denoiser, reload it quantized. Like for like
+    through `modules_to_not_convert`: every Linear the dmquant recipe keeps in float."""
+    import tempfile
+
+    from diffusers import QuantoConfig, TorchAoConfig
+
+    def make(skip: list[str]) -> Any:
+        if config.startswith("torchao-"):
+            from torchao import quantization as q
+
+            kind = {"torchao-int8wo": q.Int8WeightOnlyConfig, "torchao-int8dq": q.Int8DynamicActivationInt8WeightConfig}
+            return TorchAoConfig(kind[config](), modules_to_not_convert=skip)
+        return QuantoConfig(weights_dtype={"quanto-w8": "int8", "quanto-w4": "int4"}[config], modules_to_not_convert=skip)
+
+    def apply(model: nn.Module, calibrate: Callable | None, layers: list[str]) -> nn.Module:
+        chosen = set(layers)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        skip = [n for n in linears if n not in chosen]
+        if config.startswith("quanto-"):  # diffusers' quanto path matches a module's own name, not its path:
+            keep = {n.rpartition(".")[2] for n in chosen}  # skip the names no chosen layer shares (the row
+            skip = sorted({n.rpartition(".")[2] for n in skip} - keep)  # counts any layer this still takes)
+        dtype = next(model.parameters()).dtype
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            return type(model).from_pretrained(folder, quantization_config=make(skip), torch_dtype=dtype).eval()
+
+    return apply
 
 
 def _cast(config: str) -> Apply:
@@ -84,7 +122,8 @@ def _to(obj: Any, dtype: torch.dtype) -> Any:
 
 
 TOOLS = {"quanto": (_quanto, ("int8", "w8", "w4")), "torchao": (_torchao, ("int8dq", "int8wo")),
-         "modelopt": (_modelopt, ("int8", "fp8")), "torch": (_cast, ("bf16",))}
+         "modelopt": (_modelopt, ("int8", "fp8")), "torch": (_cast, ("bf16",)),
+         "diffusers": (_diffusers, ("torchao-int8wo", "torchao-int8dq", "quanto-w8", "quanto-w4"))}
 
 
 def recipe_layers(denoiser: nn.Module, recipe: str) -> list[str]:
@@ -129,10 +168,14 @@ def apply_backend(pipe: Any, spec: str, calibrate: Callable[[], Any] | None = No
         apply = TOOLS[tool][0](config)
     except ImportError as err:
         raise ImportError(f"backend {spec} needs the {tool} package installed: {err}") from err
-    denoiser = get_path(pipe, denoiser_path(pipe))
+    path = denoiser_path(pipe)
+    denoiser = get_path(pipe, path)
     layers = [] if tool == "torch" else recipe_layers(denoiser, recipe or LIKE_FOR_LIKE[config])
     before = {n: _signature(m) for n, m in denoiser.named_modules() if n}
-    apply(denoiser, calibrate, layers)
+    replaced = apply(denoiser, calibrate, layers)
+    if replaced is not None:
+        setattr(pipe, path, replaced)  # diffusers pipelines register components by attribute
+        denoiser = replaced
     changed = {n for n, m in denoiser.named_modules() if n in before and _signature(m) != before[n]}
     wanted = set(layers)
     others = len({n for n in changed - wanted if not any(c.startswith(n + ".") for c in wanted)})

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dmquant.eval import EvalConfig, evaluate, load_prompts
 from dmquant.eval import runner
@@ -72,6 +73,31 @@ def test_peer_layer_sets_and_bytes_are_counted_not_assumed():
     quanto.freeze(layer)
     # int8 codes + fp32 per-channel scales + fp32 bias + quanto's two scalar activation scales
     assert module_bytes(layer) == 32 * 64 + 32 * 4 + 32 * 4 + 2 * 4
+
+
+@pytest.mark.parametrize("spec,weight_type", [("diffusers:torchao-int8wo", "Int8Tensor"),
+                                              ("diffusers:quanto-w8", "WeightQBytesTensor")])
+def test_diffusers_native_peers_reload_the_denoiser_like_for_like(spec, weight_type):
+    """diffusers' own quantization_config path (what a diffusers user runs), on the recipe's layers only."""
+    from dmquant.eval.backends import apply_backend, module_bytes
+    from dmquant.pipelines import load
+
+    fp = load("tiny-pixart")
+    fp_bytes = module_bytes(fp.transformer)
+    x = torch.randn(1, fp.transformer.config.in_channels, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(1, 8, fp.transformer.caption_projection.linear_1.in_features),
+              timestep=torch.tensor([500]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        ref = fp.transformer(x, **kw).sample
+    pipe = apply_backend(fp, spec)
+    done, total = pipe.backend_info["layers"].split("/")
+    assert done == total  # exactly the w8a8 recipe's Linear layers, nothing else (no "+N other")
+    assert type(pipe.transformer.transformer_blocks[0].attn1.to_q.weight).__name__ == weight_type
+    assert type(pipe.transformer.proj_out.weight) is torch.nn.Parameter  # kept in float like dmquant's w8a8
+    assert pipe.backend_info["bytes"] < fp_bytes
+    with torch.no_grad():
+        out = pipe.transformer(x, **kw).sample
+    assert 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean()) > 30  # int8 weights: close to FP
 
 
 def test_bad_inputs(tmp_path):
