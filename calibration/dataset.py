@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dmquant.observe import static_quantizers
 from dmquant.components import denoiser_path, get_path
+from dmquant.families import find_family, timestep_scale_for
 
 from .timesteps import parse_selection, select_steps
 from .trajectory import Trajectory, TrajectoryRecorder, step_summary
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class CalibrationSet:
     """Prompts, sampler steps and timestep selection for calibration (defaults: a miniature's
-    held-out captions, 16 prompts, the pipeline's default step count, 10 uniformly chosen steps)."""
+    held-out captions, 16 prompts, the pipeline's default step count, 10 uniformly chosen steps), and
+    what the family table (`dmquant.families`) supplies unless set: the timestep scale and, for video
+    families, the sample size (`num_frames`, `height`, `width`; `call_kwargs` for anything else)."""
 
     prompts: list[str] | None = None
     num_prompts: int = 16
@@ -39,12 +42,42 @@ class CalibrationSet:
     batch_size: int = 8
     guidance_scale: float | None = None
     max_calls: int | None = None  # cap on recorded calls (memory bound)
-    timestep_scale: float = 1000.0
+    timestep_scale: float | None = None  # None: the family's (dmquant.families), 1000 outside the table
+    num_frames: int | None = None  # video size; None: the family's `video_size`, else the pipeline's default
+    height: int | None = None
+    width: int | None = None
+    call_kwargs: dict[str, Any] | None = None  # any other pipeline call arguments
 
     def __post_init__(self) -> None:
         parse_selection(self.timesteps)  # fail early on a bad selection
         if self.num_prompts < 1 or self.batch_size < 1:
             raise ValueError("num_prompts and batch_size must be positive")
+        if self.timestep_scale is not None and self.timestep_scale <= 0:
+            raise ValueError(f"timestep_scale must be positive, got {self.timestep_scale}")
+
+    def resolved_timestep_scale(self, pipe: Any) -> float:
+        """The setting, else the family's: t / scale is the noise level (FLUX passes t / 1000: 1)."""
+        return self.timestep_scale if self.timestep_scale is not None else timestep_scale_for(pipe)
+
+    def pipeline_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """The sampling call's size and family quirks: explicit settings, then the family's video size
+        and config-tied arguments (CogVideoX's text length, Latte's frame count)."""
+        family = find_family(pipe)
+        kwargs: dict[str, Any] = {}
+        if family is not None:
+            denoiser = get_path(pipe, denoiser_path(pipe))
+            kwargs.update({k: getattr(denoiser.config, attr) for k, attr in family.config_kwargs.items()
+                           if hasattr(getattr(denoiser, "config", None), attr)})
+        frames_kwarg = family.frames_kwarg if family is not None else "num_frames"
+        default = family.video_size if family is not None and family.video_size else (None, None, None)
+        if self.num_frames is not None and family is not None and not family.is_video:
+            raise ValueError(f"num_frames is for video pipelines; {type(pipe).__name__} makes images")
+        for key, value, fallback in zip((frames_kwarg, "height", "width"), (self.num_frames, self.height, self.width),
+                                        default):
+            if value is not None or fallback is not None:
+                kwargs[key] = value if value is not None else fallback
+        kwargs.update(self.call_kwargs or {})
+        return kwargs
 
     def prepare(self, pipe: Any) -> "TrajectoryRunner":
         """Record the float denoiser's inputs along the trajectory of every calibration prompt."""
@@ -59,26 +92,28 @@ class CalibrationSet:
         steps = self.steps or DEFAULT_STEPS
         selection = parse_selection(self.timesteps)
         batches = [prompts[s:s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
+        scale, call = self.resolved_timestep_scale(pipe), self.pipeline_kwargs(pipe)
 
         def sample(batch_index: int) -> None:
             generate(pipe, batches[batch_index], seed=self.seed, steps=steps, batch_size=self.batch_size,
-                     guidance_scale=self.guidance_scale, start_index=batch_index * self.batch_size, progress=False)
+                     guidance_scale=self.guidance_scale, start_index=batch_index * self.batch_size, progress=False,
+                     **call)
 
         features = None
         if selection.needs_features:  # EDA-DM: summarise every step on the first batch, then choose
-            with TrajectoryRecorder(denoiser, lambda _: False, self.timestep_scale, summary=step_summary) as probe:
+            with TrajectoryRecorder(denoiser, lambda _: False, scale, summary=step_summary) as probe:
                 probe.run(lambda: sample(0), first=True)
             features = torch.stack([torch.stack(v).mean(0) for _, v in sorted(probe.summaries.items())])
         keep = set(select_steps(selection, steps if features is None else features.shape[0], features))
-        with TrajectoryRecorder(denoiser, keep.__contains__, self.timestep_scale, max_calls=self.max_calls) as rec:
+        with TrajectoryRecorder(denoiser, keep.__contains__, scale, max_calls=self.max_calls) as rec:
             for i in tqdm(range(len(batches)), desc="calibration trajectory", unit="batch", disable=None):
                 rec.run(lambda: sample(i), first=i == 0)
         trajectory = rec.trajectory
         log.info("recorded %d denoiser calls at %d steps (%.1f MB)", len(trajectory.calls), len(keep),
                  trajectory.nbytes / 2**20)
-        description = {**asdict(self), "prompts": prompts, "steps": steps, "recorded_steps": sorted(keep),
-                       "recorded_calls": len(trajectory.calls)}
-        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed)
+        description = {**asdict(self), "prompts": prompts, "steps": steps, "timestep_scale": scale,
+                       "call_kwargs": call, "recorded_steps": sorted(keep), "recorded_calls": len(trajectory.calls)}
+        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed, call)
 
 
 class TrajectoryRunner:
@@ -86,10 +121,12 @@ class TrajectoryRunner:
     denoiser that still need static scales (a text encoder, the VAE decoder) see a short sampling run."""
 
     def __init__(self, trajectory: Trajectory, description: dict[str, Any] | None = None,
-                 prompts: list[str] | None = None, steps: int | None = None, seed: int = 1_000_000) -> None:
+                 prompts: list[str] | None = None, steps: int | None = None, seed: int = 1_000_000,
+                 call_kwargs: dict[str, Any] | None = None) -> None:
         self.trajectory = trajectory
         self.description = description or {"recorded_calls": len(trajectory.calls)}
         self.prompts, self.steps, self.seed = prompts or [], steps, seed
+        self.call_kwargs = dict(call_kwargs or {})  # the sampling size and quirks the trajectory was recorded at
 
     def __call__(self, obj: Any) -> None:
         denoiser = obj if isinstance(obj, nn.Module) else get_path(obj, denoiser_path(obj))
@@ -102,7 +139,7 @@ class TrajectoryRunner:
         others = [m for m in quantized_components(obj).values() if m is not denoiser]
         if any(q.observing for m in others for q in static_quantizers(m)):
             with _denoiser_aside(denoiser):
-                generate(obj, self.prompts, seed=self.seed, steps=self.steps, progress=False)
+                generate(obj, self.prompts, seed=self.seed, steps=self.steps, progress=False, **self.call_kwargs)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmquant.families import DEFAULT_TIMESTEP_SCALE, family_for_module
+
 
 def _to(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, torch.Tensor):
@@ -53,7 +55,7 @@ class Trajectory:
     calls: list[DenoiserCall] = field(default_factory=list)
     visited: list[float] = field(default_factory=list)  # noise levels of all steps, in sampling order
     timestep_kwarg: str = "timestep"
-    timestep_scale: float = 1000.0  # timestep = noise level * timestep_scale
+    timestep_scale: float = DEFAULT_TIMESTEP_SCALE  # timestep = noise level * timestep_scale (the recorder's)
 
     @property
     def nbytes(self) -> int:
@@ -87,23 +89,30 @@ class Trajectory:
 class TrajectoryRecorder:
     """Context manager on a denoiser: records calls whose step index `keep(step)` accepts.
 
-    Steps are counted per sampling run: `new_run()` restarts the count (one pipeline call = one run)."""
+    Steps are counted per sampling run: `new_run()` restarts the count (one pipeline call = one run).
+    Consecutive calls at the same timestep are one step: pipelines that run the conditional and the
+    unconditional branch as separate calls (Wan, FLUX with true CFG) call the denoiser twice a step."""
 
-    def __init__(self, model: nn.Module, keep: Callable[[int], bool], timestep_scale: float = 1000.0,
-                 timestep_kwarg: str = "timestep", max_calls: int | None = None,
+    def __init__(self, model: nn.Module, keep: Callable[[int], bool], timestep_scale: float | None = None,
+                 timestep_kwarg: str | None = None, max_calls: int | None = None,
                  summary: Callable[[dict[str, Any], Any], torch.Tensor] | None = None) -> None:
+        family = family_for_module(model)  # None outside the table: scale 1000, kwarg "timestep"
+        if timestep_scale is None:
+            timestep_scale = family.timestep_scale if family is not None else DEFAULT_TIMESTEP_SCALE
+        if timestep_kwarg is None:
+            timestep_kwarg = family.timestep_kwarg if family is not None else "timestep"
         self.model, self.keep, self.max_calls, self.summary = model, keep, max_calls, summary
         self.timestep_scale, self.kwarg = timestep_scale, timestep_kwarg
         self.trajectory = Trajectory(timestep_kwarg=timestep_kwarg, timestep_scale=timestep_scale)
         self.summaries: dict[int, list[torch.Tensor]] = {}
         self._signature = inspect.signature(model.forward)
-        self._step = 0
+        self._step, self._last = -1, None
         self._first_run = True
         self._pending: dict[str, Any] | None = None
         self._handles: list[Any] = []
 
     def new_run(self) -> None:
-        self._step = 0
+        self._step, self._last = -1, None
 
     def _pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(*args, **kwargs).arguments
@@ -112,8 +121,10 @@ class TrajectoryRecorder:
             raise ValueError(f"denoiser call without a {self.kwarg!r} argument: a trajectory records calls by timestep")
         t = torch.as_tensor(bound[self.kwarg]).reshape(-1)[0]
         level = float(t) / self.timestep_scale
-        if self._first_run:
-            self.trajectory.visited.append(level)
+        if level != self._last:  # a new step (NaN, a batch of mixed timesteps, never equals: one step a call)
+            self._step, self._last = self._step + 1, level
+            if self._first_run:
+                self.trajectory.visited.append(level)
         self._pending = None
         full = self.max_calls is not None and len(self.trajectory.calls) >= self.max_calls
         if self.keep(self._step) and not full:
@@ -124,7 +135,6 @@ class TrajectoryRecorder:
     def _post(self, _m: nn.Module, _args: tuple, output: Any) -> None:
         if self._pending is not None:
             self.summaries.setdefault(self._step, []).append(self.summary(self._pending, output))
-        self._step += 1
 
     def run(self, fn: Callable[[], Any], first: bool) -> None:
         """Call `fn` (one sampling run) with the step count reset."""

@@ -1,7 +1,8 @@
 """Which layers get quantized: module types plus name patterns, with the papers' defaults.
 
 Defaults keep in high precision what Q-Diffusion, PTQ4DiT, ViDiT-Q and SVDQuant keep there: time and
-text embeddings, patch/position embeddings, adaLN modulation, norms, and the first and last layers.
+text embeddings, patch/position embeddings, adaLN modulation, norms, and the first and last layers
+(the roles of `dmquant.families.ROLES`; for models outside the family table, all of them).
 Patterns are regexes searched in the module's dotted name (relative to the quantized component).
 """
 from __future__ import annotations
@@ -9,16 +10,9 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-_EMBEDDINGS = (
-    "time_embed", "time_embedding", "add_embedding", "time_proj", "time_emb_proj", "adaln_single",
-    "caption_projection", "pos_embed", "patch_embed", "patch_embedding", "x_embedder", "context_embedder",
-    "time_text_embed", "condition_embedder", "timestep_embedder", "guidance_embedder",
-)
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"(^|\.)(" + "|".join(_EMBEDDINGS) + r")(\.|$)",
-    r"(^|\.)norm[\w]*(\.|$)",  # adaLN / AdaLayerNorm modulation linears live under norm*
-    r"^(conv_in|conv_out|proj_in|proj_out|conv_norm_out|norm_out)$",  # first and last layers
-)
+from .families import ROLES
+
+DEFAULT_EXCLUDE: tuple[str, ...] = tuple(ROLES.values())  # every role of the family table (dmquant.families)
 
 
 def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:

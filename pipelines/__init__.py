@@ -6,8 +6,9 @@
 >>> images = generate(pipe, miniature_prompts("miniature-pixart"), seed=0)   # (N, 3, 32, 32) in [0, 1]
 >>> judge("miniature-pixart").adherence(images, miniature_prompts("miniature-pixart"))
 """
+from dmquant.families import FAMILIES, family_of
+
 from .data import make_images, make_videos, parse_prompt
-from .families import FAMILIES, family_of
 from .generate import generate
 from .judge import judge
 from .loading import available, load

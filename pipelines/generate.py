@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .families import family_of
+from dmquant.families import family_of
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 4.0
 

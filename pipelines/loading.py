@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .families import family_of
+from dmquant.families import family_of
+
 from .miniature import NAMES, WEIGHTS
 from .tiny import BUILDERS, build_tiny_pipeline
 

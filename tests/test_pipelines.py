@@ -261,11 +261,11 @@ def test_family_table_matches_the_real_classes(family):
     params = inspect.signature(denoiser.forward).parameters
     assert {fam.timestep_kwarg, fam.text_kwarg, *fam.extra_conditioning} <= set(params)
     names = [n for n, _ in denoiser.named_modules() if n]
-    for pattern in fam.keep_fp:  # every pattern names something real
+    for pattern in fam.skip_patterns:  # every pattern names something real
         assert any(re.search(pattern, n) for n in names), (family, pattern)
-    # the family's own list keeps exactly the layers the core's generic default keeps
+    # the family's own roles keep exactly the layers the core's generic default keeps
     layers = [n for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d))]
-    own, generic = dmquant.filters.LayerFilter(exclude=fam.keep_fp), dmquant.filters.LayerFilter()
+    own, generic = dmquant.filters.LayerFilter(exclude=fam.skip_patterns), dmquant.filters.LayerFilter()
     assert [n for n in layers if not own(n)] == [n for n in layers if not generic(n)]
     first_last = [n for n, _ in denoiser.named_children() if n in ("conv_in", "conv_out", "proj_out")]
     assert first_last and all(not own(n) for n in first_last)
