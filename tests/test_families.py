@@ -15,6 +15,7 @@ from dmquant.calibration import CalibrationSet
 from dmquant.families import FAMILIES, family_for_module, family_of, find_family
 from dmquant.nn import TensorQuantizer, is_attention, quant_class_for
 from dmquant.pipelines import build_tiny_pipeline, generate
+from dmquant.recipes import get_recipe
 from dmquant.timestep import current_noise_level
 
 NAMES = ["sd", "sdxl", "pixart", "sd3", "flux", "latte", "cogvideox", "wan"]
@@ -135,6 +136,10 @@ def test_entry_keeps_todays_plan_and_its_patterns_are_real(name, tiny):
     for role in fam.skip:
         assert _matching(denoiser, [families.ROLES[role]]) & layers, (name, role)
     assert _units(denoiser, fam.blocks) == _units(denoiser, TODAY_BLOCKS) != set()
+    # tfmq-w4a8's pasted excludes are the roles minus "temporal" (so the recipe can say that instead)
+    tfmq = get_recipe("tfmq-w4a8").exclude
+    assert _selected(denoiser, tfmq) == _selected(denoiser, families.skip_patterns(fam, without=("temporal",))) \
+        == _selected(denoiser, families.skip_patterns(None, without=("temporal",)))
     if name == "wan":
         assert not _matching(denoiser, [TODAY_TEMPORAL]) & layers
         assert {n for n in _matching(denoiser, [fam.temporal]) if n in layers} == {
