@@ -10,6 +10,16 @@ A model quantized by `dmquant.quantize` carries the same `quantization_config` i
 pipeline's own `save_pretrained` writes packed weights and `from_pretrained` rebuilds them. Recipes that
 need calibration data cannot run inside `from_pretrained` (no data there): they are refused with a
 message naming `dmquant.quantize(pipe, recipe)`, never quantized naively.
+
+LoRA (peft, and diffusers' `load_lora_weights` / `load_lora_adapter`, which use peft): on a quantized
+layer an adapter runs beside it, in float, unfused (`set_adapters`, `disable_lora`, `unload_lora_weights`
+never touch the packed codes, so nothing is re-quantized). A packed layer has no float weight to add
+B A to, so `fuse_lora()` / `merge_adapter()` / `merge_and_unload()` put the adapter's ranks into the
+layer's high-precision low-rank branch instead (as `dmquant.merge_lora` does, named "peft:<adapter>"),
+and unfusing slices them off again, bit for bit. DoRA and LoRA-bias adapters cannot be merged that way
+and are refused. Saving: fuse (and unload) first and the adapter is saved as part of the branch;
+otherwise save the adapter on its own (`get_peft_model_state_dict`) and the base after
+`unload_lora()`, and load the adapter again onto the reloaded quantized model.
 """
 from __future__ import annotations
 
@@ -117,6 +127,12 @@ class DmquantQuantizer(DiffusersQuantizer):
                 setattr(model.get_submodule(owner), attr, torch.empty(shape, dtype=dtype, device="meta"))
 
     def _stored_or_fail(self, key: str) -> tuple[list[int], torch.dtype]:
+        adapters = sorted({k.split(".lora_A.")[1].split(".")[0] for k in self.stored if ".lora_A." in k})
+        if key not in self.stored and adapters:
+            raise ValueError(f"this checkpoint was saved with unfused LoRA adapters {adapters} around its quantized "
+                             "layers: save an adapter on its own (get_peft_model_state_dict / save_lora_weights), the "
+                             "quantized model after unload_lora(), and load the adapter again after from_pretrained; "
+                             "or fuse_lora() and unload first, which saves it in the layers' low-rank branch")
         if key not in self.stored:
             raise ValueError(f"the checkpoint has no {key}: it does not match its dmquant quantization_config")
         return self.stored[key]
@@ -175,9 +191,123 @@ class _TransformersRefusal:
         auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DmquantTextQuantizer
 
 
+class _PeftBranchMerge:
+    """merge / unmerge of a peft LoRA layer around a quantized dmquant layer: into its low-rank branch
+    (mixed in before peft's own layer class, whose forward, scaling and adapter bookkeeping stay)."""
+
+    dmquant_root: Any = None  # weakref to the component peft injected into (its plan is re-synced)
+
+    def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft builds a conv adapter's factors as `type(base_layer)`: plain float convs here, not
+        quantized layers without quantizers."""
+        from dmquant.nn.qmodule import QuantModule
+
+        super().update_layer(adapter_name, *args, **kwargs)
+        for factors in (self.lora_A, self.lora_B):
+            part = factors[adapter_name] if adapter_name in factors else None
+            if isinstance(part, QuantModule):
+                part.__class__ = next(c for c in type(part).__mro__ if c.__module__.startswith("torch.nn"))
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        from dmquant.transforms.lora import merge_into_branch
+
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
+        base = self.get_base_layer()
+        for name in names:
+            variant = name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name)
+            if variant or getattr(self, "lora_bias", {}).get(name):
+                raise ValueError(f"adapter {name!r} on {base.qname} is a {'DoRA' if variant else 'LoRA-bias'} adapter: "
+                                 "it cannot merge into the low-rank branch of a quantized layer; keep it unfused "
+                                 "(it runs beside the quantized layer)")
+            down = self.lora_A[name].weight.detach()
+            up = self.lora_B[name].weight.detach().double() * self.scaling[name]
+            if safe_merge and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+                raise ValueError(f"NaNs detected in adapter {name!r}: not merged")
+        for name in names:
+            merge_into_branch(base, f"peft:{name}", self.lora_A[name].weight.detach(),
+                              self.lora_B[name].weight.detach().double() * self.scaling[name])
+            self.merged_adapters.append(name)
+        if names:
+            self._sync_plan()
+
+    def unmerge(self) -> None:
+        from dmquant.transforms.lora import unmerge_from_branch
+
+        if not self.merged:
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            unmerge_from_branch(base, f"peft:{self.merged_adapters.pop()}")
+        self._sync_plan()
+
+    def _sync_plan(self) -> None:
+        """Re-read the component's plan (what save_pretrained writes) as it will be once the adapters are
+        unloaded: with the quantized layers in place of peft's wrappers, so the names match a fresh model."""
+        from dmquant.state import sync_state
+
+        root = self.dmquant_root() if self.dmquant_root is not None else None
+        if root is None or getattr(root, "dmquant_state", None) is None:
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        swapped = []
+        for name, module in list(root.named_modules()):
+            if isinstance(module, BaseTunerLayer) and name:
+                parent, _, attr = name.rpartition(".")
+                owner = root.get_submodule(parent) if parent else root
+                swapped.append((owner, attr, module))
+                owner._modules[attr] = module.get_base_layer()
+        try:
+            sync_state(root)
+        finally:
+            for owner, attr, module in swapped:
+                owner._modules[attr] = module
+
+
+_PEFT_CLASSES: dict[type, type] = {}
+
+
+def register_peft() -> None:
+    """Make peft wrap quantized dmquant layers in LoRA layers whose merge goes into the low-rank branch
+    (idempotent; a no-op without peft). peft's LoraConfig takes such layer classes as custom modules
+    (`_register_custom_module`); each config peft injects with (also those diffusers builds inside
+    `load_lora_adapter`) gets them when its target is a dmquant layer."""
+    try:
+        from peft.tuners.lora import LoraModel
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError:
+        return
+    if getattr(LoraModel._create_and_replace, "_dmquant", False):
+        return
+    import weakref
+
+    from dmquant.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+    from dmquant.nn.qmodule import QuantModule
+
+    for quant, peft_cls in ((QuantLinear, lora_layer.Linear), (QuantConv1d, lora_layer.Conv1d),
+                            (QuantConv2d, lora_layer.Conv2d), (QuantConv3d, lora_layer.Conv3d)):
+        _PEFT_CLASSES[quant] = type(f"Dmquant{peft_cls.__name__}", (_PeftBranchMerge, peft_cls), {"__module__": __name__})
+    original = LoraModel._create_and_replace
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if isinstance(base, QuantModule):
+            lora_config._register_custom_module(_PEFT_CLASSES)
+        original(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        new = getattr(parent, target_name, None)
+        if isinstance(new, _PeftBranchMerge):
+            new.dmquant_root = weakref.ref(self.model)
+
+    _create_and_replace._dmquant = True
+    LoraModel._create_and_replace = _create_and_replace
+
+
 def register() -> None:
-    """Make diffusers' `from_pretrained` know quant_method "dmquant", and transformers' refuse it
-    (idempotent)."""
+    """Make diffusers' `from_pretrained` know quant_method "dmquant", and transformers' refuse it; make
+    peft's LoRA layers merge into the low-rank branch of quantized layers (idempotent)."""
     AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DmquantQuantizer
     AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DmquantConfig
     _TransformersRefusal.register()
+    register_peft()

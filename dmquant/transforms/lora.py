@@ -66,6 +66,40 @@ def _resolve(comps: dict[str, nn.Module], key: str) -> tuple[nn.Module, str, nn.
     return next(iter(comps.values())), key, None
 
 
+def merge_into_branch(layer: QuantModule, name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """Concatenate one adapter's factors (down (r, in[, *kernel]), up (out, r[, *ones]) with every scale
+    already in `up`, acting on the layer's original input and output) to the layer's low-rank branch."""
+    r = down.shape[0]
+    down, up = down.to(layer.weight_device).double(), up.to(layer.weight_device).double()
+    up = up.reshape(up.shape[0], r, *[1] * (up.dim() - 2))
+    if layer.transform is not None:
+        down, up = layer.transform.adapter_factors(down, up)
+    old = layer.lowrank
+    dtype = layer.weight_dtype if old is None else old.down.weight.dtype
+    down, up = down.to(dtype), up.to(dtype)
+    if old is not None:
+        d0, u0 = old.factors()
+        down, up = torch.cat([d0, down]), torch.cat([u0, up], 1)
+    layer.lowrank = LowRankBranch.build(layer, down, up, old.svd_rank if old else 0,
+                                        [*(old.adapters if old else ()), (name, r)])
+
+
+def unmerge_from_branch(layer: QuantModule, name: str) -> bool:
+    """Slice a merged adapter's ranks off the layer's branch (bit for bit the branch before); False if
+    the layer holds no adapter of that name."""
+    branch = layer.lowrank
+    if branch is None or name not in dict(branch.adapters):
+        return False
+    i = [n for n, _ in branch.adapters].index(name)
+    start = branch.svd_rank + sum(r for _, r in branch.adapters[:i])
+    stop = start + branch.adapters[i][1]
+    d, u = branch.factors()
+    down, up = torch.cat([d[:start], d[stop:]]), torch.cat([u[:, :start], u[:, stop:]], 1)
+    rest = branch.adapters[:i] + branch.adapters[i + 1:]
+    layer.lowrank = LowRankBranch.build(layer, down, up, branch.svd_rank, rest) if down.shape[0] else None
+    return True
+
+
 def merge_lora(obj: Any, lora: Mapping[str, torch.Tensor], name: str = "lora", scale: float = 1.0) -> list[str]:
     """Add `scale * B A` (times alpha / r where the state dict has alphas) of every LoRA layer to the
     low-rank branch of the matching quantized layer. All-or-nothing: unknown or unquantized targets
@@ -85,19 +119,8 @@ def merge_lora(obj: Any, lora: Mapping[str, torch.Tensor], name: str = "lora", s
             raise ValueError(f"an adapter named {name!r} is already merged into {key}")
     merged = []
     for key, ((_, _, layer), (a, b, alpha)) in targets.items():
-        r = a.shape[0]
-        down, up = a.to(layer.weight_device).double(), b.to(layer.weight_device).double() * scale
-        up = up * (alpha / r if alpha is not None else 1.0)
-        if layer.transform is not None:
-            down, up = layer.transform.adapter_factors(down, up)
-        old = layer.lowrank
-        dtype = layer.weight_dtype if old is None else old.down.weight.dtype
-        down, up = down.to(dtype), up.to(dtype)
-        if old is not None:
-            d0, u0 = old.factors()
-            down, up = torch.cat([d0, down]), torch.cat([u0, up], 1)
-        layer.lowrank = LowRankBranch.build(layer, down, up, old.svd_rank if old else 0,
-                                            [*(old.adapters if old else ()), (name, r)])
+        up = b.double() * scale * (alpha / a.shape[0] if alpha is not None else 1.0)
+        merge_into_branch(layer, name, a, up)
         merged.append(key)
     for module in comps.values():
         sync_state(module)
@@ -110,17 +133,8 @@ def unmerge_lora(obj: Any, name: str = "lora") -> list[str]:
     done = []
     for module in _components(obj).values():
         for layer_name, layer in module.named_modules():
-            branch = getattr(layer, "lowrank", None) if isinstance(layer, QuantModule) else None
-            if branch is None or name not in dict(branch.adapters):
-                continue
-            i = [n for n, _ in branch.adapters].index(name)
-            start = branch.svd_rank + sum(r for _, r in branch.adapters[:i])
-            stop = start + branch.adapters[i][1]
-            d, u = branch.factors()
-            down, up = torch.cat([d[:start], d[stop:]]), torch.cat([u[:, :start], u[:, stop:]], 1)
-            rest = branch.adapters[:i] + branch.adapters[i + 1:]
-            layer.lowrank = LowRankBranch.build(layer, down, up, branch.svd_rank, rest) if down.shape[0] else None
-            done.append(layer_name)
+            if isinstance(layer, QuantModule) and unmerge_from_branch(layer, name):
+                done.append(layer_name)
         sync_state(module)
     if not done:
         raise ValueError(f"no adapter named {name!r} is merged into this model")
