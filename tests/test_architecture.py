@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("dmquant.atomic", "dmquant.formats", "dmquant.granularity", "dmquant.primitives",
                      "dmquant.packing", "dmquant.observers", "dmquant.step_configs",
                      "dmquant.config", "dmquant.filters", "dmquant.families", "dmquant.components",
-                     "dmquant.timestep", "dmquant.provenance", "dmquant.recipes", "dmquant.plans")),
+                     "dmquant.timestep", "dmquant.orthogonal", "dmquant.provenance", "dmquant.recipes", "dmquant.plans")),
     ("kernels", ("dmquant.kernels",)),
     ("modules", ("dmquant.nn",)),
     ("state", ("dmquant.state", "dmquant.observe", "dmquant.payload")),

@@ -126,3 +126,19 @@ def test_sage_recipes_on_tiny_pixart(recipe):
     n_attn = sum(hasattr(m, "dmquant_attention") for m in qm.modules())
     assert n_attn == 4  # self- and cross-attention of both blocks
     assert sqnr_db(ref, out) > 25, sqnr_db(ref, out)
+
+
+def test_rotation_is_exact_alone_and_quantizes_the_rotated_tensors():
+    """(Q H)(K H)^T = Q K^T and P (V H) H = P V for the normalised Hadamard H; with int4 Q/K/V the
+    rotated tensors are what is rounded (float64 reference, per-token symmetric int4)."""
+    from dmquant.orthogonal import hadamard
+
+    q, k, v = _inputs(offset=3.0)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    alone = AttentionQuantizers(AttentionSpec(rotate=True)).sdpa(q, k, v)
+    assert torch.allclose(alone.double(), ref, atol=2e-5)
+    h = hadamard(8, torch.float64)
+    qq, kk, vv = (_int_blocks(x.double() @ h, 1, 7) for x in (q, k, v))  # one "block" per token = per token
+    expected = F.scaled_dot_product_attention(qq, kk, vv) @ h
+    got = AttentionQuantizers(AttentionSpec(qkv=INT4_TOK, rotate=True)).sdpa(q, k, v)
+    assert torch.allclose(got.double(), expected, atol=1e-4)

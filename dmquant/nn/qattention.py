@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import AttentionSpec, QuantSpec
 from ..granularity import PerChannel
+from ..orthogonal import hadamard, hadamard_block, rotate
 from .quantizer import TensorQuantizer
 
 _SDPA = F.scaled_dot_product_attention
@@ -68,11 +69,16 @@ class AttentionQuantizers(nn.Module):
         if self.spec.smooth_v:
             v_mean = value.mean(dim=-2, keepdim=True)
             value = value - v_mean
+        h = hadamard(hadamard_block(query.shape[-1]), query.dtype).to(query.device) if self.spec.rotate else None
+        if h is not None:  # orthogonal: scores and P V unchanged, channel outliers spread before rounding
+            query, key, value = rotate(query, h), rotate(key, h), rotate(value, h)
         if self.q is not None:
             query, key = self._blocked(self.q, query), self._blocked(self.k, key)
         if self.v is not None:
             value = self.v(value)
         out = self._core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if h is not None:
+            out = rotate(out, h)  # the normalised Sylvester Hadamard is its own inverse
         if v_mean is None:
             return out
         if v_mean.dim() >= 3 and v_mean.shape[-3] != out.shape[-3]:  # grouped-query attention

@@ -9,7 +9,7 @@ from .attach import attach_transforms
 from .layer import LayerTransform
 from .lora import merge_lora, parse_lora, unmerge_lora
 from .lowrank import LowRankBranch, LowRankSplit, apply_svd, svd_split
-from .orthogonal import hadamard, random_orthogonal, rotate
+from ..orthogonal import hadamard, random_orthogonal, rotate
 from .rotation import apply_rotation
 from .smoothing import apply_smoothquant, smoothing_factors
 from .stats import ActivationStats

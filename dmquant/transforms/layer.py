@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..nn.qmodule import QuantModule
-from . import orthogonal as rot
+from .. import orthogonal as rot
 
 
 class LayerTransform(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 from ..nn.qlinear import QuantLinear
 from .folds import attention_pairs
 from .layer import quantized_layers, set_weight, transform_of
-from .orthogonal import KINDS, hadamard, hadamard_block, random_orthogonal, rotate
+from ..orthogonal import KINDS, hadamard, hadamard_block, random_orthogonal, rotate
 
 
 def apply_rotation(modules: list[nn.Module], run: Callable[[], Any], kind: str = "hadamard", seed: int = 0,
