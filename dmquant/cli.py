@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .atomic import MANIFEST
+from .config import BACKENDS
 from .recipes import recipes as builtin_recipes
 
 log = logging.getLogger("dmquant")
@@ -23,7 +24,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .state import quantized_components
     from .pipelines import load
 
-    pipe = load(args.pipeline)
+    device, dtype = _runtime(args)
+    pipe = load(args.pipeline, dtype=dtype, device=device)
     t0 = time.perf_counter()
     quantize(pipe, args.recipe, backend=args.backend, calibration=_calibration(args))
     seconds = time.perf_counter() - t0
@@ -42,10 +44,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _calibration(args: argparse.Namespace) -> dict:
     """CalibrationSet settings from the flags; unset flags keep the recipe's defaults."""
-    settings: dict = {"num_prompts": args.num_prompts, "steps": args.steps, "timesteps": args.timesteps}
+    settings: dict = {"num_prompts": args.num_prompts, "steps": args.steps, "timesteps": args.timesteps,
+                      "guidance_scale": args.guidance_scale}
     if args.calibration_prompts:
         settings["prompts"] = [p.strip() for p in Path(args.calibration_prompts).read_text().splitlines() if p.strip()]
     return {k: v for k, v in settings.items() if v is not None}
+
+
+def _runtime(args: argparse.Namespace) -> tuple[str, "torch.dtype"]:
+    """(device, dtype) from --device / --dtype, checked before any loading."""
+    import torch
+
+    from .eval.runner import DTYPES
+
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype}: use one of {', '.join(DTYPES)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device}: {err}") from err
+    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise ValueError(f"--device {args.device}: no {device.type} device is available here")
+    return args.device, DTYPES[args.dtype]
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the pipeline runs: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float dtype of the pipeline: float32, bfloat16, float16")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance of every sampling run (default: 4.0)")
 
 
 def cmd_mixed(args: argparse.Namespace) -> int:
@@ -112,12 +139,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _eval_config(args: argparse.Namespace, metrics: tuple[str, ...] | None):
     from .eval import EvalConfig, load_prompts
 
-    models = [m for m in (args.recipe or "").split(",") if m] + (args.quantized or []) + (args.backend or [])
+    if args.backend:
+        raise ValueError("eval and grid take other libraries as --peer (e.g. --peer quanto:int8); --backend "
+                         "names dmquant's kernel backend (quantize, calibrate, info --kernels)")
+    models = [m for m in (args.recipe or "").split(",") if m] + (args.quantized or []) + (args.peer or [])
     if not models:
-        raise ValueError("nothing to compare with FP: give --recipe, --quantized or --backend")
+        raise ValueError("nothing to compare with FP: give --recipe, --quantized or --peer")
+    device, _ = _runtime(args)
     prompts = load_prompts(args.prompts or args.pipeline, args.num_prompts)
     return EvalConfig(pipeline=args.pipeline, models=models, prompts=prompts, seed=args.seed, steps=args.steps,
-                      metrics=metrics, out=Path(args.out), batch_size=args.batch_size,
+                      metrics=metrics, out=Path(args.out), batch_size=args.batch_size, device=device,
+                      dtype=args.dtype, guidance_scale=args.guidance_scale,
                       extra={"clip_checkpoint": args.clip_checkpoint, "lpips_backbone": args.lpips_backbone,
                              "fid_extractor": args.fid_extractor, "inception_weights": args.inception_weights,
                              "calib_prompts": args.calib_prompts, "calib_timesteps": args.calib_timesteps})
@@ -153,7 +185,10 @@ def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
     p.add_argument("--pipeline", required=True)
     p.add_argument("--recipe", help="comma-separated recipe names or YAML paths")
     p.add_argument("--quantized", action="append", help="a saved dmquant directory (repeatable)")
-    p.add_argument("--backend", action="append", help="another library, e.g. quanto:int8, torchao:int8dq")
+    p.add_argument("--peer", action="append", help="another library to compare, e.g. quanto:int8, torchao:int8dq "
+                   "(optionally @<recipe>: its layer set; repeatable)")
+    p.add_argument("--backend", action="append", help=argparse.SUPPRESS)  # old spelling of --peer: refused clearly
+    _add_runtime_args(p)
     p.add_argument("--prompts", help="prompt file (.txt/.json/.csv); default: the miniature's prompts")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--pipeline", required=True, help="miniature/tiny name, local diffusers folder or cached hub id")
         q.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
         q.add_argument("--out", required=True, help="output directory (written atomically)")
-        q.add_argument("--backend", choices=("fake", "fbgemm", "cuda"), default=None)
+        q.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="kernel backend of the quantized layers (default: the recipe's)")
+        _add_runtime_args(q)
         q.add_argument("--calibration-prompts", help="text file, one prompt per line (default: held-out captions)")
         q.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (recipe default: 16)")
         q.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")

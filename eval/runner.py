@@ -48,11 +48,25 @@ class EvalConfig:
     out: Path = Path("outputs/eval")
     batch_size: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # clip_checkpoint, lpips_backbone, perturb, ...
+    device: str = "cpu"  # every pipeline (FP, recipes, saved checkpoints, peers) runs here
+    dtype: str = "float32"  # float32, bfloat16 or float16: the pipelines' float dtype
+    guidance_scale: float | None = None  # None: generate's default (also for calibration runs)
 
     def key(self) -> str:
+        run = [self.device, self.dtype, self.guidance_scale]
         blob = json.dumps([self.pipeline, _weights_stamp(self.pipeline), self.prompts, self.seed, self.steps,
-                           self.extra.get("perturb")])
+                           self.extra.get("perturb"), *([run] if run != ["cpu", "float32", None] else [])])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[self.dtype]
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 def _weights_stamp(pipeline: str) -> list[tuple[str, int, int]]:
@@ -87,7 +101,9 @@ def perturb_denoiser(pipe: Any, seed: int, relative: float = 2.0**-23) -> Any:
 
 
 def _load(cfg: EvalConfig) -> Any:
-    pipe = load(cfg.pipeline)
+    runtime = {k: v for k, v in (("dtype", cfg.torch_dtype), ("device", cfg.device))
+               if v not in (torch.float32, "cpu")}  # defaults left to load's own
+    pipe = load(cfg.pipeline, **runtime)
     return pipe if cfg.extra.get("perturb") is None else perturb_denoiser(pipe, cfg.extra["perturb"])
 
 
@@ -107,7 +123,7 @@ def _generate_sharded(pipe: Any, cfg: EvalConfig, tag: str) -> torch.Tensor:
     shard_dir = cfg.out / "shards" / tag
     shard_dir.mkdir(parents=True, exist_ok=True)
     done = {str(s): generate(pipe, cfg.prompts[s:s + bs], seed=cfg.seed, steps=cfg.steps, batch_size=bs,
-                             start_index=s, progress=False).contiguous()
+                             start_index=s, progress=False, guidance_scale=cfg.guidance_scale).contiguous()
             for s in tqdm(mine, desc=f"generate {tag.split('-')[0]}", unit="batch", disable=not state.is_main_process)}
     if done:
         save_file(done, str(shard_dir / f"{state.process_index}.safetensors"))
@@ -159,18 +175,20 @@ def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = 16) -> 
 
 def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     if Path(model).is_dir():
-        return dmquant.load_quantized(model)
+        return dmquant.load_quantized(model, device=cfg.device, torch_dtype=cfg.torch_dtype)
     pipe = _load(cfg)
     prompts = calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)
     seed = cfg.seed + 10**6
     if ":" in model:  # other libraries calibrate by running the pipeline
         def calibrate(p: Any = pipe) -> None:
-            generate(p, prompts, seed=seed, steps=cfg.steps, progress=False)
+            generate(p, prompts, seed=seed, steps=cfg.steps, progress=False, guidance_scale=cfg.guidance_scale)
 
-        calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": seed}
+        calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": seed,
+                                  "guidance_scale": cfg.guidance_scale}
         return apply_backend(pipe, model, calibrate)
     # dmquant records the float trajectory on held-out prompts (recipe timestep selection kept)
-    settings = {"prompts": prompts, "steps": cfg.steps, "seed": seed, "timesteps": cfg.extra.get("calib_timesteps")}
+    settings = {"prompts": prompts, "steps": cfg.steps, "seed": seed, "timesteps": cfg.extra.get("calib_timesteps"),
+                "guidance_scale": cfg.guidance_scale}
     return dmquant.quantize(pipe, model, calibration={k: v for k, v in settings.items() if v is not None})
 
 
@@ -293,7 +311,7 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
 
 def _write(cfg: EvalConfig, rows: list[dict[str, Any]], columns: dict[str, torch.Tensor]) -> None:
     meta = {"pipeline": cfg.pipeline, "seed": cfg.seed, "steps": cfg.steps, "num_samples": len(cfg.prompts),
-            "prompts": cfg.prompts}
+            "device": cfg.device, "dtype": cfg.dtype, "guidance_scale": cfg.guidance_scale, "prompts": cfg.prompts}
     (cfg.out / "metrics.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     table = format_table(rows, n_samples=len(cfg.prompts))
     shown = min(len(cfg.prompts), 8)

@@ -46,3 +46,46 @@ def test_calibrate_reports_time_memory_and_trajectory(tmp_path, capsys):
     assert main(["calibrate", "--pipeline", "tiny-sd", "--recipe", "w4a8-tsa", "--timesteps", "sometimes",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "timestep selection" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_device_dtype_and_guidance_reach_loading_calibration_and_sampling(tmp_path, monkeypatch, capsys):
+    """--device / --dtype / --guidance-scale go end to end: the pipelines eval loads (FP, recipe, saved
+    checkpoint) run in that dtype on that device, every sampling call gets the guidance scale, and
+    calibration of a static recipe records its trajectory with it."""
+    import torch
+
+    from dmquant.eval import runner
+
+    out = tmp_path / "q"
+    assert main(["calibrate", "--pipeline", "tiny-pixart", "--recipe", "w8a8-static", "--num-prompts", "2",
+                 "--steps", "2", "--dtype", "bfloat16", "--guidance-scale", "1.5", "--out", str(out)]) == 0
+    part = json.loads((out / "quantization.json").read_text())["components"]["transformer"]["parts"][""]
+    assert part["provenance"]["calibration"]["guidance_scale"] == 1.5
+    calls = []
+    real_generate = runner.generate
+
+    def spy(pipe, prompts, **kwargs):
+        calls.append((pipe.transformer.dtype, str(pipe.device), kwargs["guidance_scale"]))
+        return real_generate(pipe, prompts, **kwargs)
+
+    monkeypatch.setattr(runner, "generate", spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a green cross\na blue square\n")
+    assert main(["eval", "--pipeline", "tiny-pixart", "--recipe", "w8a8", "--quantized", str(out), "--prompts", str(prompts),
+                 "--steps", "2", "--metrics", "psnr", "--device", "cpu", "--dtype", "bfloat16",
+                 "--guidance-scale", "1.5", "--out", str(tmp_path / "ev")]) == 0
+    assert len(calls) == 3 and set(calls) == {(torch.bfloat16, "cpu", 1.5)}  # FP, w8a8, the saved checkpoint
+    meta = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (meta["device"], meta["dtype"], meta["guidance_scale"]) == ("cpu", "bfloat16", 1.5)
+
+
+def test_backend_flag_means_kernels_only_and_runtime_flags_fail_early(tmp_path, capsys):
+    args = ["--pipeline", "miniature-pixart", "--recipe", "w8a8", "--num-prompts", "2", "--out", str(tmp_path / "e")]
+    assert main(["eval", *args, "--backend", "quanto:int8"]) == 2
+    assert "--peer quanto:int8" in capsys.readouterr().err
+    assert main(["eval", *args, "--dtype", "float8"]) == 2
+    assert "--dtype float8" in capsys.readouterr().err
+    assert main(["quantize", "--pipeline", "tiny-pixart", "--recipe", "w8a8", "--out", str(tmp_path / "q"),
+                 "--device", "nowhere"]) == 2
+    assert "--device nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "q").exists()
