@@ -12,11 +12,12 @@ from torch import nn
 
 from .apply import apply_recipe, components_to_quantize
 from .config import Recipe
+from .families import timestep_scale_for
 from .recipes import AUTO_BASE, AUTO_PREFIX, get_recipe
 
 
 def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, backend: str | None = None,
-             timestep_scale: float = 1000.0, pack: bool = True) -> Any:
+             timestep_scale: float | None = None, pack: bool = True) -> Any:
     """Quantize a diffusers pipeline (its denoiser, and any other components the recipe names) or a
     bare model in place, and return it.
 
@@ -33,13 +34,15 @@ def quantize(obj: Any, recipe: str | Path | Recipe, *, calibration: Any = None, 
     "cuda"). `pack` (default) leaves only packed codes and scales in each layer once the recipe's steps
     are done; `pack=False` keeps the float masters for further training or float references (then
     `dmquant.pack_weights(obj)` packs later). `timestep_scale` normalises the denoiser's timestep into the noise
-    level per-timestep scales key on (1000 for DDPM-trained and most flow models, 1 for FLUX, whose
-    pipeline already passes t / 1000).
+    level per-timestep scales key on; None takes the family's (`dmquant.families`: 1000 for DDPM-trained
+    and most flow models, 1 for FLUX, whose pipeline already passes t / 1000).
     """
     recipe = resolve_recipe(recipe, obj)
     if backend is not None:
         recipe = recipe.replace(backend=backend)
     components_to_quantize(obj, recipe)  # refuse an already-quantized model before recording any data
+    if timestep_scale is None:
+        timestep_scale = timestep_scale_for(obj)
     runner = prepare_calibration(obj, recipe.calibration, calibration, timestep_scale) \
         if recipe.needs_calibration else None  # float data, before any swap
     return apply_recipe(obj, recipe, runner, timestep_scale=timestep_scale, pack=pack)
@@ -70,7 +73,7 @@ def resolve_recipe(recipe: str | Path | Recipe, obj: Any = None) -> Recipe:
 
 
 def prepare_calibration(obj: Any, recipe_calibration: dict[str, Any], calibration: Any,
-                        timestep_scale: float = 1000.0) -> Callable[[Any], Any]:
+                        timestep_scale: float | None = None) -> Callable[[Any], Any]:
     """The data runner for `quantize`, resolved while `obj` is still in float.
 
     A callable runs as given. For a pipeline, None / a list of prompts / a dict of settings becomes a
@@ -84,7 +87,7 @@ def prepare_calibration(obj: Any, recipe_calibration: dict[str, Any], calibratio
     if not hasattr(calibration, "prepare"):
         from .calibration import CalibrationSet  # loads diffusers' pipeline machinery: only for a pipeline
 
-        settings = {"timestep_scale": timestep_scale, **recipe_calibration}  # the hook's and the trajectory's
+        settings = {"timestep_scale": timestep_scale or timestep_scale_for(obj), **recipe_calibration}  # the hook's
         if isinstance(calibration, dict):
             settings.update(calibration)
         elif isinstance(calibration, (list, tuple)):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .components import BARE, DENOISER_ATTRS, find_components, set_path
 from .config import Recipe
+from .families import family_for_module, skip_patterns, timestep_scale_for
 from .filters import LayerFilter
 from .nn import is_attention, quant_class_for, quantize_attention
 from .nn.switch import weight_cache_disabled
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 
 def plan_for(module: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
     """Which layers of `module` the recipe quantizes, and how (mixed precision via overrides)."""
-    selected = LayerFilter(recipe.include, recipe.exclude)
+    exclude = recipe.exclude if recipe.exclude is not None else \
+        skip_patterns(family_for_module(module), without=recipe.include_roles)
+    selected = LayerFilter(recipe.include, exclude)
     plan: dict[str, LayerPlan] = {}
     for name, child in module.named_modules():
         if not name:
@@ -96,13 +99,15 @@ def components_to_quantize(obj: Any, recipe: Recipe) -> dict[str, nn.Module]:
 
 
 def apply_recipe(obj: Any, recipe: Recipe, runner: Callable[[Any], Any] | None = None, *,
-                 timestep_scale: float = 1000.0, pack: bool = True) -> Any:
+                 timestep_scale: float | None = None, pack: bool = True) -> Any:
     """Quantize `obj` in place with a resolved recipe; `runner(obj)` feeds calibration data (needed
     when the recipe calibrates). See `dmquant.quantize` for the arguments."""
     if recipe.needs_calibration and runner is None:
         raise ValueError(f"recipe {recipe.name} calibrates: give calibration data (dmquant.quantize(obj, recipe, "
                          "calibration=...))")
     components = components_to_quantize(obj, recipe)
+    if timestep_scale is None:
+        timestep_scale = timestep_scale_for(obj)
     t0 = time.perf_counter()
     for path, module in components.items():
         plan = plan_for(module, recipe)

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .families import ROLES, resolve_pattern
 from .formats import BlockFormat, FloatFormat, get_format
 from .granularity import PerGroup, PerToken, parse_granularity
 from .observers import parse_observer
@@ -19,6 +20,9 @@ from .step_configs import step_config
 RECIPE_VERSION = 1
 BACKENDS = ("fake", "auto", "cpu", "fbgemm", "cuda")  # "fbgemm": the CPU int GEMM only (older name)
 COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")
+
+
+_PATTERN_ARGS = ("skip", "pattern", "temporal")  # step arguments that are layer-name regexes
 
 
 def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -134,10 +138,13 @@ class AttentionSpec:
 class Override:
     """Per-layer exception (mixed precision): layers whose name matches `pattern` (regex search)."""
 
-    pattern: str
+    pattern: str  # a regex, or "role:<name>" for a role of dmquant.families (e.g. role:temporal)
     weight: QuantSpec | None = None
     input: QuantSpec | None = None
     skip: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", resolve_pattern(self.pattern))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "override") -> "Override":
@@ -159,8 +166,9 @@ class Step:
     args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        config = step_config(self.name, self.args, f"step {self.name!r}")
-        object.__setattr__(self, "args", {k: getattr(config, k) for k in self.args})
+        args = {k: resolve_pattern(v) if k in _PATTERN_ARGS and isinstance(v, str) else v for k, v in self.args.items()}
+        config = step_config(self.name, args, f"step {self.name!r}")
+        object.__setattr__(self, "args", {k: getattr(config, k) for k in args})
 
     @property
     def config(self) -> Any:
@@ -188,7 +196,8 @@ class Recipe:
     attention: AttentionSpec | None = None
     components: tuple[str, ...] = ("denoiser",)
     include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None  # None: the family's high-precision roles (dmquant.families)
+    include_roles: tuple[str, ...] = ()  # roles quantized anyway (e.g. temporal for TFMQ-DM)
     overrides: tuple[Override, ...] = ()
     steps: tuple[Step, ...] = ()
     calibration: dict[str, Any] = field(default_factory=dict)  # default CalibrationSet settings for pipelines
@@ -203,6 +212,11 @@ class Recipe:
             raise ValueError(f"unknown component(s) {bad}; use any of {COMPONENTS}")
         if self.version > RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is newer than this dmquant ({RECIPE_VERSION})")
+        unknown = [r for r in self.include_roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown} in include_roles; roles: {', '.join(ROLES)}")
+        if self.include_roles and self.exclude is not None:
+            raise ValueError("include_roles adjusts the family's default exclusions: give it or exclude, not both")
         if self.weight is None and self.input is None and self.attention is None:
             raise ValueError(f"recipe {self.name!r} quantizes nothing: give weight, input or attention")
 
@@ -235,7 +249,7 @@ class Recipe:
                 data[k] = QuantSpec.from_dict(data[k], f"recipe.{k}")
         if data.get("attention") is not None:
             data["attention"] = AttentionSpec.from_dict(data["attention"], "recipe.attention")
-        for k in ("components", "include"):
+        for k in ("components", "include", "include_roles"):
             if k in data:
                 data[k] = tuple(data[k])
         if data.get("exclude") is not None:

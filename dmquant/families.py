@@ -176,6 +176,17 @@ def skip_patterns(family: Family | None, without: Iterable[str] = ()) -> tuple[s
     return tuple(ROLES[r] for r in roles if r not in drop)
 
 
+def resolve_pattern(pattern: str) -> str:
+    """A layer-name regex, where "role:<name>" stands for that role's regex (`ROLES`): recipes name
+    roles instead of pasting their patterns."""
+    if not pattern.startswith("role:"):
+        return pattern
+    role = pattern[len("role:"):]
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} in {pattern!r}; roles: {', '.join(ROLES)}")
+    return ROLES[role]
+
+
 def timestep_scale_for(obj: Any) -> float:
     """What the denoiser's timestep is divided by to give the noise level (1000 outside the table)."""
     fam = find_family(obj)

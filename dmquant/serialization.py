@@ -132,7 +132,13 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, device
         return loaded[BARE].to(device) if torch_dtype is None else loaded[BARE].to(device, torch_dtype)
     diffusers = importlib.import_module("diffusers")
     extra = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(directory, local_files_only=True, **loaded, **extra)
+    # The pipeline's own class (DiffusionPipeline.from_pretrained would read the base class's optional
+    # components, and reload Wan's optional transformer from disk); components saved as null
+    # (SD3 without text_encoder_3) are passed as None, which is how they were.
+    index = json.loads((directory / "model_index.json").read_text())
+    cls = getattr(diffusers, index.get("_class_name", ""), diffusers.DiffusionPipeline)
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None and k not in loaded}
+    pipe = cls.from_pretrained(directory, local_files_only=True, **absent, **loaded, **extra)
     if torch_dtype is not None:
         for comp in loaded.values():
             comp.to(dtype=torch_dtype)

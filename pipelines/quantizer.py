@@ -52,7 +52,7 @@ class DmquantConfig(QuantizationConfigMixin):
     from a saved config.json) the plan of weights that are already packed."""
 
     def __init__(self, recipe: str | dict[str, Any] | Recipe = "w8a8", plan: dict[str, Any] | None = None,
-                 timestep_scale: float | None = 1000.0, backend: str | None = None,
+                 timestep_scale: float | None = None, backend: str | None = None,
                  format_version: int = FORMAT_VERSION, **unused: Any) -> None:
         if format_version > FORMAT_VERSION:
             raise ValueError(f"quantization_config was written by a newer dmquant (format {format_version})")
@@ -144,7 +144,7 @@ class DmquantQuantizer(DiffusersQuantizer):
             model.dmquant_state = QuantState(recipe, plan_from_json(cfg.plan), timestep_scale=cfg.timestep_scale)
             track_timesteps(model, cfg.timestep_scale, inference=True)
         else:
-            apply_recipe(model, recipe, timestep_scale=cfg.timestep_scale or 1000.0)
+            apply_recipe(model, recipe, timestep_scale=cfg.timestep_scale)  # None: the family's
         sync_state(model)
         return model
 

@@ -38,11 +38,6 @@ TODAY_TEMPORAL = r"(^|\.)(time_embedding|time_emb_proj|adaln_single|timestep_emb
 # Measured over the 8 tiny pipelines (random weights, 2 steps, this CPU): w8a8 43.9-112 dB, w8a8-tsa
 # 39.1-105 dB vs float (lowest: sdxl, then sd); the bounds leave ~10 dB for other CPUs and code paths.
 MIN_PSNR = {"w8a8": 34.0, "w8a8-tsa": 29.0}
-# DiffusionPipeline.from_pretrained(folder, transformer=...) reads `_optional_components` of DiffusionPipeline,
-# not of the class in model_index.json, so Wan's optional `transformer` is loaded from disk (none there);
-# SD3 saved with text_encoder_3=None cannot load unless the None components are passed.
-LOAD_BUGS = {"wan": "load_quantized: Wan's optional transformer is re-read from disk",
-             "sd3": "load_quantized: SD3's null text_encoder_3/tokenizer_3 are not passed"}
 
 
 def _denoiser(pipe):
@@ -136,9 +131,10 @@ def test_entry_keeps_todays_plan_and_its_patterns_are_real(name, tiny):
     for role in fam.skip:
         assert _matching(denoiser, [families.ROLES[role]]) & layers, (name, role)
     assert _units(denoiser, fam.blocks) == _units(denoiser, TODAY_BLOCKS) != set()
-    # tfmq-w4a8's pasted excludes are the roles minus "temporal" (so the recipe can say that instead)
-    tfmq = get_recipe("tfmq-w4a8").exclude
-    assert _selected(denoiser, tfmq) == _selected(denoiser, families.skip_patterns(fam, without=("temporal",))) \
+    # tfmq-w4a8 names the role it quantizes (include_roles) instead of pasting the other roles' regexes
+    tfmq = get_recipe("tfmq-w4a8")
+    assert tfmq.exclude is None and tfmq.include_roles == ("temporal",)
+    assert _selected(denoiser, families.skip_patterns(fam, without=("temporal",))) \
         == _selected(denoiser, families.skip_patterns(None, without=("temporal",)))
     if name == "wan":
         assert not _matching(denoiser, [TODAY_TEMPORAL]) & layers
@@ -199,12 +195,7 @@ def _quantize_generate_roundtrip(name, recipe, tmp_path, calibration=None):
     assert torch.isfinite(out).all() and out.shape == reference.shape
     assert _psnr(out, reference) > MIN_PSNR[recipe], (name, recipe, _psnr(out, reference))
     dmquant.save_quantized(pipe, tmp_path / "q")
-    try:
-        loaded = dmquant.load_quantized(tmp_path / "q")
-    except (ValueError, OSError) as err:  # remove once load_quantized loads through the pipeline's own class
-        if name not in LOAD_BUGS:
-            raise
-        pytest.xfail(f"{LOAD_BUGS[name]}: {str(err)[:200]}")
+    loaded = dmquant.load_quantized(tmp_path / "q")  # Wan's optional transformer, SD3's null text_encoder_3
     again = generate(loaded, PROMPTS, seed=1, steps=2, progress=False, **kw)
     assert torch.equal(out, again)
     return pipe
@@ -230,10 +221,7 @@ def test_calibrated_per_timestep_recipe_on_every_family(name, tmp_path):
     assert calibration["recorded_calls"] == (4 if name == "wan" else 2)  # Wan: separate conditional/unconditional calls
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("flux", marks=pytest.mark.xfail(reason="quantize() still defaults timestep_scale to 1000 instead "
-                                                        "of the family's (1 for FLUX)", strict=False)),
-    "sd3", "pixart"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart"])
 def test_per_timestep_hook_reads_the_family_noise_level(name):
     """The noise level quantizers key on (hook: t / the family's timestep scale) spans [0, 1] on every
     family, FLUX included (its pipeline passes t / 1000), and the calibrated group edges lie inside."""
@@ -250,3 +238,17 @@ def test_per_timestep_hook_reads_the_family_noise_level(name):
     edges = {float(q.noise_edges[0]) / 1e6 for q in denoiser.modules()
              if isinstance(q, TensorQuantizer) and q.noise_edges is not None}
     assert edges and all(min(seen) < e < max(seen) for e in edges), (edges, seen)
+
+
+def test_recipes_name_roles_and_bad_roles_fail_when_built():
+    from dmquant.config import Override, Recipe, Step
+
+    base = {"name": "r", "weight": {"format": "int4"}}
+    assert Override("role:temporal").pattern == families.ROLES["temporal"]
+    assert Step("adaround", {"skip": "role:temporal"}).args["skip"] == families.ROLES["temporal"]
+    with pytest.raises(ValueError, match="unknown role 'tempo'"):
+        Override("role:tempo")
+    with pytest.raises(ValueError, match="unknown role"):
+        Recipe.from_dict({**base, "include_roles": ["tempo"]})
+    with pytest.raises(ValueError, match="not both"):
+        Recipe.from_dict({**base, "include_roles": ["temporal"], "exclude": []})

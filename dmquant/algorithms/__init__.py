@@ -10,11 +10,11 @@ from .hessian import HessianCollector, apply_gptq
 from .ranges import calibrate_ranges
 from .reconstruction import UnitResult, apply_block_reconstruction
 from .shortcut import split_shortcuts
-from .temporal import TEMPORAL, calibrate_temporal
-from .units import DEFAULT_BLOCKS, Unit, find_units
+from .temporal import calibrate_temporal
+from .units import Unit, find_units
 from .vq import VQResult, apply_vq, kmeans, vector_quantize
 
 __all__ = ["gptq", "GPTQResult", "apply_gptq", "HessianCollector", "calibrate_ranges",
            "SoftRounding", "soft_rounding", "layer_rounding", "grid_neighbours", "annealed_beta",
-           "apply_block_reconstruction", "find_units", "Unit", "UnitResult", "DEFAULT_BLOCKS",
-           "split_shortcuts", "calibrate_temporal", "TEMPORAL", "vector_quantize", "VQResult", "apply_vq", "kmeans"]
+           "apply_block_reconstruction", "find_units", "Unit", "UnitResult",
+           "split_shortcuts", "calibrate_temporal", "vector_quantize", "VQResult", "apply_vq", "kmeans"]

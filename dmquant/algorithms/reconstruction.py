@@ -1,6 +1,6 @@
 """BRECQ block reconstruction (Li et al. 2021) of AdaRound weights: the recipe step "adaround".
 
-Units are blocks (`DEFAULT_BLOCKS`, outermost match wins); weight-quantized layers outside every block
+Units are blocks (the family's block patterns, outermost match wins); weight-quantized layers outside every block
 are reconstructed one layer at a time (AdaRound's own setting) rather than left as RTN. In the order
 units execute, for each: (1) run() with quantization disabled records its float inputs and outputs,
 the targets; (2) run() quantized, earlier units already rounded, records its quantized inputs
@@ -175,7 +175,7 @@ def apply_block_reconstruction(modules: list[nn.Module], run: Callable[[], Any],
                                lsq_lr: float = 1e-3, skip: str | None = None, samples: int | None = None,
                                seed: int = 0) -> dict[str, UnitResult]:
     """AdaRound every weight-quantized layer of `modules`, block by block (BRECQ); `run()` feeds the
-    calibration data. `blocks`: regexes of block names (default `DEFAULT_BLOCKS`); `skip`: regex of
+    calibration data. `blocks`: regexes of block names (default: the family's, `dmquant.families.blocks_for`); `skip`: regex of
     layer names kept at round-to-nearest; `samples`: cap on captured calls per unit; `weight`, `beta`
     (start, end) and `warmup` (fraction of iters): AdaRound's regulariser and its schedule; `lsq`:
     also learn the unit's static activation scales (calibrated already), `lsq_lr` relative to each.

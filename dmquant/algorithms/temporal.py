@@ -12,17 +12,17 @@ from typing import Any
 from torch import nn
 
 from ..observe import observing_quantizers
+from ..families import temporal_for
 from ..nn.qmodule import QuantModule
 
 log = logging.getLogger(__name__)
 
-# UNet time MLP and per-resnet projections; DiT adaLN-single timestep MLP and modulation.
-TEMPORAL = r"(^|\.)(time_embedding|time_emb_proj|adaln_single|timestep_embedder)(\.|$)"
 
 
 def temporal_layers(module: nn.Module, pattern: str | None = None) -> dict[str, QuantModule]:
-    """{name: layer} of the quantized layers matching `pattern` (default `TEMPORAL`)."""
-    rx = re.compile(pattern or TEMPORAL)
+    """{name: layer} of the quantized layers matching `pattern` (default: the family's temporal layers,
+    `dmquant.families.temporal_for`)."""
+    rx = re.compile(pattern or temporal_for(module))
     return {n: m for n, m in module.named_modules() if isinstance(m, QuantModule) and rx.search(n)}
 
 
@@ -37,7 +37,7 @@ def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str | None =
     quantizers = [m.input_quantizer for m in temporal_layers(denoiser, pattern).values()
                   if m.input_quantizer is not None and not m.input_quantizer.spec.dynamic]
     if not quantizers:
-        log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern or TEMPORAL)
+        log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern or temporal_for(denoiser))
         return {"layers": 0, "timesteps": 0}
     calls = list(trajectory.timestep_calls())
     with observing_quantizers(quantizers):

@@ -8,14 +8,8 @@ from typing import Sequence
 
 from torch import nn
 
+from ..families import blocks_for
 from ..nn.qmodule import QuantModule
-
-DEFAULT_BLOCKS: tuple[str, ...] = (
-    r"(^|\.)(down|up)_blocks\.\d+\.(resnets|attentions)\.\d+$",  # UNet ResnetBlock2D / Transformer2DModel
-    r"(^|\.)mid_block\.(resnets|attentions)\.\d+$",
-    r"(^|\.)((temporal_|single_)?transformer_)?blocks\.\d+$",  # DiT, Latte temporal, Flux single, Wan
-)
-
 
 @dataclass(eq=False)
 class Unit:
@@ -30,14 +24,14 @@ def find_units(modules: Sequence[nn.Module], blocks: Sequence[str] | None = None
                skip: str | None = None) -> list[Unit]:
     """Blocks (outermost modules whose name matches a pattern) with their non-skipped weight-quantized
     layers, then each such layer outside all blocks on its own. Names are `{component index}.{path}`;
-    `blocks` defaults to `DEFAULT_BLOCKS`."""
-    blocks = DEFAULT_BLOCKS if blocks is None else tuple(blocks)
+    `blocks` defaults to each component's family patterns (`dmquant.families.blocks_for`)."""
     units, lone = [], []
     for i, root in enumerate(modules):
+        patterns = blocks_for(root) if blocks is None else tuple(blocks)
         named = dict(root.named_modules())
         heads: list[str] = []
         for name in named:  # pre-order: ancestors come first, so the outermost match wins
-            if name and any(re.search(p, name) for p in blocks) and not any(name.startswith(h + ".") for h in heads):
+            if name and any(re.search(p, name) for p in patterns) and not any(name.startswith(h + ".") for h in heads):
                 heads.append(name)
         layers = {n: m for n, m in named.items() if isinstance(m, QuantModule) and m.weight_quantizer is not None
                   and m.weight_quantizer.enabled and not (skip and re.search(skip, n))}

@@ -1,7 +1,7 @@
 """QuEST (Wang et al. 2024) as the recipe step `quest`: fine-tune only the layers that matter.
 
 Two kinds of layers are trained, everything else stays frozen at its PTQ state: the layers carrying
-temporal information (the time-embedding path, `dmquant.algorithms.temporal.TEMPORAL`), whose error
+temporal information (the time-embedding path, `dmquant.families.temporal_for`), whose error
 shifts every block at every step, and the most bit-sensitive layers, ranked by a measured sensitivity:
 the denoiser's output MSE against the float model when only that one layer is quantized (weights and
 inputs), on evenly spaced calls of the calibration trajectory. The selected layers train a QALoRA
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..algorithms.hooks import output_tensors
-from ..algorithms.temporal import TEMPORAL
+from ..families import temporal_for
 from ..nn.qmodule import QuantModule
 from ..nn.quantizer import TensorQuantizer
 from ..nn.switch import quantization_disabled
@@ -56,7 +56,7 @@ def select_layers(denoiser: nn.Module, calls: list, top: float, temporal: str | 
                   report: dict[str, Any]) -> dict[str, QuantModule]:
     """The temporal layers plus the `top` fraction (at least one) of the others by sensitivity."""
     layers = weight_quantized_layers(denoiser)
-    chosen = {n: m for n, m in layers.items() if re.search(temporal or TEMPORAL, n)}
+    chosen = {n: m for n, m in layers.items() if re.search(temporal or temporal_for(denoiser), n)}
     others = {n: m for n, m in layers.items() if n not in chosen}
     sens = layer_sensitivity(denoiser, calls, others, samples)
     ranked = sorted(sens, key=sens.get, reverse=True)[: max(1, round(top * len(others)))] if others else []

@@ -33,7 +33,7 @@ def build_recipe(base: Recipe, allocation: Allocation, candidates: list[Candidat
                  for n, c in allocation.choice.items() if c != FP and specs[c] != base.weight]
     data = base.to_dict()
     data.update(name=name, description=description or base.description, exclude=[exact(n) for n in excluded],
-                overrides=[*data.get("overrides", []), *overrides])
+                include_roles=[], overrides=[*data.get("overrides", []), *overrides])  # exact names replace roles
     return Recipe.from_dict(data)
 
 
