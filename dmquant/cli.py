@@ -86,9 +86,18 @@ def cmd_mixed(args: argparse.Namespace) -> int:
     result = search(load(args.pipeline), args.budget, base=args.base, candidates=args.candidates, name=args.name,
                     calibration=calibration, seed=args.seed, groups=args.groups, content=args.content,
                     content_weight=args.content_weight, cache_dir=args.cache_dir)
-    result.write(args.out, heatmap=args.heatmap)
+    heatmap = args.heatmap or (str(Path(args.report).with_suffix(".png")) if args.report else None)
+    result.write(args.out, heatmap=heatmap)
     print(result.summary())
-    print(f"wrote {args.out}" + (f" and {args.heatmap}" if args.heatmap else ""))
+    if args.report:
+        from .eval.grid import html_report
+
+        rows = result.layer_table()
+        table = "\n".join(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values())
+                          for row in [dict(zip(rows[0], rows[0])), *rows])
+        html_report(args.report, f"dmquant mixed: {args.pipeline} under {args.budget}", table, [heatmap],
+                    notes=result.summary())
+    print(f"wrote {args.out}" + "".join(f" and {p}" for p in (heatmap, args.report) if p))
     return 0
 
 
@@ -232,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--candidates", default="int3:group:64,int4:group:64,int8:channel,fp")
     m.add_argument("--name", default=None, help="recipe name (default: <base>-mixed-<budget>)")
     m.add_argument("--heatmap", default=None, help="PNG of sensitivity (layer x timestep group) and the allocation")
+    m.add_argument("--report", default=None, help="HTML page: summary, per-layer choices and errors, the heatmap")
     m.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (default 4)")
     m.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")
     m.add_argument("--timesteps", default=None, help="steps to record (default uniform:8)")

@@ -177,8 +177,10 @@ def test_cli_mixed_writes_a_loadable_recipe(cache, tmp_path, capsys):
     out = tmp_path / "r.yaml"
     code = main(["mixed", "--pipeline", "tiny-pixart", "--budget", "5bits", "--base", "w4a8", "--candidates", CANDS,
                  "--num-prompts", "1", "--steps", "2", "--timesteps", "uniform:1", "--groups", "1",
-                 "--cache-dir", str(cache), "--out", str(out)])
+                 "--cache-dir", str(cache), "--out", str(out), "--report", str(tmp_path / "mixed.html")])
     assert code == 0, capsys.readouterr().err
+    page = (tmp_path / "mixed.html").read_text()
+    assert "data:image/png;base64," in page and "error (chosen)" in page and (tmp_path / "mixed.png").is_file()
     recipe = load_recipe_file(out)
     assert recipe.name == "w4a8-mixed-5bits" and "5bits" in out.read_text().splitlines()[1]
     assert main(["mixed", "--pipeline", "tiny-pixart", "--budget", "lots", "--out", str(out)]) == 2

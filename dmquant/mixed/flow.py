@@ -50,6 +50,19 @@ class SearchResult:
                 f"denoiser {a.total_bytes / 2**20:.4f} MiB (limit {(a.budget_bytes + self.sensitivity.fixed_bytes) / 2**20:.4f}), "
                 f"predicted cost {a.cost:.4f}; layers per format {counts}; suggested exclude {self.exclude}")
 
+    def layer_table(self) -> list[dict[str, Any]]:
+        """One row per searched layer: the chosen format, its bytes, and the measured relative output
+        error (mean over timestep groups) at the chosen and at the base format."""
+        sens, rows = self.sensitivity, []
+        base = sens.candidates.index(self.base_candidate)
+        for i, name in enumerate(sens.layers):
+            chosen = self.allocation.choice[name]
+            c = sens.candidates.index(chosen)
+            rows.append({"layer": name, "format": chosen, "bytes": int(sens.nbytes[i, c]),
+                         "error (chosen)": float(sens.quality[i, c].mean()),
+                         f"error ({self.base_candidate})": float(sens.quality[i, base].mean())})
+        return rows
+
     def write(self, path: str | Path, heatmap: str | Path | None = None) -> Path:
         out = write_recipe(self.recipe, path, header=f"dmquant mixed\n{self.summary()}")
         if heatmap is not None:
