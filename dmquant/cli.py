@@ -85,7 +85,7 @@ def cmd_mixed(args: argparse.Namespace) -> int:
                                      "steps": args.steps, "timesteps": args.timesteps}.items() if v is not None}
     result = search(load(args.pipeline), args.budget, base=args.base, candidates=args.candidates, name=args.name,
                     calibration=calibration, seed=args.seed, groups=args.groups, content=args.content,
-                    content_weight=args.content_weight, cache_dir=args.cache_dir)
+                    content_weight=args.content_weight, cache_dir=args.cache_dir, latency=args.latency)
     heatmap = args.heatmap or (str(Path(args.report).with_suffix(".png")) if args.report else None)
     result.write(args.out, heatmap=heatmap)
     print(result.summary())
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--candidates", default="int3:group:64,int4:group:64,int8:channel,fp")
     m.add_argument("--name", default=None, help="recipe name (default: <base>-mixed-<budget>)")
     m.add_argument("--heatmap", default=None, help="PNG of sensitivity (layer x timestep group) and the allocation")
+    m.add_argument("--latency", default=None, help="also limit the searched layers' measured time: 0.8x of FP, 12ms")
     m.add_argument("--report", default=None, help="HTML page: summary, per-layer choices and errors, the heatmap")
     m.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (default 4)")
     m.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")

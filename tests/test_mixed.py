@@ -21,12 +21,13 @@ FAST = {"num_prompts": 1, "batch_size": 1, "timesteps": "uniform:1", "steps": 2}
 CANDS = "int4:group:64,int8:channel,fp"
 
 
-def brute_force(cost, nbytes, limit):
+def brute_force(cost, nbytes, limit, latency=None, latency_limit=None):
     best = None
     for picks in itertools.product(range(cost.shape[1]), repeat=cost.shape[0]):
         size = sum(int(nbytes[l, c]) for l, c in enumerate(picks))
         value = sum(float(cost[l, c]) for l, c in enumerate(picks))
-        if size <= limit and (best is None or value < best[0] - 1e-12):
+        slow = latency is not None and sum(float(latency[l, c]) for l, c in enumerate(picks)) > latency_limit
+        if size <= limit and not slow and (best is None or value < best[0] - 1e-12):
             best = (value, picks)
     return best
 
@@ -169,6 +170,38 @@ def test_search_recipe_quantizes_at_predicted_bytes(tiny_pixart, cache, tmp_path
     five = search(tiny_pixart, "5bits", base="w4a8", candidates=CANDS, calibration=FAST, groups=1,
                   cache_dir=cache, progress=False)
     assert five.allocation.average_bits <= 5 and five.sensitivity.meta["key"] == result.sensitivity.meta["key"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_latency_budget_is_a_second_exact_constraint(seed):
+    g = torch.Generator().manual_seed(seed)
+    L, C = 6, 3
+    nbytes = torch.randint(10, 200, (L, C), generator=g)
+    cost = torch.rand(L, C, generator=g, dtype=torch.float64)
+    latency = torch.rand(L, C, generator=g, dtype=torch.float64)
+    fast, slow = float(latency.min(1).values.sum()), float(latency.max(1).values.sum())
+    limit = int(nbytes.max(1).values.sum())
+    for lat_limit in (fast + 1e-9, (fast + slow) / 2):
+        picks = allocate(cost, nbytes, limit, latency=latency, latency_limit=lat_limit)
+        value, _ = brute_force(cost, nbytes, limit, latency, lat_limit)
+        assert sum(float(latency[l, c]) for l, c in enumerate(picks)) <= lat_limit + 1e-9
+        assert sum(float(cost[l, c]) for l, c in enumerate(picks)) == pytest.approx(value, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="latency budget too small"):
+        allocate(cost, nbytes, limit, latency=latency, latency_limit=fast * 0.99)
+
+
+def test_latency_search_on_measured_layer_times(tiny_pixart):
+    from dmquant.mixed.latency import latency_limit
+
+    lat = torch.tensor([[2.0, 1.0], [4.0, 1.0]])
+    assert latency_limit("0.5x", lat, ["int4", "fp"]) == pytest.approx(1.0)
+    assert latency_limit("12ms", lat, ["int4", "fp"]) == pytest.approx(0.012)
+    with pytest.raises(ValueError, match="latency budget"):
+        latency_limit("fast", lat, ["int4", "fp"])
+    result = search(tiny_pixart, "32bits", base="w4a8", candidates=CANDS, calibration=FAST, groups=1,
+                    cache_dir=None, progress=False, latency="100x")
+    a = result.allocation
+    assert a.seconds is not None and a.seconds > 0 and "ms measured" in result.summary()
 
 
 def test_cli_mixed_writes_a_loadable_recipe(cache, tmp_path, capsys):

@@ -4,6 +4,8 @@ the stored bytes within a budget (scipy's `milp`, HiGHS branch and bound: an exa
 Budgets: `4.5bits` (average stored weight bits over the searched layers, scales included), `1.2MiB`
 / `900KB` / `123456B` (the whole denoiser's bytes, the layers outside the search included), or the
 name of a recipe (`w4a8`: the bytes that recipe's uniform plan stores, i.e. "at equal model bytes").
+A latency budget (`dmquant.mixed.latency`: measured time of each layer under each candidate on this
+machine's kernels) can be added as a second constraint.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Allocation:
     average_bits: float  # layer_bytes * 8 / searched weight parameters
     cost: float  # summed normalised sensitivity (the objective)
     budget_bytes: int  # the layer-bytes limit it was solved under
+    seconds: float | None = None  # measured time of the searched layers as chosen (with a latency budget)
 
 
 def parse_budget(budget: str | float, sens: Sensitivity, recipe_bytes: int | None = None) -> int:
@@ -52,11 +55,12 @@ def is_numeric_budget(budget: str | float) -> bool:
     return _BUDGET.fullmatch(str(budget).strip().lower().replace(" ", "")) is not None
 
 
-def allocate(cost: torch.Tensor, nbytes: torch.Tensor, limit: int, allowed: torch.Tensor | None = None
-             ) -> list[int]:
-    """Candidate index per layer minimising sum cost[l, c] subject to sum nbytes[l, c] <= limit.
+def allocate(cost: torch.Tensor, nbytes: torch.Tensor, limit: int, allowed: torch.Tensor | None = None,
+             latency: torch.Tensor | None = None, latency_limit: float | None = None) -> list[int]:
+    """Candidate index per layer minimising sum cost[l, c] subject to sum nbytes[l, c] <= limit (and
+    sum latency[l, c] <= latency_limit when given).
 
-    `allowed` (bool, same shape) forbids some choices. Raises when no allocation fits the limit."""
+    `allowed` (bool, same shape) forbids some choices. Raises when no allocation fits the limits."""
     L, C = cost.shape
     if nbytes.shape != cost.shape:
         raise ValueError(f"cost {tuple(cost.shape)} and bytes {tuple(nbytes.shape)} differ in shape")
@@ -69,21 +73,30 @@ def allocate(cost: torch.Tensor, nbytes: torch.Tensor, limit: int, allowed: torc
     one_each = np.kron(np.eye(L), np.ones((1, C)))
     size = nbytes.double().flatten().numpy()[None, :]
     upper = ok.flatten().double().numpy()
-    res = milp(c, integrality=np.ones(L * C), bounds=Bounds(np.zeros(L * C), upper),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(size, -np.inf, limit)],
+    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(size, -np.inf, limit)]
+    if latency_limit is not None:
+        fastest = float(torch.where(ok, latency.double(), float("inf")).min(1).values.sum())
+        if fastest > latency_limit:
+            raise ValueError(f"latency budget too small: the searched layers take at least {fastest * 1e3:.3f} ms, "
+                             f"the budget allows {latency_limit * 1e3:.3f} ms")
+        constraints.append(LinearConstraint(latency.double().flatten().numpy()[None, :], -np.inf, latency_limit))
+    res = milp(c, integrality=np.ones(L * C), bounds=Bounds(np.zeros(L * C), upper), constraints=constraints,
                options={"mip_rel_gap": 0.0})
     if res.x is None:
-        raise RuntimeError(f"integer program failed: {res.message}")
+        raise ValueError(f"no allocation meets both budgets ({res.message})")
     return [int(i) for i in np.round(res.x).reshape(L, C).argmax(1)]
 
 
 def solve(sens: Sensitivity, budget: str | float, *, content_weight: float = 1.0, recipe_bytes: int | None = None,
-          allowed: torch.Tensor | None = None) -> Allocation:
-    """Allocate the measured layers under a budget (see the module docstring for its forms)."""
+          allowed: torch.Tensor | None = None, latency: torch.Tensor | None = None,
+          latency_limit: float | None = None) -> Allocation:
+    """Allocate the measured layers under a budget (see the module docstring for its forms), and under
+    `latency_limit` seconds of the searched layers' measured `latency` when given."""
     limit = parse_budget(budget, sens, recipe_bytes)
     cost = sens.cost(content_weight)
-    picks = allocate(cost, sens.nbytes, limit, allowed)
+    picks = allocate(cost, sens.nbytes, limit, allowed, latency, latency_limit)
     layer_bytes = int(sum(int(sens.nbytes[l, c]) for l, c in enumerate(picks)))
+    seconds = None if latency is None else float(sum(float(latency[l, c]) for l, c in enumerate(picks)))
     return Allocation({n: sens.candidates[c] for n, c in zip(sens.layers, picks)}, layer_bytes,
                       layer_bytes + sens.fixed_bytes, layer_bytes * 8 / max(sum(sens.params), 1),
-                      float(sum(float(cost[l, c]) for l, c in enumerate(picks))), limit)
+                      float(sum(float(cost[l, c]) for l, c in enumerate(picks))), limit, seconds)

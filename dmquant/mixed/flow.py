@@ -25,6 +25,7 @@ from ..recipes import get_recipe
 from .allocate import Allocation, is_numeric_budget, solve
 from .candidates import DEFAULT_CANDIDATES, FP, Candidate, parse_candidates, quantizable_layers, weight_nbytes
 from .content import ContentFn, judge_content, latent_content
+from .latency import latency_limit, measure_latency
 from .recipe import build_recipe, save_heatmap, suggest_exclude, write_recipe
 from .sensitivity import Sensitivity, fingerprint, measure
 
@@ -48,7 +49,8 @@ class SearchResult:
         a = self.allocation
         return (f"{self.recipe.name}: {a.average_bits:.3f} average weight bits over {len(a.choice)} layers, "
                 f"denoiser {a.total_bytes / 2**20:.4f} MiB (limit {(a.budget_bytes + self.sensitivity.fixed_bytes) / 2**20:.4f}), "
-                f"predicted cost {a.cost:.4f}; layers per format {counts}; suggested exclude {self.exclude}")
+                f"predicted cost {a.cost:.4f}; layers per format {counts}; suggested exclude {self.exclude}"
+                + (f"; searched layers {a.seconds * 1e3:.3f} ms measured" if a.seconds is not None else ""))
 
     def layer_table(self) -> list[dict[str, Any]]:
         """One row per searched layer: the chosen format, its bytes, and the measured relative output
@@ -128,9 +130,11 @@ def search(pipe: Any, budget: str | float, *, base: str | Recipe = "w4a8",
            candidates: str | list[str] | tuple[str, ...] = DEFAULT_CANDIDATES, name: str | None = None,
            calibration: dict | None = None, seed: int = 0, groups: int = 4, content: str = "auto",
            content_weight: float = 1.0, cache_dir: str | Path | None = "outputs/mixed-cache",
-           progress: bool = True) -> SearchResult:
+           latency: str | None = None, latency_backend: str = "auto", progress: bool = True) -> SearchResult:
     """Measure, allocate under `budget` ('4.5bits', '1.2MiB', or a recipe name for its bytes) and
-    build the recipe on `base` (its activation spec, steps and attention settings are kept)."""
+    build the recipe on `base` (its activation spec, steps and attention settings are kept).
+    `latency` ('0.8x' of the FP layers, '12ms') adds a limit on the searched layers' time, measured here
+    per layer and candidate on the kernels `latency_backend` picks (`dmquant.mixed.latency`)."""
     base = get_recipe(base)
     if base.weight is None:
         raise ValueError(f"base recipe {base.name!r} quantizes no weights: nothing to allocate")
@@ -146,7 +150,17 @@ def search(pipe: Any, budget: str | float, *, base: str | Recipe = "w4a8",
                             cache_dir=cache_dir, progress=progress)
     denoiser = get_path(pipe, denoiser_path(pipe))
     recipe_bytes = None if budget_recipe is None else recipe_nbytes(denoiser, budget_recipe, sens)
-    allocation = solve(sens, budget, content_weight=content_weight, recipe_bytes=recipe_bytes)
+    times = limit = None
+    if latency is not None:
+        from dmquant.calibration import CalibrationSet  # one recorded call gives each layer its input
+
+        one = {**DEFAULT_CALIBRATION, **(calibration or {}), "num_prompts": 1, "batch_size": 1,
+               "timesteps": "uniform:1", "seed": 1_000_000 + seed}
+        call = CalibrationSet(**one).prepare(pipe).trajectory.calls[0]
+        times = measure_latency(denoiser, sens.layers, call, cands, base.input, latency_backend)
+        limit = latency_limit(latency, times, sens.candidates)
+    allocation = solve(sens, budget, content_weight=content_weight, recipe_bytes=recipe_bytes, latency=times,
+                       latency_limit=limit)
     label = name or f"{base.name}-mixed-{str(budget).replace(' ', '')}"
     recipe = build_recipe(base, allocation, cands, list(quantizable_layers(denoiser)), label,
                           f"{base.name} with per-layer formats searched under {budget} (dmquant mixed)")
