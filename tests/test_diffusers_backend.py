@@ -90,3 +90,23 @@ def test_user_attention_processor_is_refused_or_kept_quantized(denoiser):
     torch.testing.assert_close(run(q), before, rtol=1e-5, atol=1e-5)
     with dmquant.quantization_disabled(q):
         assert not torch.allclose(run(q), before, atol=1e-6)  # the quantization was live, not a no-op
+
+
+@pytest.mark.parametrize("name", ["miniature-sd", "miniature-pixart", "miniature-latte", "tiny-sd", "tiny-sdxl",
+                                  "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-latte", "tiny-cogvideox", "tiny-wan"])
+def test_stock_call_works_on_every_miniature_and_tiny_pipeline(name, tmp_path):
+    """`pipe("a prompt")`, diffusers' own __call__: sizes the model was built for, not the stock defaults
+    (Latte 16 x 512 px, Wan 81 x 480 x 832, PixArt's resolution bins), also after quantization."""
+    from dmquant.pipelines import load
+    from dmquant.pipelines.generate import with_call_defaults
+
+    pipe = with_call_defaults(load(name))
+    if name in ("miniature-pixart", "tiny-sd"):
+        dmquant.quantize(pipe, "w8a8")
+    out = pipe("a red circle", num_inference_steps=2, output_type="pt")
+    samples = out.frames if hasattr(out, "frames") else out.images
+    assert torch.isfinite(torch.as_tensor(samples)).all()
+    assert samples.shape[-1] <= 256 and samples.shape[-2] <= 256  # not the 512 px+ stock defaults
+    pipe.save_pretrained(tmp_path / "p")  # still the stock class on disk
+    assert f'"_class_name": "{type(pipe).__name__}"' in (tmp_path / "p" / "model_index.json").read_text()
+    assert type(pipe).__mro__[1].__module__.startswith("diffusers")
