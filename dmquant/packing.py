@@ -55,3 +55,26 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 def _check_bits(bits: int) -> None:
     if not 1 <= bits <= 8:
         raise ValueError(f"can pack 1-8 bit codes, got {bits}")
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer indices (< 2**bits, 1-24 bits wide, e.g. VQ codeword numbers) as a dense LSB-first bit
+    stream in uint8 bytes; `pack` for widths above a byte."""
+    if not 1 <= bits <= 24:
+        raise ValueError(f"can pack 1-24 bit indices, got {bits}")
+    flat = indices.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise ValueError(f"indices do not fit in {bits} bits (range {int(flat.min())}..{int(flat.max())})")
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).reshape(-1, 8)
+    return (stream << _SHIFTS).sum(-1, dtype=torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of `pack_indices`: int64 indices of length `numel`."""
+    if packed.numel() != packed_nbytes(numel, bits):
+        raise ValueError(f"packed data has {packed.numel()} bytes, expected {packed_nbytes(numel, bits)} "
+                         f"for {numel} indices of {bits} bits")
+    stream = ((packed.reshape(-1).to(torch.uint8).unsqueeze(-1) >> _SHIFTS) & 1).reshape(-1)[: numel * bits]
+    return (stream.reshape(numel, bits).to(torch.int64) << torch.arange(bits, dtype=torch.int64)).sum(-1)

@@ -87,6 +87,8 @@ def weight_nbytes(layer: QuantModule) -> int:
     """Bytes of the stored weight payload (codes + scales + `extra_nbytes`), without building it."""
     wq = layer.weight_quantizer
     numel = math.prod(layer.weight_shape)
+    if layer.is_vq:  # codebook + packed indices
+        return sum(t.numel() * t.element_size() for t in (layer.vq_codebook, layer.vq_packed)) + extra_nbytes(layer)
     if wq is None:
         return numel * layer.weight_dtype.itemsize + extra_nbytes(layer)
     qp = wq.qparams

@@ -32,6 +32,7 @@ class LayerPlan:
     output_rotation: str | None = None  # outputs carry a rotation folded for the next layer
     lowrank_rank: int = 0  # SVD branch rank (SVDQuant), kept in the model's float dtype
     lora: tuple[tuple[str, int], ...] = ()  # merged LoRA adapters (name, rank), after the SVD ranks
+    vq: tuple[int, int] | None = None  # (bits, dim): a codebook + packed indices replace the weight (VQ4DiT)
 
 
 # Transform records (smoothing, rotation, low-rank branch, LoRA) are written only where set, so plans

@@ -74,9 +74,10 @@ def _held_bytes(module: nn.Module) -> tuple[int, int]:
     weight-quantizer scales excluded), and of those the activation-quantizer buffers."""
     skip = set()
     for layer in quant_layers(module).values():
-        if layer.weight_quantizer is not None:
-            skip |= {id(t) for t in layer.weight_quantizer.buffers()}
-            skip |= {id(t) for t in (layer._parameters.get("weight"), layer._buffers.get("weight_packed")) if t is not None}
+        if layer.weight_quantizer is not None or layer.is_vq:
+            skip |= {id(t) for t in layer.weight_quantizer.buffers()} if layer.weight_quantizer is not None else set()
+            skip |= {id(t) for t in (layer._parameters.get("weight"), layer._buffers.get("weight_packed"),
+                                     layer._buffers.get("vq_codebook"), layer._buffers.get("vq_packed")) if t is not None}
     act = sum(_nbytes(q.buffers()) for q in module.modules() if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
     held = _nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in skip)
     return held, act
@@ -92,14 +93,15 @@ def report(obj: Any) -> QuantReport:
             numel = math.prod(layer.weight_shape)
             fp_row, q_row = numel * layer.weight_dtype.itemsize, weight_nbytes(layer)
             extras += extra_nbytes(layer)
-            if layer.weight_quantizer is None:  # input-only: its float weight is counted in `held`
+            if layer.weight_quantizer is None and not layer.is_vq:  # input-only: its float weight is in `held`
                 quantized_q += extra_nbytes(layer)
             else:
                 quantized_fp += fp_row
                 quantized_q += q_row
             spec = lambda s: s.short() if s is not None else "-"  # noqa: E731
             wq, iq = layer.weight_quantizer, layer.input_quantizer
-            rep.rows.append(LayerRow(path, name, type(layer).__name__, spec(wq and wq.spec), spec(iq and iq.spec),
+            weight = f"vq{layer.vq_bits}x{layer.vq_dim}" if layer.is_vq else spec(wq and wq.spec)
+            rep.rows.append(LayerRow(path, name, type(layer).__name__, weight, spec(iq and iq.spec),
                                      numel, fp_row, q_row, layer.kernel_name()))
         att = module.dmquant_state.recipe.attention
         for name, plan in module.dmquant_state.plan.items():

@@ -77,8 +77,11 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
         layers = {}
         for name, layer in quant_layers(part).items():
             if getattr(layer, "vq", None) is not None:
-                raise ValueError(f"{prefix}{name} holds vector-quantized (VQ) weights, which have no packed "
-                                 "format yet: such a model cannot be saved (nothing was written)")
+                raise ValueError(f"{prefix}{name} holds vector-quantized (VQ) weights beside its float master "
+                                 "(quantized with pack=False): dmquant.pack_weights(obj) first (nothing was written)")
+            if layer.is_vq:  # codebook and packed indices are buffers: the state dict holds them as they are
+                layers[name] = {"shape": list(layer.weight_shape), "dtype": str(layer.weight_dtype).removeprefix("torch.")}
+                continue
             if layer.weight_quantizer is None:
                 continue
             full = f"{prefix}{name}."
@@ -179,10 +182,13 @@ def _load_component(folder: Path, entry: dict[str, Any], skeleton: nn.Module | N
             raise ValueError(f"checkpoint does not match the model: {err}") from err
         prefix = f"{sub}." if sub else ""
         for name, meta in part["weights"].items():
-            layer = target.get_submodule(name)
-            packed = decode_weight(plan[name].weight, f"{prefix}{name}.", state, meta["shape"])
-            layer.adopt_packed(packed)
-            state[f"{prefix}{name}.weight_packed"] = packed
+            layer, key = target.get_submodule(name), f"{prefix}{name}."
+            if plan[name].vq is not None:
+                layer.adopt_vq(state[key + "vq_codebook"], state[key + "vq_packed"], *plan[name].vq)
+            else:
+                packed = decode_weight(plan[name].weight, key, state, meta["shape"])
+                layer.adopt_packed(packed)
+                state[key + "weight_packed"] = packed
             layer.weight_shape, layer.weight_dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         target.dmquant_state = QuantState(recipe, plan, part.get("provenance", {}), part.get("timestep_scale"))
         track_timesteps(target, part.get("timestep_scale"), inference=True)

@@ -63,7 +63,8 @@ def layer_plan(layer: QuantModule) -> LayerPlan:
     wq, iq, t, b = layer.weight_quantizer, layer.input_quantizer, layer.transform, layer.lowrank
     fields = t.plan_fields() if t is not None else {}
     return LayerPlan("layer", wq.spec if wq is not None else None, iq.spec if iq is not None else None, **fields,
-                     lowrank_rank=b.svd_rank if b is not None else 0, lora=tuple(b.adapters) if b is not None else ())
+                     lowrank_rank=b.svd_rank if b is not None else 0, lora=tuple(b.adapters) if b is not None else (),
+                     vq=(layer.vq_bits, layer.vq_dim) if layer.is_vq else None)
 
 
 def plan_of(module: nn.Module) -> dict[str, LayerPlan]:

@@ -180,14 +180,14 @@ def test_calibration_never_caches_a_second_weight_copy():
     assert all(layer.is_packed and layer.cache_weight for layer in quant_layers(model).values())
 
 
-def test_attention_only_recipes_report_and_vq_models_refuse_to_save(denoiser, tmp_path):
+def test_attention_only_recipes_report_and_unpacked_vq_models_refuse_to_save(denoiser, tmp_path):
     family, model, run = denoiser
     dmquant.quantize(model, "sage-attn-int8")
     rows = dmquant.report(model).rows
     assert rows and all(r.kind == "attention" and "qkv int8" in r.input for r in rows)
     vq = nn.Sequential(nn.Linear(64, 64))
-    dmquant.quantize(vq, "vq4dit-w2a16", calibration=lambda m: m(torch.randn(32, 64)))
-    with pytest.raises(ValueError, match="vector-quantized"):
+    dmquant.quantize(vq, "vq4dit-w2a16", calibration=lambda m: m(torch.randn(32, 64)), pack=False)
+    with pytest.raises(ValueError, match="vector-quantized.*pack_weights"):
         dmquant.save_quantized(vq, tmp_path / "vq")
     assert not (tmp_path / "vq").exists()
 

@@ -1,6 +1,7 @@
 """VQ4DiT vector quantization: k-means, the calibrated assignments and the recipe step, against
 float64 references (Lloyd's fixed-point conditions, brute-force nearest codewords, tr(E H E^T))."""
 import copy
+import math
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_subvector_padding_round_trips_and_errors():
         vector_quantize(torch.randn(2, 3, 4), None)
 
 
-def test_vq4dit_recipe_on_tiny_pixart():
+def test_vq4dit_recipe_on_tiny_pixart(tmp_path):
     from conftest import BUILDERS, _inputs
 
     torch.manual_seed(0)
@@ -97,11 +98,36 @@ def test_vq4dit_recipe_on_tiny_pixart():
     dmquant.quantize(vq, fast, calibration=calib)
     dmquant.quantize(rtn, Recipe(name="w2a16-g64", weight=QuantSpec("int2", "group:64")))
     layers = [m for m in vq.modules() if hasattr(m, "weight_quantizer") and hasattr(m, "qname")]
-    assert layers and all(m.weight_quantizer is None for m in layers)
-    w = layers[0].weight.detach()
-    assert torch.equal(layers[0].vq.decode(w[0].numel()), w.reshape(w.shape[0], -1))
+    assert layers and all(m.weight_quantizer is None and m.is_vq for m in layers)
+    # serving form: no float weight left, a 256-entry codebook and one byte per 4 weights (2 bits each)
+    layer = layers[0]
+    assert "weight" not in dict(layer.named_parameters()) and layer.vq_codebook.shape == (256, 4)
+    assert layer.vq_packed.numel() == layer.weight_shape[0] * -(-math.prod(layer.weight_shape[1:]) // 4)
+    w = layer.weight.detach()
     assert to_subvectors(w.reshape(w.shape[0], -1), 4).reshape(-1, 4).unique(dim=0).shape[0] <= 256
+    assert all(any(torch.equal(v, c) for c in layer.vq_codebook) for v in to_subvectors(w.reshape(w.shape[0], -1), 4)[0])
     with torch.no_grad():
         s_vq = sqnr_db(ref, vq(*args, **kwargs, return_dict=False)[0])
         s_rtn = sqnr_db(ref, rtn(*args, **kwargs, return_dict=False)[0])
     assert s_vq > s_rtn + 3, (s_vq, s_rtn)
+    dmquant.save_quantized(vq, tmp_path / "vq")  # packed save, bitwise load onto a float skeleton
+    loaded = dmquant.load_quantized(tmp_path / "vq", model=BUILDERS["pixart"]().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(*args, **kwargs, return_dict=False)[0], vq(*args, **kwargs, return_dict=False)[0])
+    assert all(m.is_vq for m in loaded.modules() if hasattr(m, "qname"))
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 12, 16, 24])
+def test_wide_index_packing_round_trips_densely(bits):
+    from dmquant.packing import pack_indices, packed_nbytes, unpack_indices
+
+    g = torch.Generator().manual_seed(bits)
+    idx = torch.randint(0, 2**bits, (1001,), generator=g)
+    idx[0], idx[1] = 0, 2**bits - 1
+    packed = pack_indices(idx, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(1001, bits)
+    assert torch.equal(unpack_indices(packed, bits, 1001), idx)
+    stream = "".join(format(int(b), "08b")[::-1] for b in packed)  # LSB first, by hand
+    assert int(stream[bits:2 * bits][::-1], 2) == int(idx[1])
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_indices(torch.tensor([2**bits]), bits)

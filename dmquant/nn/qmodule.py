@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import QuantSpec
-from ..packing import pack, unpack
+from ..packing import pack, pack_indices, unpack, unpack_indices
 from ..primitives import dequantize, element_format
 from .quantizer import TensorQuantizer
 
@@ -70,20 +70,47 @@ class QuantModule:
         master = self._parameters.get("weight")
         if master is not None:
             return master
-        if self._buffers.get("weight_packed") is not None:
+        if self.is_packed:
             return self.decoded_weight()
         raise AttributeError(f"{type(self).__name__} has no weight")
 
     @property
     def is_packed(self) -> bool:
-        return self._buffers.get("weight_packed") is not None
+        return self._buffers.get("weight_packed") is not None or self.is_vq
+
+    @property
+    def is_vq(self) -> bool:
+        """The weight is a codebook plus packed codeword indices (VQ4DiT, `dmquant.algorithms.vq`)."""
+        return self._buffers.get("vq_packed") is not None
 
     @property
     def weight_device(self) -> torch.device:
-        return (self._buffers["weight_packed"] if self.is_packed else self._parameters["weight"]).device
+        held = "vq_packed" if self.is_vq else "weight_packed" if self.is_packed else None
+        return (self._buffers[held] if held else self._parameters["weight"]).device
+
+    def adopt_vq(self, codebook: torch.Tensor, packed: torch.Tensor, bits: int, dim: int) -> None:
+        """Hold a vector-quantized weight: the (2**(bits*dim), dim) codebook and one index per `dim`
+        consecutive inputs of a row, packed at bits*dim bits; the float master is dropped."""
+        self._parameters.pop("weight", None)
+        self.register_buffer("vq_codebook", codebook)
+        self.register_buffer("vq_packed", packed)
+        self.vq_bits, self.vq_dim = bits, dim
+        self._wcache = self._kcache = None
+
+    def _vq_weight(self, dtype: torch.dtype | None) -> torch.Tensor:
+        n_out, n_in = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        n_sub = -(-n_in // self.vq_dim)
+        index = unpack_indices(self._buffers["vq_packed"], self.vq_bits * self.vq_dim, n_out * n_sub)
+        rows = self._buffers["vq_codebook"][index.to(self.weight_device)].reshape(n_out, -1)[:, :n_in]
+        return rows.reshape(self.weight_shape).to(dtype or self.weight_dtype)
 
     def pack_weight(self) -> None:
         """Keep only what inference needs: bit-packed codes plus scales; the float master is dropped."""
+        vq = getattr(self, "vq", None)  # set by the vq step: codebook and indices of the master weight
+        if vq is not None and not self.is_packed:
+            self.adopt_vq(vq.codebook, pack_indices(vq.codes, vq.bits * vq.dim), vq.bits, vq.dim)
+            del self.vq
+            return
         wq = self.weight_quantizer
         if wq is None or self.is_packed:
             return
@@ -124,6 +151,8 @@ class QuantModule:
 
     def decoded_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dequantize the packed codes (bit for bit what fake quantization of the master gave)."""
+        if self.is_vq:
+            return self._vq_weight(dtype)
         wq = self.weight_quantizer
         values = self.weight_codes()
         out = dequantize(values, wq.spec.gran, wq.qparams, dtype or self.weight_dtype)
@@ -166,7 +195,7 @@ class QuantModule:
         if self.served is not None:
             return self.served() if wq.enabled else self.weight
         if self.is_packed:
-            if not wq.enabled:
+            if wq is not None and not wq.enabled:
                 raise RuntimeError(f"{self.qname}: the float weight was dropped when the layer was packed; "
                                    "quantize with pack=False to keep float masters for float references")
             return self.decoded_weight(dtype)  # decoded per call: caching it would re-create the float copy
@@ -214,6 +243,8 @@ class QuantModule:
 
     def kernel_name(self, dtype: torch.dtype | None = None) -> str:
         """Which kernel this layer's forward runs now, in words (for reports)."""
+        if self.is_vq:
+            return "simulated (VQ codebook lookup per call)"
         if self.backend == "fake" or self.weight_quantizer is None:
             return "simulated (fake quantization)"
         from ..kernels import select_kernel
