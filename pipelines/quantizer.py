@@ -195,7 +195,8 @@ class _PeftBranchMerge:
     """merge / unmerge of a peft LoRA layer around a quantized dmquant layer: into its low-rank branch
     (mixed in before peft's own layer class, whose forward, scaling and adapter bookkeeping stay)."""
 
-    dmquant_root: Any = None  # weakref to the component peft injected into (its plan is re-synced)
+    dmquant_root: Any = None  # weakref to the component peft injected into (its plan is kept in step)
+    dmquant_name: str = ""  # this layer's name in it (the plan's key once the adapters are unloaded)
 
     def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """peft builds a conv adapter's factors as `type(base_layer)`: plain float convs here, not
@@ -215,7 +216,8 @@ class _PeftBranchMerge:
 
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
         base = self.get_base_layer()
-        for name in names:
+        factors = {}
+        for name in names:  # all checked before any merges
             variant = name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name)
             if variant or getattr(self, "lora_bias", {}).get(name):
                 raise ValueError(f"adapter {name!r} on {base.qname} is a {'DoRA' if variant else 'LoRA-bias'} adapter: "
@@ -225,9 +227,9 @@ class _PeftBranchMerge:
             up = self.lora_B[name].weight.detach().double() * self.scaling[name]
             if safe_merge and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
                 raise ValueError(f"NaNs detected in adapter {name!r}: not merged")
-        for name in names:
-            merge_into_branch(base, f"peft:{name}", self.lora_A[name].weight.detach(),
-                              self.lora_B[name].weight.detach().double() * self.scaling[name])
+            factors[name] = (down, up)
+        for name, (down, up) in factors.items():
+            merge_into_branch(base, f"peft:{name}", down, up)
             self.merged_adapters.append(name)
         if names:
             self._sync_plan()
@@ -243,27 +245,25 @@ class _PeftBranchMerge:
         self._sync_plan()
 
     def _sync_plan(self) -> None:
-        """Re-read the component's plan (what save_pretrained writes) as it will be once the adapters are
-        unloaded: with the quantized layers in place of peft's wrappers, so the names match a fresh model."""
-        from dmquant.state import sync_state
+        """Update this layer's entry of the component's plan and the copy in its config (what
+        save_pretrained writes), under the name it has once the adapters are unloaded: one entry per
+        merge, not the whole model's plan again (a fuse merges every adapted layer in turn)."""
+        from dmquant.plans import plan_to_json
+        from dmquant.state import layer_plan
 
         root = self.dmquant_root() if self.dmquant_root is not None else None
-        if root is None or getattr(root, "dmquant_state", None) is None:
+        state = getattr(root, "dmquant_state", None)
+        if state is None or self.dmquant_name not in state.plan:
             return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        swapped = []
-        for name, module in list(root.named_modules()):
-            if isinstance(module, BaseTunerLayer) and name:
-                parent, _, attr = name.rpartition(".")
-                owner = root.get_submodule(parent) if parent else root
-                swapped.append((owner, attr, module))
-                owner._modules[attr] = module.get_base_layer()
-        try:
-            sync_state(root)
-        finally:
-            for owner, attr, module in swapped:
-                owner._modules[attr] = module
+        state.plan[self.dmquant_name] = layer_plan(self.get_base_layer())
+        if hasattr(root, "register_to_config"):  # diffusers ConfigMixin
+            entry = dict(root.config.get("quantization_config") or {})
+            if entry:
+                root.register_to_config(quantization_config={**entry, "plan": plan_to_json(state.plan)})
+        else:  # transformers PretrainedConfig
+            entry = getattr(getattr(root, "config", None), "quantization_config", None)
+            if isinstance(entry, dict):
+                root.config.quantization_config = {**entry, "plan": plan_to_json(state.plan)}
 
 
 _PEFT_CLASSES: dict[type, type] = {}
@@ -298,7 +298,7 @@ def register_peft() -> None:
         original(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
         new = getattr(parent, target_name, None)
         if isinstance(new, _PeftBranchMerge):
-            new.dmquant_root = weakref.ref(self.model)
+            new.dmquant_root, new.dmquant_name = weakref.ref(self.model), current_key
 
     _create_and_replace._dmquant = True
     LoraModel._create_and_replace = _create_and_replace
