@@ -1,12 +1,14 @@
-"""Orthogonal matrices for rotations: block-diagonal Hadamard (deterministic, never stored) and
-Haar-random orthogonal, and the blockwise product that applies them. Pure tensor functions."""
+"""Orthogonal matrices for rotations: block-diagonal Hadamard (deterministic, never stored),
+Haar-random orthogonal, and the full Kronecker rotation R (x) H for widths that are not a power of two
+(n = m * b, b the largest power of two dividing n: every channel mixes with every other, as a full
+Hadamard does for n = 2^k, at the storage of an m x m matrix). Pure tensor functions."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
-KINDS = ("hadamard", "random")
+KINDS = ("hadamard", "random", "kron")
 
 
 def hadamard_block(n: int) -> int:
@@ -42,6 +44,19 @@ def rotate(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if b == n:
         return x @ q
     return (x.reshape(*x.shape[:-1], n // b, b) @ q).reshape(x.shape)
+
+
+def kron_rotate(x: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x @ kron(r, h) along the last axis without forming it: with x viewed as (m, b) rows X,
+    x @ kron(R, H) = vec(R^T X H)."""
+    m, b = r.shape[0], h.shape[0]
+    x2 = x.reshape(*x.shape[:-1], m, b)
+    return (r.transpose(0, 1) @ (x2 @ h)).reshape(x.shape)
+
+
+def kron_factor(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The small Haar-random factor R (m x m, m = n / hadamard_block(n)) of the full rotation kron(R, H)."""
+    return random_orthogonal(n // hadamard_block(n), seed, dtype)
 
 
 def parse(spec: str) -> tuple[str, int | None]:

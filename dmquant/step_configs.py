@@ -92,9 +92,13 @@ class SmoothQuantConfig:
 class RotateConfig:
     """Orthogonal rotation of layer inputs (QuaRot-style), folded into the previous layer when `fold`."""
 
-    kind: str = "hadamard"
+    kind: str = "hadamard"  # block-diagonal Hadamard | random (stored n x n) | kron (full: R (x) H)
     seed: int = 0
     fold: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hadamard", "random", "kron"):
+            raise ValueError(f"rotation kind must be hadamard, random or kron, got {self.kind!r}")
 
 
 @dataclass(frozen=True)

@@ -285,3 +285,37 @@ def test_transforms_refuse_layers_with_calibrated_input_scales(denoiser):
                         steps=(Step("ranges"), Step(step)))
         with pytest.raises(ValueError, match="calibrated input scales"):
             dmquant.quantize(m, recipe, calibration=run)
+
+
+def test_kron_rotation_is_the_full_kronecker_product_and_keeps_the_float_function(tmp_path):
+    """kron(R, H) for n = 3 * 32: applied without forming it, equal to x @ torch.kron(R, H) in float64,
+    orthogonal; as a recipe step the rotated model computes the float function until quantized, and a
+    quantized one reloads bitwise."""
+    from dmquant.config import Recipe
+    from dmquant.orthogonal import kron_factor, kron_rotate
+
+    r, h = kron_factor(96, seed=1, dtype=torch.float64), hadamard(32, torch.float64)
+    q = torch.kron(r, h)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    assert torch.allclose(kron_rotate(x, r, h), x @ q, atol=1e-12)
+    assert torch.allclose(q @ q.T, torch.eye(96, dtype=torch.float64), atol=1e-12)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 48), nn.GELU(), nn.Linear(48, 8))
+    inputs = torch.randn(16, 96) * torch.linspace(0.1, 8, 96)  # a few loud channels
+    with torch.no_grad():
+        ref = model(inputs)
+    recipe = Recipe.from_dict({"name": "kron", "weight": {"format": "int4", "granularity": "channel"},
+                               "input": {"format": "int4", "granularity": "token", "dynamic": True},
+                               "exclude": [], "steps": [{"name": "rotate", "args": {"kind": "kron"}}]})
+    dmquant.quantize(model, recipe, calibration=lambda m: m(inputs), pack=False)
+    assert model[0].transform.rotation == "kron" and model[0].transform.matrix.shape == (3, 3)
+    with torch.no_grad(), dmquant.quantization_disabled(model):
+        assert torch.allclose(model(inputs), ref, atol=1e-5)
+    dmquant.pack_weights(model)
+    dmquant.save_quantized(model, tmp_path / "k")
+    fresh = nn.Sequential(nn.Linear(96, 48), nn.GELU(), nn.Linear(48, 8))
+    loaded = dmquant.load_quantized(tmp_path / "k", model=fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs), model(inputs))
+    with pytest.raises(ValueError, match="rotation kind"):
+        Recipe.from_dict({**recipe.to_dict(), "steps": [{"name": "rotate", "args": {"kind": "givens"}}]})

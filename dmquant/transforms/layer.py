@@ -27,13 +27,14 @@ class LayerTransform(nn.Module):
         super().__init__()
         self.in_features, self.axis = in_features, axis
         self.smooth = smooth  # None | "online" (x / s here) | "folded" (the previous op divides)
-        self.rotation = rotation  # None | "hadamard" | "random" (online) | "folded:hadamard:<block>"
+        self.rotation = rotation  # None | "hadamard" | "random" | "kron" (online) | "folded:hadamard:<block>"
         self.output_rotation = output_rotation  # None | "hadamard:<block>" folded for the next layer
         kw: dict[str, Any] = dict(device=device, dtype=dtype)
         self.register_buffer("in_scale", torch.ones(in_features, **kw) if smooth else None)
         self.register_buffer("out_scale", torch.ones(out_features, **kw) if output_scale else None)
-        stored = rotation == "random"  # Hadamards are rebuilt from their name, random matrices are stored
-        self.register_buffer("matrix", torch.empty(in_features, in_features, **kw) if stored else None)
+        # Hadamards are rebuilt from their name; random matrices (n x n) and kron's small factor are stored
+        side = {"random": in_features, "kron": in_features // rot.hadamard_block(in_features)}.get(rotation)
+        self.register_buffer("matrix", torch.empty(side, side, **kw) if side else None)
         self._hadamards: dict[tuple, torch.Tensor] = {}
 
     # -- recording (by the transform steps) ---------------------------------------------------------
@@ -64,6 +65,13 @@ class LayerTransform(nn.Module):
             self._hadamards[key] = rot.hadamard(key[0], dtype).to(device)
         return self._hadamards[key]
 
+    def _rotate(self, x: torch.Tensor, spec: str, n: int) -> torch.Tensor:
+        """x @ Q for the rotation `spec` of an n-wide space (block Hadamard, random, or kron)."""
+        h = self._matrix(spec, n, x.dtype, x.device)
+        if rot.parse(spec)[0] == "kron":
+            return rot.kron_rotate(x, self.matrix.to(dtype=x.dtype, device=x.device), h)
+        return rot.rotate(x, h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The online part: x -> (x / s) Q, before the layer's input quantizer."""
         if self.smooth == "online":
@@ -71,7 +79,7 @@ class LayerTransform(nn.Module):
             shape[self.axis] = -1
             x = x / self.in_scale.reshape(shape)
         if self.rotation in rot.KINDS:
-            x = rot.rotate(x, self._matrix(self.rotation, self.in_features, x.dtype, x.device))
+            x = self._rotate(x, self.rotation, self.in_features)
         return x
 
     def adapter_factors(self, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +89,7 @@ class LayerTransform(nn.Module):
         if self.in_scale is not None:
             down = down * self.in_scale.double().reshape(1, -1, *[1] * (down.dim() - 2))
         if self.rotation is not None:
-            down = rot.rotate(down, self._matrix(self.rotation, self.in_features, torch.float64, down.device))
+            down = self._rotate(down, self.rotation, self.in_features)
         if self.out_scale is not None:
             up = up / self.out_scale.double().reshape(-1, *[1] * (up.dim() - 1))
         if self.output_rotation is not None:

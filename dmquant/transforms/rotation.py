@@ -2,8 +2,8 @@
 
 A rotation spreads the few large activation channels over all channels, so per-token scales stop being
 set by outliers (and weight outliers are spread the same way). Q is a block-diagonal Hadamard matrix
-(entries +-1/sqrt(b), rebuilt from its name, never stored) or a random orthogonal matrix (stored: n^2
-numbers). Where the graph allows (a value projection feeding attention's output projection) a
+(entries +-1/sqrt(b), rebuilt from its name, never stored), a random orthogonal matrix (stored: n^2
+numbers), or the full rotation kron(R, H) ("kron": every channel mixes, R is (n / b)^2 numbers). Where the graph allows (a value projection feeding attention's output projection) a
 head-sized Hadamard is folded into both weights and costs nothing at run time; elsewhere the layer
 rotates its input online, before its input quantizer.
 """
@@ -17,7 +17,7 @@ from torch import nn
 from ..nn.qlinear import QuantLinear
 from .folds import attention_pairs
 from .layer import quantized_layers, set_weight, transform_of
-from ..orthogonal import KINDS, hadamard, hadamard_block, random_orthogonal, rotate
+from ..orthogonal import KINDS, hadamard, hadamard_block, kron_factor, kron_rotate, random_orthogonal, rotate
 
 
 def apply_rotation(modules: list[nn.Module], run: Callable[[], Any], kind: str = "hadamard", seed: int = 0,
@@ -48,6 +48,12 @@ def apply_rotation(modules: list[nn.Module], run: Callable[[], Any], kind: str =
                 n = layer.in_features
                 if kind == "hadamard" and hadamard_block(n) == 1:
                     continue  # odd width: the only Hadamard block is 1 x 1, the identity
+                if kind == "kron":  # the full rotation kron(R, H): R small and stored, H rebuilt
+                    r = kron_factor(n, seed + i, torch.float64)
+                    set_weight(layer, kron_rotate(layer.weight.double(), r, hadamard(hadamard_block(n), torch.float64)))
+                    transform_of(layer).set_rotation(kind, r.to(layer.weight))
+                    done[name] = kind
+                    continue
                 q = hadamard(hadamard_block(n)) if kind == "hadamard" else random_orthogonal(n, seed + i)
                 set_weight(layer, rotate(layer.weight.double(), q.double()))
                 transform_of(layer).set_rotation(kind, q.to(layer.weight) if kind == "random" else None)
