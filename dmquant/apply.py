@@ -7,6 +7,7 @@ what needs the layers above: recipes searched per model and calibration data rec
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -19,7 +20,8 @@ from .components import BARE, DENOISER_ATTRS, find_components, set_path
 from .config import Recipe
 from .families import family_for_module, skip_patterns, timestep_scale_for
 from .filters import LayerFilter
-from .nn import is_attention, quant_class_for, quantize_attention
+from .memory import release_freed_memory
+from .nn import QuantModule, is_attention, quant_class_for, quantize_attention
 from .nn.switch import weight_cache_disabled
 from .observe import observing, uncalibrated_passthrough
 from .plans import LayerPlan
@@ -27,6 +29,7 @@ from .provenance import provenance
 from .state import QuantState, quant_layers, quantized_components, sync_state, track_timesteps
 from .steps import StepRun, run_steps
 from .transforms import attach_transforms
+from .transforms.peft import register_peft
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, in
     """Swap layers per the plan (weights quantized from their current values when init_scales). With
     `pack`, each layer drops its float weight right after its swap, so quantizing a large model never
     holds a second copy of it."""
+    register_peft()  # LoRA adapters loaded later merge into the low-rank branch, not into a decoded copy
     for name, step in tqdm(plan.items(), desc="quantize", unit="layer", leave=False, disable=None):
         child = module.get_submodule(name)
         if step.kind == "attention":
@@ -78,6 +82,16 @@ def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, in
         del child
         if pack:
             layer.pack_weight()
+            release_freed_memory()  # the layer's float temporaries, so they do not add up to the peak
+    for name, child in module.named_modules():  # diffusers' fuse_qkv_projections would build float layers
+        if hasattr(child, "fuse_projections") and isinstance(getattr(child, "to_q", None), QuantModule):
+            child.fuse_projections = functools.partial(_refuse_fusing, name)
+
+
+def _refuse_fusing(name: str, *_: Any, **__: Any) -> None:
+    raise ValueError(f"attention {name or 'module'} has quantized Q/K/V projections: fusing them "
+                     "(fuse_qkv_projections) would build float layers from their decoded weights; fuse before "
+                     "quantizing instead")
 
 
 def pack_weights(obj: Any) -> Any:
@@ -86,6 +100,7 @@ def pack_weights(obj: Any) -> Any:
     for module in quantized_components(obj).values():
         for layer in quant_layers(module).values():
             layer.pack_weight()
+            release_freed_memory()
     return obj
 
 
@@ -95,6 +110,10 @@ def components_to_quantize(obj: Any, recipe: Recipe) -> dict[str, nn.Module]:
     for path, module in components.items():
         if getattr(module, "dmquant_state", None) is not None:
             raise ValueError(f"{path} is already quantized (recipe {module.dmquant_state.recipe.name})")
+        adapted = [n for n, m in module.named_modules() if hasattr(m, "lora_A")]
+        if adapted:  # quantizing would wrap peft's layers and factors; a later fuse would lose the LoRA
+            raise ValueError(f"{path} carries unfused LoRA adapters ({adapted[0]}, ...): fuse_lora() or "
+                             "unload_lora_weights() before quantizing, or load the LoRA after quantizing")
     return components
 
 

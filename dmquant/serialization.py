@@ -65,6 +65,11 @@ def save_quantized(obj: Any, directory: str | Path) -> Path:
 
 def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True)
+    adapted = [n for part in subs.values() for n, m in part.named_modules() if hasattr(m, "lora_A")]
+    if adapted:
+        raise ValueError(f"unfused LoRA adapters ({adapted[0]}, ...) cannot be saved with the quantized model: "
+                         "save them on their own (save_lora_weights), unload_lora_weights(), save, then load them "
+                         "again after loading (or fuse_lora() to keep them in the low-rank branch); nothing was written")
     for part in subs.values():
         sync_state(part)  # the plan and config.json as the modules are now, whatever changed them since
     library = _save_config(module, folder)

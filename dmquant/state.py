@@ -68,13 +68,14 @@ def layer_plan(layer: QuantModule) -> LayerPlan:
 
 
 def plan_of(module: nn.Module) -> dict[str, LayerPlan]:
-    """{name: LayerPlan} of every quantized layer and attention module of `module`, in module order."""
+    """{name: LayerPlan} of every quantized layer and attention module of `module`, in module order (a
+    layer peft wraps for an unfused LoRA under its own name, as it is once the adapter is unloaded)."""
     plan = {}
     for name, child in module.named_modules():
         if getattr(child, "dmquant_attention", None) is not None:
             plan[name] = LayerPlan("attention")
         if isinstance(child, QuantModule):
-            plan[name] = layer_plan(child)
+            plan[name.removesuffix(".base_layer")] = layer_plan(child)
     return plan
 
 

@@ -11,6 +11,7 @@ import torch
 
 from dmquant.families import family_of
 
+from .generate import with_call_defaults
 from .miniature import NAMES, WEIGHTS
 from .tiny import BUILDERS, build_tiny_pipeline
 
@@ -40,7 +41,7 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     elif (Path(key) / "quantization.json").is_file():
         from dmquant.serialization import load_quantized
 
-        return load_quantized(key, device=device)
+        return with_call_defaults(load_quantized(key, device=device))
     elif Path(key).is_dir():
         index = Path(key) / "model_index.json"
         if not index.is_file():
@@ -51,7 +52,7 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
         pipe = _from_cache(key, dtype)
     family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return with_call_defaults(pipe.to(device))  # pipe("a prompt") at the model's own sizes
 
 
 def _from_cache(repo_id: str, dtype: torch.dtype) -> Any:

@@ -38,6 +38,7 @@ from dmquant.state import QuantState, quant_layers, sync_state, track_timesteps
 from dmquant.config import Recipe
 from dmquant.plans import FORMAT_VERSION, QUANT_METHOD, plan_from_json
 from dmquant.recipes import get_recipe
+from dmquant.transforms.peft import register_peft
 
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
                        "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -191,123 +192,10 @@ class _TransformersRefusal:
         auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DmquantTextQuantizer
 
 
-class _PeftBranchMerge:
-    """merge / unmerge of a peft LoRA layer around a quantized dmquant layer: into its low-rank branch
-    (mixed in before peft's own layer class, whose forward, scaling and adapter bookkeeping stay)."""
-
-    dmquant_root: Any = None  # weakref to the component peft injected into (its plan is kept in step)
-    dmquant_name: str = ""  # this layer's name in it (the plan's key once the adapters are unloaded)
-
-    def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """peft builds a conv adapter's factors as `type(base_layer)`: plain float convs here, not
-        quantized layers without quantizers."""
-        from dmquant.nn.qmodule import QuantModule
-
-        super().update_layer(adapter_name, *args, **kwargs)
-        for factors in (self.lora_A, self.lora_B):
-            part = factors[adapter_name] if adapter_name in factors else None
-            if isinstance(part, QuantModule):
-                part.__class__ = next(c for c in type(part).__mro__ if c.__module__.startswith("torch.nn"))
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        from peft.tuners.tuners_utils import check_adapters_to_merge
-
-        from dmquant.transforms.lora import merge_into_branch
-
-        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
-        base = self.get_base_layer()
-        factors = {}
-        for name in names:  # all checked before any merges
-            variant = name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name)
-            if variant or getattr(self, "lora_bias", {}).get(name):
-                raise ValueError(f"adapter {name!r} on {base.qname} is a {'DoRA' if variant else 'LoRA-bias'} adapter: "
-                                 "it cannot merge into the low-rank branch of a quantized layer; keep it unfused "
-                                 "(it runs beside the quantized layer)")
-            down = self.lora_A[name].weight.detach()
-            up = self.lora_B[name].weight.detach().double() * self.scaling[name]
-            if safe_merge and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-                raise ValueError(f"NaNs detected in adapter {name!r}: not merged")
-            factors[name] = (down, up)
-        for name, (down, up) in factors.items():
-            merge_into_branch(base, f"peft:{name}", down, up)
-            self.merged_adapters.append(name)
-        if names:
-            self._sync_plan()
-
-    def unmerge(self) -> None:
-        from dmquant.transforms.lora import unmerge_from_branch
-
-        if not self.merged:
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            unmerge_from_branch(base, f"peft:{self.merged_adapters.pop()}")
-        self._sync_plan()
-
-    def _sync_plan(self) -> None:
-        """Update this layer's entry of the component's plan and the copy in its config (what
-        save_pretrained writes), under the name it has once the adapters are unloaded: one entry per
-        merge, not the whole model's plan again (a fuse merges every adapted layer in turn)."""
-        from dmquant.plans import plan_to_json
-        from dmquant.state import layer_plan
-
-        root = self.dmquant_root() if self.dmquant_root is not None else None
-        state = getattr(root, "dmquant_state", None)
-        if state is None or self.dmquant_name not in state.plan:
-            return
-        state.plan[self.dmquant_name] = layer_plan(self.get_base_layer())
-        if hasattr(root, "register_to_config"):  # diffusers ConfigMixin
-            entry = dict(root.config.get("quantization_config") or {})
-            if entry:
-                root.register_to_config(quantization_config={**entry, "plan": plan_to_json(state.plan)})
-        else:  # transformers PretrainedConfig
-            entry = getattr(getattr(root, "config", None), "quantization_config", None)
-            if isinstance(entry, dict):
-                root.config.quantization_config = {**entry, "plan": plan_to_json(state.plan)}
-
-
-_PEFT_CLASSES: dict[type, type] = {}
-
-
-def register_peft() -> None:
-    """Make peft wrap quantized dmquant layers in LoRA layers whose merge goes into the low-rank branch
-    (idempotent; a no-op without peft). peft's LoraConfig takes such layer classes as custom modules
-    (`_register_custom_module`); each config peft injects with (also those diffusers builds inside
-    `load_lora_adapter`) gets them when its target is a dmquant layer."""
-    try:
-        from peft.tuners.lora import LoraModel
-        from peft.tuners.lora import layer as lora_layer
-    except ImportError:
-        return
-    if getattr(LoraModel._create_and_replace, "_dmquant", False):
-        return
-    import weakref
-
-    from dmquant.nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
-    from dmquant.nn.qmodule import QuantModule
-
-    for quant, peft_cls in ((QuantLinear, lora_layer.Linear), (QuantConv1d, lora_layer.Conv1d),
-                            (QuantConv2d, lora_layer.Conv2d), (QuantConv3d, lora_layer.Conv3d)):
-        _PEFT_CLASSES[quant] = type(f"Dmquant{peft_cls.__name__}", (_PeftBranchMerge, peft_cls), {"__module__": __name__})
-    original = LoraModel._create_and_replace
-
-    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        if isinstance(base, QuantModule):
-            lora_config._register_custom_module(_PEFT_CLASSES)
-        original(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
-        new = getattr(parent, target_name, None)
-        if isinstance(new, _PeftBranchMerge):
-            new.dmquant_root, new.dmquant_name = weakref.ref(self.model), current_key
-
-    _create_and_replace._dmquant = True
-    LoraModel._create_and_replace = _create_and_replace
-
-
 def register() -> None:
     """Make diffusers' `from_pretrained` know quant_method "dmquant", and transformers' refuse it; make
     peft's LoRA layers merge into the low-rank branch of quantized layers (idempotent)."""
     AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = DmquantQuantizer
     AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = DmquantConfig
     _TransformersRefusal.register()
-    register_peft()
+    register_peft()  # also done by every quantize / load (dmquant.transforms.peft)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from .generate import with_call_defaults
 from .miniature import assemble, build_components
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -134,4 +135,4 @@ def build_tiny_pipeline(family: str, seed: int = 0):
         if isinstance(part, torch.nn.Module):
             part.eval()  # built modules start in training mode: dropout would make sampling random
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return with_call_defaults(pipe)  # pipe("a prompt") at the sizes the tiny denoiser was built for

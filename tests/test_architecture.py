@@ -21,7 +21,7 @@ PACKAGES = {"dmquant": "dmquant", "dmquant.pipelines": "pipelines", "dmquant.cal
 
 # Bottom to top: a module may import its own layer (without cycles) and the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("dmquant.atomic", "dmquant.formats", "dmquant.granularity", "dmquant.primitives",
+    ("foundations", ("dmquant.atomic", "dmquant.memory", "dmquant.formats", "dmquant.granularity", "dmquant.primitives",
                      "dmquant.packing", "dmquant.observers", "dmquant.step_configs",
                      "dmquant.config", "dmquant.filters", "dmquant.families", "dmquant.components",
                      "dmquant.timestep", "dmquant.orthogonal", "dmquant.provenance", "dmquant.recipes", "dmquant.plans")),

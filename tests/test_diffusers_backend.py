@@ -98,9 +98,8 @@ def test_stock_call_works_on_every_miniature_and_tiny_pipeline(name, tmp_path):
     """`pipe("a prompt")`, diffusers' own __call__: sizes the model was built for, not the stock defaults
     (Latte 16 x 512 px, Wan 81 x 480 x 832, PixArt's resolution bins), also after quantization."""
     from dmquant.pipelines import load
-    from dmquant.pipelines.generate import with_call_defaults
 
-    pipe = with_call_defaults(load(name))
+    pipe = load(name)  # dmquant's loader gives the stock pipeline its model's call defaults
     if name in ("miniature-pixart", "tiny-sd"):
         dmquant.quantize(pipe, "w8a8")
     out = pipe("a red circle", num_inference_steps=2, output_type="pt")

@@ -159,3 +159,52 @@ def test_diffusers_load_lora_weights_swap_fuse_save_and_reload(tmp_path):
     torch.testing.assert_close(_run(fourth.unet, inputs), fused, rtol=1e-5, atol=1e-5)
     third.set_progress_bar_config(disable=True)
     assert third("a red circle", num_inference_steps=2, output_type="pt").images.shape[0] == 1
+
+
+def test_quantized_models_refuse_what_would_silently_turn_float(tmp_path):
+    """LoRA loaded before quantize, unfused adapters at save_quantized, fuse_qkv_projections."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    import dmquant
+    from dmquant.pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("pixart")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), pipe.transformer)
+    with pytest.raises(ValueError, match="unfused LoRA adapters"):
+        dmquant.quantize(pipe, "w8a8")
+    pipe = dmquant.quantize(build_tiny_pipeline("pixart"), "w8a8")
+    with pytest.raises(ValueError, match="fuse before quantizing"):
+        pipe.transformer.fuse_qkv_projections()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), pipe.transformer)
+    with pytest.raises(ValueError, match="nothing was written"):
+        dmquant.save_quantized(pipe, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_merging_goes_into_the_branch_without_importing_the_diffusers_layer():
+    """`import dmquant` alone (no dmquant.pipelines): quantize registers the peft merge, so a merge
+    lands in the low-rank branch instead of a decoded copy of the weight that would be discarded."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        from torch import nn
+        import dmquant
+        from peft import LoraConfig, inject_adapter_in_model
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 8))
+        dmquant.quantize(model, dmquant.Recipe.from_dict({"name": "w", "weight": {"format": "int8"}, "exclude": []}))
+        x = torch.randn(4, 32)
+        model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), model)
+        with torch.no_grad():
+            unfused = model(x)
+            model[0].merge()
+            fused = model(x)
+        assert "dmquant.pipelines" not in sys.modules
+        assert model[0].base_layer.lowrank is not None, "merge did not reach the low-rank branch"
+        assert torch.allclose(unfused, fused, atol=1e-5), (unfused - fused).abs().max()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

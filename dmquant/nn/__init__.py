@@ -1,5 +1,5 @@
 """Quantized modules: layers, the tensor quantizer and attention quantization."""
-from .qattention import AttentionQuantizers, QuantAttnProcessor, is_attention, quantize_attention
+from .qattention import AttentionQuantizers, QuantAttnProcessor, is_attention, keep_quantization, quantize_attention
 from .qconv import QuantConv1d, QuantConv2d, QuantConv3d
 from .qlinear import QuantLinear
 from .qmodule import QuantModule
@@ -9,4 +9,4 @@ from .switch import quantization_disabled, set_quantization_enabled
 
 __all__ = ["TensorQuantizer", "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
            "QUANT_MODULES", "quant_class_for", "AttentionQuantizers", "QuantAttnProcessor",
-           "quantize_attention", "is_attention", "quantization_disabled", "set_quantization_enabled"]
+           "quantize_attention", "is_attention", "keep_quantization", "quantization_disabled", "set_quantization_enabled"]
