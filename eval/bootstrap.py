@@ -51,10 +51,20 @@ def _size(stat: Statistic, n: int | None) -> int:
 
 
 def bootstrap_ci(stat: Statistic, n: int | None = None, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
-                 seed: int = 0) -> tuple[float, float]:
+                 seed: int = 0, center: float | None = None) -> tuple[float, float]:
     """Percentile interval of a statistic over prompts: per-prompt values (of their mean) or a
-    function of an index tensor (then `n`, the number of prompts, is required)."""
-    return percentile_interval(_stats(stat, resample_indices(_size(stat, n), resamples, seed)), confidence)
+    function of an index tensor (then `n`, the number of prompts, is required).
+
+    `center` (the statistic on the full sample) removes the resampling bias: the interval is shifted
+    so the resampled median sits on it. FID needs this: a resample repeats images, its covariance has
+    lower rank and the distance grows (measured: resampled FIDs 1.1-2.7x the full sample's, whose
+    percentile interval then excludes the estimate itself)."""
+    stats = _stats(stat, resample_indices(_size(stat, n), resamples, seed))
+    lo, hi = percentile_interval(stats, confidence)
+    if center is None:
+        return lo, hi
+    shift = center - float(stats.median())
+    return max(lo + shift, 0.0), hi + shift
 
 
 def paired_ci(a: Statistic, b: Statistic, n: int | None = None, resamples: int = RESAMPLES,

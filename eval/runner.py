@@ -211,7 +211,8 @@ def _fid(images: torch.Tensor, other: torch.Tensor, cfg: EvalConfig, extractor: 
     feats = [torch.cat([fn(c) for c in (x.flatten(0, 1) if flat else x).split(64)]).double() for x in (images, other)]
     n = min(f.shape[0] for f in feats)
     value = fid_from_features(*feats)
-    ci = bootstrap_ci(lambda idx: fid_from_features(feats[0][idx], feats[1][idx]), n, resamples=FID_RESAMPLES)
+    ci = bootstrap_ci(lambda idx: fid_from_features(feats[0][idx], feats[1][idx]), n, resamples=FID_RESAMPLES,
+                      center=value)  # resampling inflates FID: the interval is centred on the estimate
     return {"value": value, "ci": list(ci), "n": n, "extractor": name}
 
 

@@ -80,3 +80,19 @@ def test_table_bolds_only_what_the_interval_cannot_separate():
     line_c = next(line for line in text.splitlines() if line.startswith("| c "))
     assert "**" not in line_c and f"{rows[2]['psnr']:.2f} [" in line_c
     assert "bootstrap interval over prompts" in text
+
+
+def test_fid_interval_is_centred_on_the_estimate():
+    """Resampling repeats images and inflates FID: the plain percentile interval of the resampled FIDs
+    lies above the full-sample FID; centred, it contains it and keeps the resampled width."""
+    from dmquant.eval.metrics.fid import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 48, generator=g, dtype=torch.float64)  # many features per sample, as Inception's
+    b = torch.randn(64, 48, generator=g, dtype=torch.float64) * 1.05 + 0.05
+    value = frechet_distance(a, b)
+    fid = lambda idx: frechet_distance(a[idx], b[idx])  # noqa: E731
+    raw = bootstrap_ci(fid, 64, resamples=100)
+    lo, hi = bootstrap_ci(fid, 64, resamples=100, center=value)
+    assert raw[0] > value  # the bug this fixes: the estimate outside its own interval
+    assert lo <= value <= hi and hi - lo == pytest.approx(raw[1] - raw[0])
