@@ -28,6 +28,7 @@ from .components import BARE
 from .config import Recipe
 from .nn.quantizer import TensorQuantizer
 from .payload import decode_weight, encode_weight
+from .memory import release_freed_memory
 from .plans import FORMAT_VERSION, plan_from_json, plan_to_json
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def load_quantized(directory: str | Path, model: nn.Module | None = None, device
     verify_tree(directory, manifest.get("files", {}))
     loaded = {top: _load_component(directory / top, entry, model if top == BARE else None, backend)
               for top, entry in manifest["components"].items()}
+    release_freed_memory()  # what building the skeletons and reading the file left on the heap
     if manifest["kind"] == "model":
         return loaded[BARE].to(device) if torch_dtype is None else loaded[BARE].to(device, torch_dtype)
     diffusers = importlib.import_module("diffusers")
