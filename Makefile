@@ -19,10 +19,12 @@ demo: $(STAMP)
 	$(PY) -m dmquant.cli demo --out outputs/demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 # Minutes, not a quarter hour: everything but the slow tests and the quality gates.
 test-fast: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow and not regression"
 
 # The quality gates alone, on another float code path (the baselines record both; see baselines/).

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dmquant.observe import static_quantizers
 from dmquant.components import denoiser_path, get_path
 from dmquant.families import find_family, timestep_scale_for
+from dmquant.observe import static_quantizers
 
 from .timesteps import parse_selection, select_steps
 from .trajectory import Trajectory, TrajectoryRecorder, step_summary
@@ -133,8 +133,8 @@ class TrajectoryRunner:
         self.trajectory.replay(denoiser)
         if isinstance(obj, nn.Module) or not self.prompts:
             return
-        from dmquant.state import quantized_components
         from dmquant.pipelines import generate
+        from dmquant.state import quantized_components
 
         others = [m for m in quantized_components(obj).values() if m is not denoiser]
         if any(q.observing for m in others for q in static_quantizers(m)):

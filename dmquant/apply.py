@@ -157,4 +157,5 @@ def _calibrate(obj: Any, recipe: Recipe, runner: Any, modules: list[nn.Module]) 
     with weight_cache_disabled(*modules), observing(*modules, uncalibrated_only=True):  # final weights' ranges
         run()
     data = getattr(runner, "description", getattr(runner, "__name__", "callable"))
-    return {**(data if isinstance(data, dict) else {"data": data}), "step_seconds": {o.name: o.seconds for o in outcomes}}
+    seconds = {o.name: o.seconds for o in outcomes}
+    return {**(data if isinstance(data, dict) else {"data": data}), "step_seconds": seconds}

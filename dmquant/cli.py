@@ -6,10 +6,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import MANIFEST
 from .config import BACKENDS
 from .recipes import recipes as builtin_recipes
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dmquant")
 
@@ -21,8 +25,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     from . import quantize, report, save_quantized
-    from .state import quantized_components
     from .pipelines import load
+    from .state import quantized_components
 
     device, dtype = _runtime(args)
     pipe = load(args.pipeline, dtype=dtype, device=device)
@@ -108,7 +112,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 2
     manifest = json.loads(path.read_text())
     total = sum((Path(args.dir) / f).stat().st_size for f in manifest.get("files", {}))
-    print(f"dmquant checkpoint ({manifest['kind']}), format v{manifest['format_version']}, {total / 2**20:.2f} MB on disk")
+    print(f"dmquant checkpoint ({manifest['kind']}), format v{manifest['format_version']}, "
+          f"{total / 2**20:.2f} MB on disk")
     for top, entry in manifest["components"].items():
         for sub, part in entry["parts"].items():
             kinds: dict[str, int] = {}
@@ -233,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")
         q.add_argument("--timesteps", default=None, help="steps to record: K, uniform:K, eda:K or all")
         q.set_defaults(func=cmd_quantize)
-    m = sub.add_parser("mixed", help="search per-layer formats under a budget from measured sensitivity; write a recipe")
+    m = sub.add_parser("mixed", help="search per-layer formats under a budget from measured sensitivity; "
+                                     "write a recipe")
     m.add_argument("--pipeline", required=True)
-    m.add_argument("--budget", required=True, help="average weight bits (4.5bits), bytes (1.2MiB) or a recipe's bytes (w4a8)")
+    m.add_argument("--budget", required=True,
+                   help="average weight bits (4.5bits), bytes (1.2MiB) or a recipe's bytes (w4a8)")
     m.add_argument("--out", required=True, help="recipe YAML to write")
     m.add_argument("--base", default="w4a8", help="recipe whose activations, steps and attention are kept")
     m.add_argument("--candidates", default="int3:group:64,int4:group:64,int8:channel,fp")

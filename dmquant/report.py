@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from .state import quant_layers, quantized_components
 from .nn.quantizer import TensorQuantizer
 from .payload import extra_nbytes, weight_nbytes
+from .state import quant_layers, quantized_components
 
 
 @dataclass
@@ -76,9 +76,11 @@ def _held_bytes(module: nn.Module) -> tuple[int, int]:
     for layer in quant_layers(module).values():
         if layer.weight_quantizer is not None or layer.is_vq:
             skip |= {id(t) for t in layer.weight_quantizer.buffers()} if layer.weight_quantizer is not None else set()
-            skip |= {id(t) for t in (layer._parameters.get("weight"), layer._buffers.get("weight_packed"),
-                                     layer._buffers.get("vq_codebook"), layer._buffers.get("vq_packed")) if t is not None}
-    act = sum(_nbytes(q.buffers()) for q in module.modules() if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
+            held = (layer._parameters.get("weight"), *(layer._buffers.get(b) for b in
+                                                        ("weight_packed", "vq_codebook", "vq_packed")))
+            skip |= {id(t) for t in held if t is not None}
+    act = sum(_nbytes(q.buffers()) for q in module.modules()
+              if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
     held = _nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in skip)
     return held, act
 

@@ -22,14 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .apply import apply_plan
-from .state import QuantState, plan_of, quant_layers, quantized_components, sync_state, track_timesteps
 from .atomic import MANIFEST, atomic_directory, hash_tree, verify_tree
 from .components import BARE
 from .config import Recipe
+from .memory import release_freed_memory
 from .nn.quantizer import TensorQuantizer
 from .payload import decode_weight, encode_weight
-from .memory import release_freed_memory
 from .plans import FORMAT_VERSION, plan_from_json, plan_to_json
+from .state import QuantState, plan_of, quant_layers, quantized_components, sync_state, track_timesteps
 
 log = logging.getLogger(__name__)
 WEIGHTS = "dmquant.safetensors"
@@ -70,7 +70,8 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
     if adapted:
         raise ValueError(f"unfused LoRA adapters ({adapted[0]}, ...) cannot be saved with the quantized model: "
                          "save them on their own (save_lora_weights), unload_lora_weights(), save, then load them "
-                         "again after loading (or fuse_lora() to keep them in the low-rank branch); nothing was written")
+                         "again after loading (or fuse_lora() to keep them in the low-rank branch); "
+                         "nothing was written")
     for part in subs.values():
         sync_state(part)  # the plan and config.json as the modules are now, whatever changed them since
     library = _save_config(module, folder)
@@ -86,7 +87,8 @@ def _save_component(module: nn.Module, subs: dict[str, nn.Module], folder: Path)
                 raise ValueError(f"{prefix}{name} holds vector-quantized (VQ) weights beside its float master "
                                  "(quantized with pack=False): dmquant.pack_weights(obj) first (nothing was written)")
             if layer.is_vq:  # codebook and packed indices are buffers: the state dict holds them as they are
-                layers[name] = {"shape": list(layer.weight_shape), "dtype": str(layer.weight_dtype).removeprefix("torch.")}
+                layers[name] = {"shape": list(layer.weight_shape),
+                                "dtype": str(layer.weight_dtype).removeprefix("torch.")}
                 continue
             if layer.weight_quantizer is None:
                 continue

@@ -13,8 +13,14 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .algorithms import apply_block_reconstruction, apply_gptq, apply_vq, calibrate_ranges, calibrate_temporal
-from .algorithms import split_shortcuts
+from .algorithms import (
+    apply_block_reconstruction,
+    apply_gptq,
+    apply_vq,
+    calibrate_ranges,
+    calibrate_temporal,
+    split_shortcuts,
+)
 from .config import Step
 from .finetune import apply_efficientdm, apply_quest, apply_qvgen
 from .transforms import apply_rotation, apply_smoothquant, apply_svd

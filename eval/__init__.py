@@ -5,9 +5,23 @@
 >>> fid(quantized_images, real_images, extractor=judge("miniature-sd"))   # FIDResult(value, n_a, n_b, ...)
 """
 from .grid import html_report, image_grid, save_grid
-from .metrics import (FIDResult, background_consistency, clip_score, dynamic_degree, fid, frame_quality,
-                      frechet_distance, lpips, motion_smoothness, psnr, ssim, subject_consistency, temporal_flickering,
-                      video_metrics, video_scores)
+from .metrics import (
+                      FIDResult,
+                      background_consistency,
+                      clip_score,
+                      dynamic_degree,
+                      fid,
+                      frame_quality,
+                      frechet_distance,
+                      lpips,
+                      motion_smoothness,
+                      psnr,
+                      ssim,
+                      subject_consistency,
+                      temporal_flickering,
+                      video_metrics,
+                      video_scores,
+)
 from .prompts import load_prompts
 from .regression import assert_quality, check_baseline, record_baseline
 from .runner import EvalConfig, evaluate

@@ -81,7 +81,8 @@ def _diffusers(config: str) -> Apply:
 
             kind = {"torchao-int8wo": q.Int8WeightOnlyConfig, "torchao-int8dq": q.Int8DynamicActivationInt8WeightConfig}
             return TorchAoConfig(kind[config](), modules_to_not_convert=skip)
-        return QuantoConfig(weights_dtype={"quanto-w8": "int8", "quanto-w4": "int4"}[config], modules_to_not_convert=skip)
+        weights = {"quanto-w8": "int8", "quanto-w4": "int4"}[config]
+        return QuantoConfig(weights_dtype=weights, modules_to_not_convert=skip)
 
     def apply(model: nn.Module, calibrate: Callable | None, layers: list[str]) -> nn.Module:
         chosen = set(layers)

@@ -47,7 +47,8 @@ def _check(prompts: list[str], columns: dict[str, torch.Tensor]) -> None:
         raise ValueError("no columns to show: pass {'FP': samples, recipe: samples, ...}")
     shapes = {tuple(c.shape) for c in columns.values()}
     if any(c.shape[0] != len(prompts) for c in columns.values()):
-        raise ValueError(f"every column needs one sample per prompt ({len(prompts)} prompts), got shapes {sorted(shapes)}")
+        raise ValueError(f"every column needs one sample per prompt ({len(prompts)} prompts), "
+                         f"got shapes {sorted(shapes)}")
     if len(shapes) != 1:
         raise ValueError(f"columns must share one shape, got {sorted(shapes)}")
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runner import EvalConfig, evaluate
 from .bootstrap import paired_ci, separated
+from .runner import EvalConfig, evaluate
 from .table import METRICS
 
 # FID is left out: at regression-test sample counts (n << feature dim) it is too unstable to gate on.

@@ -20,17 +20,18 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dmquant
-from dmquant.state import quantized_components
 from dmquant.components import denoiser_path, get_path
 from dmquant.pipelines import generate, load
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
+from dmquant.state import quantized_components
 
 from .backends import apply_backend, module_bytes
-from .grid import html_report, save_grid
 from .bootstrap import bootstrap_ci
 from .checks import check_checkpoint, check_metrics, default_metrics
+from .grid import html_report, save_grid
 from .metrics import psnr, ssim, video_scores
-from .metrics.fid import frechet_distance as fid_from_features, resolve_extractor
+from .metrics.fid import frechet_distance as fid_from_features
+from .metrics.fid import resolve_extractor
 from .table import format_table
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,8 @@ def _backgrounds(n: int, size: int, g: torch.Generator) -> torch.Tensor:
     tint = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.08
     ramp = torch.linspace(-1, 1, size)
     angle = torch.rand(n, generator=g) * 6.2832
-    grad = (torch.cos(angle).view(-1, 1, 1) * ramp.view(1, 1, -1) + torch.sin(angle).view(-1, 1, 1) * ramp.view(1, -1, 1))
+    grad = (torch.cos(angle).view(-1, 1, 1) * ramp.view(1, 1, -1)
+            + torch.sin(angle).view(-1, 1, 1) * ramp.view(1, -1, 1))
     bg = base + tint + 0.08 * grad.unsqueeze(1) + 0.02 * torch.randn(n, 3, size, size, generator=g)
     return bg.clamp(0, 1)
 

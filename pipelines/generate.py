@@ -9,9 +9,8 @@ bins): the call fills in what `call_defaults(pipe)` says for every argument the 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

@@ -23,7 +23,8 @@ def available() -> list[str]:
     return [*NAMES, *(TINY_PREFIX + f for f in BUILDERS)]
 
 
-def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> Any:
     """A diffusers pipeline by miniature/tiny name or from disk/cache (local files only)."""
     from diffusers import DiffusionPipeline
 

@@ -38,8 +38,13 @@ TRAIN_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.
 
 def build_components(name: str, vocab_words: list[str] | None = None) -> dict[str, Any]:
     """Fresh (untrained) components of a miniature, keyed as its pipeline expects them."""
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LatteTransformer3DModel,
-                           PixArtTransformer2DModel, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        LatteTransformer3DModel,
+        PixArtTransformer2DModel,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from .tokenizers import clip_tokenizer, t5_tokenizer

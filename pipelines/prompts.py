@@ -14,7 +14,8 @@ GENERIC_PROMPTS = (
     "a close-up portrait of an old man with a beard", "a city street at night in the rain, neon lights",
     "a snowy forest with a wooden cabin", "a plate of sushi, studio lighting", "a golden retriever running on a beach",
     "an oil painting of sunflowers in a vase", "a futuristic robot in a factory", "a bird's eye view of a river delta",
-    "a medieval castle on a hill, fantasy illustration", "a cup of coffee with latte art", "a field of tulips in spring",
+    "a medieval castle on a hill, fantasy illustration", "a cup of coffee with latte art",
+    "a field of tulips in spring",
 )
 HELD_OUT_SEED = 4242  # procedural captions for calibration, disjoint from evaluation prompt lists
 

@@ -34,10 +34,10 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from safetensors import safe_open
 
 from dmquant.apply import apply_plan, apply_recipe
-from dmquant.state import QuantState, quant_layers, sync_state, track_timesteps
 from dmquant.config import Recipe
 from dmquant.plans import FORMAT_VERSION, QUANT_METHOD, plan_from_json
 from dmquant.recipes import get_recipe
+from dmquant.state import QuantState, quant_layers, sync_state, track_timesteps
 from dmquant.transforms.peft import register_peft
 
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,

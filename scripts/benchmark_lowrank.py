@@ -15,13 +15,12 @@ import argparse
 import copy
 
 import torch
+from benchmark import timed  # scripts/ is on sys.path when run as a script
 from torch import nn
 
 import dmquant
 from dmquant.payload import extra_nbytes, weight_nbytes
 from dmquant.transforms import apply_svd
-
-from benchmark import timed  # scripts/ is on sys.path when run as a script
 
 SHAPES = ((1152, 1152), (1152, 4608), (4608, 1152))  # attention projections, FFN up and down
 

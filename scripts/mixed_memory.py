@@ -14,8 +14,8 @@ import resource
 import time
 
 import torch
-from dmquant.calibration import DenoiserCall, Trajectory
 
+from dmquant.calibration import DenoiserCall, Trajectory
 from dmquant.mixed import measure, parse_candidates, quantizable_layers
 
 SD15 = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,

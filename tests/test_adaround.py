@@ -9,13 +9,13 @@ from torch import nn
 
 import dmquant
 from dmquant.algorithms import annealed_beta, apply_block_reconstruction, grid_neighbours, soft_rounding
-from dmquant.steps import STEPS
-from dmquant.state import quant_layers
-from dmquant.observe import static_quantizers
 from dmquant.config import QuantSpec, Recipe, Step
 from dmquant.formats import get_format
 from dmquant.nn import QuantLinear
+from dmquant.observe import static_quantizers
 from dmquant.primitives import choose_qparams, dequantize, element_format, quantize
+from dmquant.state import quant_layers
+from dmquant.steps import STEPS
 
 
 def brute_neighbours(v: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,7 +113,8 @@ def test_attention_spec_round_trip_and_errors():
 
 @pytest.mark.parametrize("recipe", ["sage-attn-int8", "w8a8-attn8"])
 def test_sage_recipes_on_tiny_pixart(recipe):
-    from conftest import BUILDERS, _inputs as model_inputs
+    from conftest import BUILDERS
+    from conftest import _inputs as model_inputs
 
     torch.manual_seed(0)
     model = BUILDERS["pixart"]().eval()

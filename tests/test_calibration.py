@@ -10,10 +10,10 @@ import dmquant
 import dmquant.observe
 from dmquant.calibration import CalibrationSet, Trajectory, eda_steps, parse_selection, uniform_steps
 from dmquant.config import QuantSpec, Recipe
+from dmquant.formats import get_format
+from dmquant.granularity import PerChannel
 from dmquant.nn import TensorQuantizer
 from dmquant.observers import RangeObserver, estimate_qparams, parse_observer
-from dmquant.granularity import PerChannel
-from dmquant.formats import get_format
 from dmquant.timestep import attach_timestep_hook, current_noise_level, noise_level
 
 

@@ -6,8 +6,8 @@ import torch
 from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 
 import dmquant
-from dmquant.state import quant_layers
 from dmquant.pipelines import DmquantConfig, build_tiny_pipeline, generate
+from dmquant.state import quant_layers
 
 
 def test_quantize_on_load_matches_quantize_and_round_trips_bitwise(denoiser, tmp_path):

@@ -218,6 +218,7 @@ def test_ssim_gap_to_torchmetrics_is_what_the_docstring_states(size, bound):
     """torchmetrics averages reflect-padded windows, we average valid ones: the docstring states the gap
     measured on miniature-like images; it must hold (and at 32 px be far above 1e-3, as it is)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
     from dmquant.pipelines import make_images
 
     torch.manual_seed(0)

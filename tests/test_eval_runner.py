@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from dmquant.eval import EvalConfig, evaluate, load_prompts
-from dmquant.eval import runner
+from dmquant.eval import EvalConfig, evaluate, load_prompts, runner
 
 PROMPTS = ["a red circle at the top", "a blue square", "a cyan cross in the center"]
 
@@ -60,8 +59,8 @@ def test_other_libraries_through_the_same_harness(tmp_path, backend, layers):
 
 
 def test_peer_layer_sets_and_bytes_are_counted_not_assumed():
-    from torch import nn
     from optimum import quanto
+    from torch import nn
 
     from dmquant.eval.backends import apply_backend, module_bytes
     from dmquant.pipelines import load

@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from dmquant.eval import frame_quality, psnr, ssim, video_metrics
-from dmquant.eval.metrics.video import (background_consistency, dynamic_degree, lucas_kanade, motion_smoothness,
-                                        subject_consistency, temporal_flickering)
+from dmquant.eval.metrics.video import (
+    background_consistency,
+    dynamic_degree,
+    lucas_kanade,
+    motion_smoothness,
+    subject_consistency,
+    temporal_flickering,
+)
 
 
 @pytest.fixture(autouse=True)

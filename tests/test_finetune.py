@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import dmquant
-from dmquant.steps import STEPS
-from dmquant.state import quant_layers
 from dmquant.config import Step
 from dmquant.finetune import LowRankDelta
 from dmquant.finetune import distill as distill_module
 from dmquant.finetune.qvgen import decay_ranks
 from dmquant.pipelines import load
+from dmquant.state import quant_layers
+from dmquant.steps import STEPS
 
 CALIB = {"num_prompts": 2, "steps": 4, "timesteps": "all"}
 

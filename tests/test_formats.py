@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from reference import adversarial_inputs, nearest_on_grid
 
 from dmquant.formats import BlockFormat, CodebookFormat, FloatFormat, IntFormat, get_format, list_formats
-from reference import adversarial_inputs, nearest_on_grid
 
 ALL = list_formats()
 

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmquant.config import QuantSpec
+from dmquant.granularity import PerTensor, PerToken
 from dmquant.kernels import available_backends, common, cpu, cuda, get_kernel
 from dmquant.nn import QuantConv2d, QuantLinear
 from dmquant.primitives import QParams, choose_qparams
-from dmquant.granularity import PerTensor, PerToken
 
 W8 = QuantSpec("int8", "channel")
 DYN_TOKEN = QuantSpec("int8", "token", dynamic=True)

@@ -60,11 +60,11 @@ def test_peft_lora_beside_quantized_layers_matches_float64_reference_and_fuses_i
     torch.testing.assert_close(unfused.double(), expected, rtol=1e-5, atol=1e-5)
 
     # fuse: the adapter goes into each layer's low-rank branch (the codes stay), and the plan says so
-    codes = {n: l.weight_packed.clone() for n, l in layers.items()}
+    codes = {n: li.weight_packed.clone() for n, li in layers.items()}
     for m in wrapped.values():
         m.merge()
     torch.testing.assert_close(_run(model, inputs).double(), expected, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(codes[n], l.weight_packed) for n, l in layers.items())
+    assert all(torch.equal(codes[n], li.weight_packed) for n, li in layers.items())
     name = next(iter(wrapped))
     assert wrapped[name].get_base_layer().lowrank.adapters == [("peft:a", 4)]
     assert model.dmquant_state.plan[name].lora == (("peft:a", 4),)
@@ -106,7 +106,7 @@ def test_diffusers_load_lora_weights_swap_fuse_save_and_reload(tmp_path):
     inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, 5, unet.config.cross_attention_dim, generator=g))
     base = _run(unet, inputs)
-    codes = {n: l.weight_packed.clone() for n, l in layers.items()}
+    codes = {n: li.weight_packed.clone() for n, li in layers.items()}
 
     pipe.load_lora_weights(_sd_lora(layers, names, 0), adapter_name="a")
     pipe.load_lora_weights(_sd_lora(layers, names, 1), adapter_name="b")
@@ -122,14 +122,14 @@ def test_diffusers_load_lora_weights_swap_fuse_save_and_reload(tmp_path):
     pipe.disable_lora()
     assert torch.equal(_run(unet, inputs), base)
     pipe.enable_lora()
-    assert all(torch.equal(codes[n], l.weight_packed) for n, l in layers.items())  # swaps never re-quantize
+    assert all(torch.equal(codes[n], li.weight_packed) for n, li in layers.items())  # swaps never re-quantize
 
     pipe.set_adapters("a", 0.7)
     pipe.fuse_lora(adapter_names=["a"])
     assert layers[names[0]].lowrank.adapters == [("peft:a", 2)]
     torch.testing.assert_close(_run(unet, inputs), out_a, rtol=1e-5, atol=1e-5)
     pipe.unfuse_lora()
-    assert all(l.lowrank is None for l in layers.values())
+    assert all(li.lowrank is None for li in layers.values())
     torch.testing.assert_close(_run(unet, inputs), out_a, rtol=1e-6, atol=1e-6)
 
     # unfused: the adapter is saved on its own, the quantized base without it; both load back

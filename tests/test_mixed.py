@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from dmquant.calibration import DenoiserCall, Trajectory
 from torch import nn
 
 import dmquant
 import dmquant.mixed
+from dmquant.calibration import DenoiserCall, Trajectory
 from dmquant.mixed import allocate, flow, measure, parse_budget, parse_candidates, search, weight_nbytes
 from dmquant.recipes import get_recipe, load_recipe_file
 
@@ -24,9 +24,9 @@ CANDS = "int4:group:64,int8:channel,fp"
 def brute_force(cost, nbytes, limit, latency=None, latency_limit=None):
     best = None
     for picks in itertools.product(range(cost.shape[1]), repeat=cost.shape[0]):
-        size = sum(int(nbytes[l, c]) for l, c in enumerate(picks))
-        value = sum(float(cost[l, c]) for l, c in enumerate(picks))
-        slow = latency is not None and sum(float(latency[l, c]) for l, c in enumerate(picks)) > latency_limit
+        size = sum(int(nbytes[li, c]) for li, c in enumerate(picks))
+        value = sum(float(cost[li, c]) for li, c in enumerate(picks))
+        slow = latency is not None and sum(float(latency[li, c]) for li, c in enumerate(picks)) > latency_limit
         if size <= limit and not slow and (best is None or value < best[0] - 1e-12):
             best = (value, picks)
     return best
@@ -42,8 +42,8 @@ def test_allocation_is_the_exact_optimum(seed):
     for limit in (lo, (lo + hi) // 2, hi):
         picks = allocate(cost, nbytes, limit)
         value, _ = brute_force(cost, nbytes, limit)
-        assert sum(int(nbytes[l, c]) for l, c in enumerate(picks)) <= limit
-        assert sum(float(cost[l, c]) for l, c in enumerate(picks)) == pytest.approx(value, rel=1e-9, abs=1e-12)
+        assert sum(int(nbytes[li, c]) for li, c in enumerate(picks)) <= limit
+        assert sum(float(cost[li, c]) for li, c in enumerate(picks)) == pytest.approx(value, rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="budget too small"):
         allocate(cost, nbytes, lo - 1)
 
@@ -184,8 +184,8 @@ def test_latency_budget_is_a_second_exact_constraint(seed):
     for lat_limit in (fast + 1e-9, (fast + slow) / 2):
         picks = allocate(cost, nbytes, limit, latency=latency, latency_limit=lat_limit)
         value, _ = brute_force(cost, nbytes, limit, latency, lat_limit)
-        assert sum(float(latency[l, c]) for l, c in enumerate(picks)) <= lat_limit + 1e-9
-        assert sum(float(cost[l, c]) for l, c in enumerate(picks)) == pytest.approx(value, rel=1e-9, abs=1e-12)
+        assert sum(float(latency[li, c]) for li, c in enumerate(picks)) <= lat_limit + 1e-9
+        assert sum(float(cost[li, c]) for li, c in enumerate(picks)) == pytest.approx(value, rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="latency budget too small"):
         allocate(cost, nbytes, limit, latency=latency, latency_limit=fast * 0.99)
 
@@ -246,10 +246,9 @@ def test_auto_name_searches_on_the_model(monkeypatch):
 
 
 def test_bos_aware_text_encoder():
-    from dmquant.pipelines import build_tiny_pipeline
-
     from dmquant.api import quantize_text_encoder_bos
     from dmquant.mixed.bos import bos_states
+    from dmquant.pipelines import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd")
     ids = pipe.tokenizer(["a red circle", "blue square at the top"], padding="max_length", truncation=True,

@@ -2,8 +2,9 @@
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = {"dmquant": "dmquant", "pipelines": "dmquant.pipelines", "calibration": "dmquant.calibration",

@@ -10,8 +10,18 @@ import pytest
 import torch
 
 import dmquant
-from dmquant.pipelines import (available, build_tiny_pipeline, family_of, generate, judge, load, make_images,
-                               make_videos, miniature_prompts, parse_prompt)
+from dmquant.pipelines import (
+    available,
+    build_tiny_pipeline,
+    family_of,
+    generate,
+    judge,
+    load,
+    make_images,
+    make_videos,
+    miniature_prompts,
+    parse_prompt,
+)
 from dmquant.pipelines.data import COLOURS
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
 from dmquant.pipelines.tokenizers import clip_tokenizer, t5_tokenizer

@@ -3,12 +3,11 @@ import math
 
 import pytest
 import torch
+from reference import nearest_on_grid
 
 from dmquant.formats import get_format
 from dmquant.granularity import PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
-from dmquant.primitives import (QParams, choose_qparams, dequantize, fake_quantize, quantize,
-                                qparams_from_range, sqnr_db)
-from reference import nearest_on_grid
+from dmquant.primitives import QParams, choose_qparams, dequantize, fake_quantize, qparams_from_range, quantize, sqnr_db
 
 torch.manual_seed(0)
 

@@ -28,7 +28,7 @@ def test_baselines_record_how_their_tolerance_was_measured(baseline):
     and keeps per-prompt values for the paired interval in `regress`."""
     base = json.loads(baseline.read_text())
     assert get_recipe(base["model"]).backend == "fake"
-    for key, gate in base["metrics"].items():
+    for gate in base["metrics"].values():
         assert len(gate["per_prompt"]) == len(base["prompts"])
     if base["metrics"]["psnr"]["value"] < 40:
         return

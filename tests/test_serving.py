@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import dmquant
-from dmquant.state import quant_layers
 from dmquant.config import QuantSpec, Recipe
 from dmquant.kernels import BACKENDS, cpu, select_kernel, weight_only
 from dmquant.nn import QuantConv2d, QuantLinear, quantization_disabled
+from dmquant.state import quant_layers
 
 needs_cpu_kernels = pytest.mark.skipif(not cpu.onednn_available(), reason="no oneDNN int8 kernels in this build")
 FORMATS = ["w8a8", "w4a8", "w4a16", "nvfp4", "mxfp4", "fp8"]

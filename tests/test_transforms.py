@@ -16,8 +16,15 @@ from dmquant.config import Step
 from dmquant.nn import quantization_disabled
 from dmquant.plans import plan_from_json
 from dmquant.timestep import noise_level
-from dmquant.transforms import (ActivationStats, hadamard, merge_lora, random_orthogonal, rotate, smoothing_factors,
-                                unmerge_lora)
+from dmquant.transforms import (
+    ActivationStats,
+    hadamard,
+    merge_lora,
+    random_orthogonal,
+    rotate,
+    smoothing_factors,
+    unmerge_lora,
+)
 
 
 def _rel(a, b):

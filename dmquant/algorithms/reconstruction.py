@@ -175,8 +175,8 @@ def apply_block_reconstruction(modules: list[nn.Module], run: Callable[[], Any],
                                lsq_lr: float = 1e-3, skip: str | None = None, samples: int | None = None,
                                seed: int = 0) -> dict[str, UnitResult]:
     """AdaRound every weight-quantized layer of `modules`, block by block (BRECQ); `run()` feeds the
-    calibration data. `blocks`: regexes of block names (default: the family's, `dmquant.families.blocks_for`); `skip`: regex of
-    layer names kept at round-to-nearest; `samples`: cap on captured calls per unit; `weight`, `beta`
+    calibration data. `blocks`: regexes of block names (default: the family's, `families.blocks_for`);
+    `skip`: regex of layer names kept at round-to-nearest; `samples`: cap on captured calls per unit; `weight`, `beta`
     (start, end) and `warmup` (fraction of iters): AdaRound's regulariser and its schedule; `lsq`:
     also learn the unit's static activation scales (calibrated already), `lsq_lr` relative to each.
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from ..observe import observing_quantizers
 from ..families import temporal_for
 from ..nn.qmodule import QuantModule
+from ..observe import observing_quantizers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def calibrate_temporal(modules: list[nn.Module], run: Any, pattern: str | None =
     quantizers = [m.input_quantizer for m in temporal_layers(denoiser, pattern).values()
                   if m.input_quantizer is not None and not m.input_quantizer.spec.dynamic]
     if not quantizers:
-        log.warning("temporal step: no temporal layer with a static input quantizer matches %r", pattern or temporal_for(denoiser))
+        log.warning("temporal step: no temporal layer with a static input quantizer matches %r",
+                    pattern or temporal_for(denoiser))
         return {"layers": 0, "timesteps": 0}
     calls = list(trajectory.timestep_calls())
     with observing_quantizers(quantizers):

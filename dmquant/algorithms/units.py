@@ -11,6 +11,7 @@ from torch import nn
 from ..families import blocks_for
 from ..nn.qmodule import QuantModule
 
+
 @dataclass(eq=False)
 class Unit:
     """What is reconstructed together: a block (or a lone layer) and its weight-quantized layers."""

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpu, cuda, weight_only
 from ..granularity import PerChannel, PerTensor, PerToken
+from . import cpu, cuda, weight_only
 
 
 def _is_linear(layer: Any) -> bool:

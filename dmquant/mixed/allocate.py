@@ -95,8 +95,8 @@ def solve(sens: Sensitivity, budget: str | float, *, content_weight: float = 1.0
     limit = parse_budget(budget, sens, recipe_bytes)
     cost = sens.cost(content_weight)
     picks = allocate(cost, sens.nbytes, limit, allowed, latency, latency_limit)
-    layer_bytes = int(sum(int(sens.nbytes[l, c]) for l, c in enumerate(picks)))
-    seconds = None if latency is None else float(sum(float(latency[l, c]) for l, c in enumerate(picks)))
+    layer_bytes = int(sum(int(sens.nbytes[li, c]) for li, c in enumerate(picks)))
+    seconds = None if latency is None else float(sum(float(latency[li, c]) for li, c in enumerate(picks)))
     return Allocation({n: sens.candidates[c] for n, c in zip(sens.layers, picks)}, layer_bytes,
                       layer_bytes + sens.fixed_bytes, layer_bytes * 8 / max(sum(sens.params), 1),
-                      float(sum(float(cost[l, c]) for l, c in enumerate(picks))), limit, seconds)
+                      float(sum(float(cost[li, c]) for li, c in enumerate(picks))), limit, seconds)

@@ -74,7 +74,8 @@ def weight_nbytes(weight_shape: tuple[int, ...], spec: QuantSpec | None, element
     return packed_nbytes(numel, spec.bits) + scales * scale_bytes + zero + extra
 
 
-def quantizable_layers(module: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+def quantizable_layers(module: nn.Module, include: tuple[str, ...] = (),
+                       exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """{name: layer} of every layer dmquant can quantize (Linear, Conv1/2/3d). Unlike a recipe's
     default skip list nothing is excluded unless asked: the measurement decides what stays FP."""
     keep = LayerFilter(include, exclude)

@@ -48,7 +48,8 @@ class SearchResult:
             counts[c] = counts.get(c, 0) + 1
         a = self.allocation
         return (f"{self.recipe.name}: {a.average_bits:.3f} average weight bits over {len(a.choice)} layers, "
-                f"denoiser {a.total_bytes / 2**20:.4f} MiB (limit {(a.budget_bytes + self.sensitivity.fixed_bytes) / 2**20:.4f}), "
+                f"denoiser {a.total_bytes / 2**20:.4f} MiB "
+                f"(limit {(a.budget_bytes + self.sensitivity.fixed_bytes) / 2**20:.4f}), "
                 f"predicted cost {a.cost:.4f}; layers per format {counts}; suggested exclude {self.exclude}"
                 + (f"; searched layers {a.seconds * 1e3:.3f} ms measured" if a.seconds is not None else ""))
 
@@ -166,6 +167,7 @@ def search(pipe: Any, budget: str | float, *, base: str | Recipe = "w4a8",
                           f"{base.name} with per-layer formats searched under {budget} (dmquant mixed)")
     non_fp = [c.name for c in cands if c.name != FP]
     result = SearchResult(recipe, allocation, sens, base_name,
-                          suggest_exclude(sens, min(non_fp, key=lambda n: sens.nbytes[:, sens.candidates.index(n)].sum())))
+                          suggest_exclude(sens, min(non_fp,
+                                                    key=lambda n: sens.nbytes[:, sens.candidates.index(n)].sum())))
     log.info("%s", result.summary())
     return result

@@ -9,4 +9,5 @@ from .switch import quantization_disabled, set_quantization_enabled
 
 __all__ = ["TensorQuantizer", "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d",
            "QUANT_MODULES", "quant_class_for", "AttentionQuantizers", "QuantAttnProcessor",
-           "quantize_attention", "is_attention", "keep_quantization", "quantization_disabled", "set_quantization_enabled"]
+           "quantize_attention", "is_attention", "keep_quantization", "quantization_disabled",
+           "set_quantization_enabled"]

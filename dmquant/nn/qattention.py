@@ -99,7 +99,8 @@ class AttentionQuantizers(nn.Module):
             causal = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
         if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            boolean = attn_mask.dtype == torch.bool
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if boolean else scores + attn_mask
         probs = self.probs(torch.softmax(scores.float(), dim=-1).to(value.dtype))
         if dropout_p and self.training:
             probs = F.dropout(probs, dropout_p)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.qmodule import QuantModule
 from .. import orthogonal as rot
+from ..nn.qmodule import QuantModule
 
 
 class LayerTransform(nn.Module):

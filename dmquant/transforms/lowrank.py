@@ -104,7 +104,7 @@ def apply_svd(modules: list[nn.Module], run: Callable[[], Any], rank: int = 32,
     (data-free: `run` is not called). `ranks` maps name patterns to per-layer ranks (0 skips).
     Returns the residual's relative Frobenius norm ||R|| / ||W|| per layer."""
     out = {}
-    for module, name, layer in quantized_layers(modules):
+    for _, name, layer in quantized_layers(modules):
         r = _rank_for(name, rank, ranks or {})
         if layer.weight_quantizer is None or getattr(layer, "groups", 1) != 1 or r <= 0:
             continue

@@ -86,7 +86,8 @@ def register_peft() -> None:
         return
     for quant, peft_cls in ((QuantLinear, lora_layer.Linear), (QuantConv1d, lora_layer.Conv1d),
                             (QuantConv2d, lora_layer.Conv2d), (QuantConv3d, lora_layer.Conv3d)):
-        _PEFT_CLASSES[quant] = type(f"Dmquant{peft_cls.__name__}", (_PeftBranchMerge, peft_cls), {"__module__": __name__})
+        _PEFT_CLASSES[quant] = type(f"Dmquant{peft_cls.__name__}", (_PeftBranchMerge, peft_cls),
+                                    {"__module__": __name__})
     original = LoraModel._create_and_replace
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):

@@ -3,9 +3,10 @@
 A rotation spreads the few large activation channels over all channels, so per-token scales stop being
 set by outliers (and weight outliers are spread the same way). Q is a block-diagonal Hadamard matrix
 (entries +-1/sqrt(b), rebuilt from its name, never stored), a random orthogonal matrix (stored: n^2
-numbers), or the full rotation kron(R, H) ("kron": every channel mixes, R is (n / b)^2 numbers). Where the graph allows (a value projection feeding attention's output projection) a
-head-sized Hadamard is folded into both weights and costs nothing at run time; elsewhere the layer
-rotates its input online, before its input quantizer.
+numbers), or the full rotation kron(R, H) ("kron": every channel mixes, R is (n / b)^2 numbers).
+Where the graph allows (a value projection feeding attention's output projection) a head-sized
+Hadamard is folded into both weights and costs nothing at run time; elsewhere the layer rotates its
+input online, before its input quantizer.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 from torch import nn
 
 from ..nn.qlinear import QuantLinear
+from ..orthogonal import KINDS, hadamard, hadamard_block, kron_factor, kron_rotate, random_orthogonal, rotate
 from .folds import attention_pairs
 from .layer import quantized_layers, set_weight, transform_of
-from ..orthogonal import KINDS, hadamard, hadamard_block, kron_factor, kron_rotate, random_orthogonal, rotate
 
 
 def apply_rotation(modules: list[nn.Module], run: Callable[[], Any], kind: str = "hadamard", seed: int = 0,

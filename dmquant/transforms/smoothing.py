@@ -81,7 +81,8 @@ def _groups(module: nn.Module, fold: bool) -> list[_Group]:
     return groups + [_Group(module, (n,)) for n in layers if n not in taken]
 
 
-def apply_smoothquant(modules: list[nn.Module], run: Callable[[], Any], alpha: float | Sequence[float] = SMOOTHING_ALPHAS,
+def apply_smoothquant(modules: list[nn.Module], run: Callable[[], Any],
+                      alpha: float | Sequence[float] = SMOOTHING_ALPHAS,
                       fold: bool = True, timestep_aware: bool = False, buckets: int = 4, samples: int = 256,
                       rank: int = 0) -> dict[str, float | None]:
     """Smooth every weight- and input-quantized layer; returns the chosen alpha per group (None: left
@@ -158,7 +159,7 @@ def _smooth_layer(layer: QuantModule, weight: torch.Tensor, s: torch.Tensor, ran
 
 
 def _apply(g: _Group, mods: dict[str, nn.Module], s: torch.Tensor) -> None:
-    for c, m in mods.items():
+    for m in mods.values():
         set_weight(m, scale_columns(m.weight, s))
         if isinstance(m, QuantModule):
             transform_of(m).set_smoothing(s.to(m.weight), folded=g.fold is not None)

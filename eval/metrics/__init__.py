@@ -3,8 +3,16 @@ plus VBench-style video metrics. Heavy optional packages load inside the functio
 from .clip import clip_score
 from .fid import FIDResult, fid, frechet_distance
 from .similarity import lpips, psnr, ssim
-from .video import (background_consistency, dynamic_degree, frame_quality, motion_smoothness, subject_consistency,
-                    temporal_flickering, video_metrics, video_scores)
+from .video import (
+                    background_consistency,
+                    dynamic_degree,
+                    frame_quality,
+                    motion_smoothness,
+                    subject_consistency,
+                    temporal_flickering,
+                    video_metrics,
+                    video_scores,
+)
 
 __all__ = ["frechet_distance", "fid", "FIDResult", "psnr", "ssim", "lpips", "clip_score", "subject_consistency",
            "background_consistency", "temporal_flickering", "motion_smoothness", "dynamic_degree", "frame_quality",

@@ -35,7 +35,7 @@ def _resize_center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @lru_cache(maxsize=2)
 def _open_clip(model_name: str, checkpoint: str) -> tuple[Any, Any, Any]:
-    import open_clip  # a local checkpoint file; architectures whose tokenizer lives on the hub need HF_HUB_OFFLINE=1 offline
+    import open_clip  # a local checkpoint; a tokenizer that lives on the hub needs HF_HUB_OFFLINE=1 offline
 
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint)
     return model.eval(), open_clip.get_tokenizer(model_name), preprocess

@@ -40,7 +40,8 @@ def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D) (lower is better, >= 0)."""
     if feats_a.dim() != 2 or feats_b.dim() != 2 or feats_a.shape[1] != feats_b.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with equal D, got {tuple(feats_a.shape)}, {tuple(feats_b.shape)}")
+        raise ValueError(f"feature sets must be (N, D) with equal D, got {tuple(feats_a.shape)}, "
+                         f"{tuple(feats_b.shape)}")
     if min(feats_a.shape[0], feats_b.shape[0]) < 2:
         raise ValueError("need at least 2 samples per set for a covariance")
     mu_a, sa = _stats(feats_a)

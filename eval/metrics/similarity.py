@@ -65,12 +65,14 @@ def lpips_backbone_file(net: str = "alex", backbone: str | os.PathLike | None = 
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
     path = Path(backbone or os.environ.get(LPIPS_ENV) or torch_home / "hub" / "checkpoints" / _BACKBONE_FILES[net])
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS needs the torchvision {net} backbone weights ({_BACKBONE_FILES[net]}), not found at "
-                                f"{path}: pass backbone=<file> or set ${LPIPS_ENV}; dmquant never downloads them")
+        raise FileNotFoundError(f"LPIPS needs the torchvision {net} backbone weights ({_BACKBONE_FILES[net]}), "
+                                f"not found at {path}: pass backbone=<file> or set ${LPIPS_ENV}; "
+                                "dmquant never downloads them")
     return path
 
 
-def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex", backbone: str | os.PathLike | None = None) -> torch.Tensor:
+def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "alex",
+          backbone: str | os.PathLike | None = None) -> torch.Tensor:
     """LPIPS perceptual distance per sample (lower is better), with the torchvision backbone from a
     local file: `backbone=`, $DMQUANT_LPIPS_BACKBONE, or $TORCH_HOME/hub/checkpoints/ (the linear
     heads ship inside the lpips package). Never downloads: a missing file is a FileNotFoundError."""

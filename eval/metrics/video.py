@@ -1,11 +1,17 @@
 """VBench-style video metrics that run offline on (N, F, 3, H, W) videos in [0, 1]; one value per video.
 
-- subject_consistency: cos similarity of each frame's features to the first and previous frame (VBench: DINO; here any extractor, default zero-mean 8x8 thumbnails). [0, 1], higher is better.
-- background_consistency: the same on whole-frame scene features (VBench: CLIP; default zero-mean 4x4 colour layout). [0, 1], higher is better.
-- temporal_flickering: 1 - mean |frame_t - frame_t-1| over static pixels, i.e. VBench's (255 - MAE) / 255. [0, 1], higher is better.
-- motion_smoothness: 1 - mean |frame_t - flow-interpolated(frame_t-1, frame_t+1)| (VBench: AMT interpolator; here Lucas-Kanade). [0, 1], higher is better.
-- dynamic_degree: mean Lucas-Kanade flow magnitude in pixels/frame over pixels that change (VBench: RAFT, thresholded). [0, inf), neither is better: compare with FP.
-- frame_quality: PSNR (dB, higher better) and SSIM ([0, 1], higher better) of every frame against the FP video on the same seed.
+- subject_consistency: cos similarity of each frame's features to the first and previous frame
+  (VBench: DINO; here any extractor, default zero-mean 8x8 thumbnails). [0, 1], higher is better.
+- background_consistency: the same on whole-frame scene features (VBench: CLIP; default zero-mean 4x4
+  colour layout). [0, 1], higher is better.
+- temporal_flickering: 1 - mean |frame_t - frame_t-1| over static pixels, i.e. VBench's
+  (255 - MAE) / 255. [0, 1], higher is better.
+- motion_smoothness: 1 - mean |frame_t - flow-interpolated(frame_t-1, frame_t+1)| (VBench: AMT
+  interpolator; here Lucas-Kanade). [0, 1], higher is better.
+- dynamic_degree: mean Lucas-Kanade flow magnitude in pixels/frame over pixels that change (VBench:
+  RAFT, thresholded). [0, inf), neither is better: compare with FP.
+- frame_quality: PSNR (dB, higher better) and SSIM ([0, 1], higher better) of every frame against the
+  FP video on the same seed.
 
 Flow is a dense iterative Lucas-Kanade on Gaussian-smoothed grey frames: accurate to ~0.1 px for
 displacements up to ~2 px on smooth content, which is what 16-64 px miniature videos show; larger
