@@ -146,11 +146,8 @@ class TrajectoryRunner:
 def _denoiser_aside(denoiser: nn.Module) -> Iterator[None]:
     """While a sampling run feeds the text encoder / VAE observers, the denoiser's observing
     quantizers neither record (their statistics are the trajectory's) nor quantize."""
-    held = [(q, q._observers) for q in static_quantizers(denoiser) if q.observing]
-    for q, _ in held:
-        q._observers, q.enabled = None, False
-    try:
+    with contextlib.ExitStack() as stack:
+        for q in static_quantizers(denoiser):
+            if q.observing:
+                stack.enter_context(q.observation_paused())
         yield
-    finally:
-        for q, observers in held:
-            q._observers, q.enabled = observers, True

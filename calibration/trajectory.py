@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmquant.families import DEFAULT_TIMESTEP_SCALE, family_for_module
+from dmquant.timestep import level_of
 
 
 def _to(obj: Any, device: torch.device | str) -> Any:
@@ -119,8 +120,7 @@ class TrajectoryRecorder:
         bound = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
         if self.kwarg not in bound:
             raise ValueError(f"denoiser call without a {self.kwarg!r} argument: a trajectory records calls by timestep")
-        t = torch.as_tensor(bound[self.kwarg]).reshape(-1)[0]
-        level = float(t) / self.timestep_scale
+        level = level_of(bound[self.kwarg], self.timestep_scale)  # the same reader as the inference hook
         if level != self._last:  # a new step (NaN, a batch of mixed timesteps, never equals: one step a call)
             self._step, self._last = self._step + 1, level
             if self._first_run:
