@@ -32,12 +32,17 @@ def brute_force(cost, nbytes, limit, latency=None, latency_limit=None):
     return best
 
 
+def random_problem(seed, layers=6, candidates=3):
+    """(cost, bytes, latency) of a random allocation problem."""
+    g = torch.Generator().manual_seed(seed)
+    nbytes = torch.randint(10, 200, (layers, candidates), generator=g)
+    cost = torch.rand(layers, candidates, generator=g, dtype=torch.float64)
+    return cost, nbytes, torch.rand(layers, candidates, generator=g, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_allocation_is_the_exact_optimum(seed):
-    g = torch.Generator().manual_seed(seed)
-    L, C = 6, 3
-    nbytes = torch.randint(10, 200, (L, C), generator=g)
-    cost = torch.rand(L, C, generator=g, dtype=torch.float64)
+    cost, nbytes, _ = random_problem(seed)
     lo, hi = int(nbytes.min(1).values.sum()), int(nbytes.max(1).values.sum())
     for limit in (lo, (lo + hi) // 2, hi):
         picks = allocate(cost, nbytes, limit)
@@ -174,11 +179,7 @@ def test_search_recipe_quantizes_at_predicted_bytes(tiny_pixart, cache, tmp_path
 
 @pytest.mark.parametrize("seed", range(3))
 def test_latency_budget_is_a_second_exact_constraint(seed):
-    g = torch.Generator().manual_seed(seed)
-    L, C = 6, 3
-    nbytes = torch.randint(10, 200, (L, C), generator=g)
-    cost = torch.rand(L, C, generator=g, dtype=torch.float64)
-    latency = torch.rand(L, C, generator=g, dtype=torch.float64)
+    cost, nbytes, latency = random_problem(seed)
     fast, slow = float(latency.min(1).values.sum()), float(latency.max(1).values.sum())
     limit = int(nbytes.max(1).values.sum())
     for lat_limit in (fast + 1e-9, (fast + slow) / 2):
