@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 import dmquant
 from dmquant import families
@@ -196,6 +197,11 @@ def _quantize_generate_roundtrip(name, recipe, tmp_path, calibration=None):
     assert _psnr(out, reference) > MIN_PSNR[recipe], (name, recipe, _psnr(out, reference))
     dmquant.save_quantized(pipe, tmp_path / "q")
     loaded = dmquant.load_quantized(tmp_path / "q")  # Wan's optional transformer, SD3's null text_encoder_3
+    pipe.save_pretrained(tmp_path / "d")  # diffusers' own layout and loader (dmquant registered with it)
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if name == "sd3" else {}  # SD3 saved without T5
+    native = DiffusionPipeline.from_pretrained(tmp_path / "d", **absent)
+    native.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(native, PROMPTS, seed=1, steps=2, progress=False, **kw), out), name
     again = generate(loaded, PROMPTS, seed=1, steps=2, progress=False, **kw)
     assert torch.equal(out, again)
     return pipe
