@@ -127,7 +127,8 @@ def _output_mse(denoiser: nn.Module, calls: list, held: list[int], teacher: Call
     errs = []
     for i in held:
         target = teacher(i)[0]
-        errs.append(float((output_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float() - target).pow(2).mean()))
+        out = output_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float()
+        errs.append(float((out - target).pow(2).mean()))
         features.take()
     return sum(errs) / len(errs)
 
