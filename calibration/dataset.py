@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -105,15 +105,20 @@ class CalibrationSet:
                 probe.run(lambda: sample(0), first=True)
             features = torch.stack([torch.stack(v).mean(0) for _, v in sorted(probe.summaries.items())])
         keep = set(select_steps(selection, steps if features is None else features.shape[0], features))
-        with TrajectoryRecorder(denoiser, keep.__contains__, scale, max_calls=self.max_calls) as rec:
-            for i in tqdm(range(len(batches)), desc="calibration trajectory", unit="batch", disable=None):
-                rec.run(lambda: sample(i), first=i == 0)
-        trajectory = rec.trajectory
+
+        def record(desc: str = "calibration trajectory") -> Trajectory:
+            """Sample every calibration prompt with the denoiser as it is now; keep the chosen steps."""
+            with TrajectoryRecorder(denoiser, keep.__contains__, scale, max_calls=self.max_calls) as rec:
+                for i in tqdm(range(len(batches)), desc=desc, unit="batch", disable=None, leave=False):
+                    rec.run(lambda: sample(i), first=i == 0)
+            return rec.trajectory
+
+        trajectory = record()
         log.info("recorded %d denoiser calls at %d steps (%.1f MB)", len(trajectory.calls), len(keep),
                  trajectory.nbytes / 2**20)
         description = {**asdict(self), "prompts": prompts, "steps": steps, "timestep_scale": scale,
                        "call_kwargs": call, "recorded_steps": sorted(keep), "recorded_calls": len(trajectory.calls)}
-        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed, call)
+        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed, call, record)
 
 
 class TrajectoryRunner:
@@ -122,8 +127,12 @@ class TrajectoryRunner:
 
     def __init__(self, trajectory: Trajectory, description: dict[str, Any] | None = None,
                  prompts: list[str] | None = None, steps: int | None = None, seed: int = 1_000_000,
-                 call_kwargs: dict[str, Any] | None = None) -> None:
+                 call_kwargs: dict[str, Any] | None = None,
+                 record: Callable[[], Trajectory] | None = None) -> None:
         self.trajectory = trajectory
+        # Re-samples the same prompts, seeds and steps with the denoiser as it is then (a fine-tuning
+        # step's own trajectory); None when the runner only holds a trajectory recorded elsewhere.
+        self.record = record
         self.description = description or {"recorded_calls": len(trajectory.calls)}
         self.prompts, self.steps, self.seed = prompts or [], steps, seed
         self.call_kwargs = dict(call_kwargs or {})  # the sampling size and quirks the trajectory was recorded at

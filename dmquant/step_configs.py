@@ -117,6 +117,7 @@ class DistillConfig:
     lr: float = 1e-3
     batch_size: int = 4  # trajectory calls per optimizer step
     lsq_lr: float = 1e-3  # step sizes: relative to each scale tensor's mean
+    branch_lr: float = 1e-3  # low-rank branch factors (efficientdm `branch`): relative to each one's mean
     feature_weight: float = 0.0  # block-wise feature loss weight (0: output loss only)
     blocks: tuple[str, ...] | None = None  # None: the default block patterns
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
@@ -124,10 +125,18 @@ class DistillConfig:
     checkpoint_every: int = 50
     resume: bool = False
     seed: int = 0
+    trajectory: str = "float"  # inputs: "float" (the calibration trajectory) | "student" (re-sampled)
+    refresh_every: int = 50  # "student": re-sample the trajectory every this many steps
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("fine-tuning needs iters >= 0, batch_size >= 1 and checkpoint_every >= 1")
+        if self.trajectory not in ("float", "student"):
+            raise ValueError(f"trajectory must be float or student, got {self.trajectory!r}")
+        if self.trajectory == "student" and (self.refresh_every < 1 or self.checkpoint_every % self.refresh_every):
+            raise ValueError("trajectory: student needs refresh_every >= 1 dividing checkpoint_every (a resumed "
+                             f"run re-samples where the uninterrupted one did); got {self.refresh_every} and "
+                             f"{self.checkpoint_every}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 
@@ -140,6 +149,7 @@ class EfficientDMConfig(DistillConfig):
     lsq: bool = True
     scale_aware: bool = True
     skip: str | None = None
+    branch: bool = False  # also train the 16-bit low-rank branch of the layers that have one (SVDQuant)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,12 @@ class StepRun:
     def trajectory(self) -> Any:
         return getattr(self.runner, "trajectory", None)
 
+    def record(self) -> Any:
+        """A new trajectory sampled with the model as it is now (same prompts, seeds and steps), or None
+        when the calibration data cannot be re-sampled (a recorded trajectory or a plain callable)."""
+        record = getattr(self.runner, "record", None)
+        return record() if record is not None else None
+
 
 @dataclass
 class StepOutcome:

@@ -190,3 +190,57 @@ def test_two_processes_train_like_one_and_bf16_autocast_runs(tmp_path):
     bf16 = _worker(tmp_path, "bf16", "bf16")
     assert torch.isfinite(bf16).all() and not torch.equal(bf16, one)
     assert (bf16 - one).abs().max() < 0.1 * one.abs().max()
+
+
+def test_student_trajectory_resamples_with_the_quantized_model(monkeypatch, tmp_path):
+    """trajectory: student trains on the calls the quantized model meets when it samples itself,
+    re-sampled every refresh_every steps: the first step's latents are the seeds' noise (as in the float
+    trajectory), later ones drift; a resumed run re-samples where the uninterrupted one did."""
+    from dmquant.finetune import qalora
+
+    drawn = []
+    original = qalora.distill_adapters
+
+    def spy(*args):
+        float_calls, resample = args[1], args[-1]
+
+        def watched():
+            drawn.append(resample())
+            return drawn[-1]
+        drawn.append(float_calls)
+        return original(*args[:-1], watched)
+    monkeypatch.setattr(qalora, "distill_adapters", spy)
+    args = dict(iters=6, batch_size=2, trajectory="student", refresh_every=2, checkpoint_every=2)
+    full = pipeline("tiny-pixart")
+    results = recording(monkeypatch, "efficientdm")
+    dmquant.quantize(full, recipe("efficientdm-w4a4", **args), calibration=CALIB)
+    float_calls, *student = drawn
+    assert len(student) == 3  # steps 0, 2, 4
+
+    def latents(calls, step):
+        return torch.cat([c.kwargs["hidden_states"] for c in calls if c.step == step])
+    for calls in student:
+        assert len(calls) == len(float_calls)
+        assert torch.equal(latents(calls, 0), latents(float_calls, 0))
+        assert not torch.equal(latents(calls, 3), latents(float_calls, 3))
+    assert not torch.equal(latents(student[0], 3), latents(student[2], 3))  # the student changed meanwhile
+    assert results[0].mse_after < results[0].mse_before
+
+    ckpt = {"checkpoint": str(tmp_path / "ckpt")}
+    batch = distill_module._batch
+
+    def crash_at_3(seed, step, n, size):
+        if step == 3:
+            raise KeyboardInterrupt
+        return batch(seed, step, n, size)
+    monkeypatch.setattr(distill_module, "_batch", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args, **ckpt), calibration=CALIB)
+    monkeypatch.setattr(distill_module, "_batch", batch)
+    resumed = pipeline("tiny-pixart")
+    dmquant.quantize(resumed, recipe("efficientdm-w4a4", **args, **ckpt, resume=True), calibration=CALIB)
+    assert results[-1].start == 2
+    assert torch.equal(probe(resumed)(), probe(full)())
+    with pytest.raises(ValueError, match="refresh_every"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", trajectory="student", refresh_every=3),
+                         calibration=CALIB)

@@ -1,9 +1,11 @@
-"""Fine-tuning composed with a PTQ start (issue 20): `svdquant -> efficientdm` on a tiny pipeline.
+"""Fine-tuning composed with a PTQ start (issue 20): `svdquant -> efficientdm` and `svdquant -> qvgen`
+on a tiny pipeline.
 
 The QALoRA adapters train on layers that carry a smoothing transform and an SVD low-rank branch (the
 adapter sits inside the weight quantizer, on the int4 residual, in the smoothed input space), merge
 into the int4 residual exactly, and leave a model of the same modules, shapes and bytes as
 svdquant-w4a4 (the 16-bit branch and the smoothing untouched), which saves and loads bit for bit."""
+import pytest
 import torch
 
 import dmquant
@@ -22,8 +24,8 @@ def pipeline():
     return load("tiny-pixart")
 
 
-def composed(**args):
-    base = dmquant.get_recipe("svdquant-efficientdm-w4a4")
+def composed(name="svdquant-efficientdm-w4a4", **args):
+    base = dmquant.get_recipe(name)
     *ptq, ft = base.steps
     return base.replace(steps=(*ptq, Step(ft.name, {**ft.args, **args})))
 
@@ -41,15 +43,52 @@ def probe(pipe):
     return run
 
 
-def test_recipe_composes_the_svdquant_start_with_efficientdm():
-    r = dmquant.get_recipe("svdquant-efficientdm-w4a4")
-    assert [s.name for s in r.steps] == ["smoothquant", "svd", "efficientdm"]
-    assert r.steps[-1].args["lsq"] is False  # dynamic activations: no static step sizes to learn
-    base = dmquant.get_recipe("svdquant-w4a4")
-    assert [s.name for s in base.steps] == ["smoothquant", "svd"] and r.weight == base.weight and r.input == base.input
+@pytest.mark.parametrize("name,steps,base", [
+    ("svdquant-efficientdm-w4a4", ["smoothquant", "svd", "efficientdm"], "svdquant-w4a4"),
+    ("svdquant-qvgen-w4a4", ["smoothquant", "svd", "qvgen"], "svdquant-w4a4"),
+    ("gptq-efficientdm-w4a4", ["gptq", "ranges", "efficientdm"], "w4a4-static")])
+def test_recipe_composes_a_ptq_start_with_a_fine_tuner(name, steps, base):
+    r = dmquant.get_recipe(name)
+    assert [s.name for s in r.steps] == steps and r.weight == dmquant.get_recipe(base).weight
+    assert r.input == dmquant.get_recipe(base).input
+    ptq = dmquant.get_recipe(base)
+    assert [s.name for s in ptq.steps] == steps[:-1] or ptq.steps[-1].name == steps[-2] == "ranges"
+    # LSQ needs static activations; svdquant's are dynamic: no step sizes to learn
+    assert r.steps[-1].args["lsq"] is (r.input.dynamic is False)
 
 
-def test_efficientdm_on_svdquant_trains_through_branch_merges_and_keeps_the_format(monkeypatch, tmp_path):
+def test_gptq_then_efficientdm_fine_tunes_the_gptq_rounding(monkeypatch):
+    """With 0 steps the composed recipe is its GPTQ start exactly; with steps the adapters move GPTQ's
+    on-grid codes (a LoRA step below half a grid step rounds away, hence the large learning rate here)
+    and the merge keeps exactly the trained model."""
+    r = dmquant.get_recipe("gptq-efficientdm-w4a4")
+    start = pipeline()
+    dmquant.quantize(start, r.replace(steps=r.steps[:-1]), calibration=CALIB)
+    zero = pipeline()
+    dmquant.quantize(zero, composed("gptq-efficientdm-w4a4", iters=0), calibration=CALIB)
+    assert torch.equal(probe(zero)(), probe(start)())
+    pipe = pipeline()
+    run = probe(pipe)
+    seen = {}
+    merge = distill_module.merge_adapters
+
+    def checked_merge(adapters):
+        with distill_module.serving_adapters(adapters):
+            seen["trained"] = run()
+        merge(adapters)
+    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
+    dmquant.quantize(pipe, composed("gptq-efficientdm-w4a4", iters=12, batch_size=2, lr=5e-2), calibration=CALIB)
+    assert torch.equal(run(), seen["trained"])
+    a, b = quant_layers(pipe.transformer), quant_layers(start.transformer)
+    with torch.no_grad():
+        moved = [n for n in a if not torch.equal(a[n].quantized_weight(), b[n].quantized_weight())]
+    assert moved and [s.name for s in pipe.transformer.dmquant_state.steps] == ["gptq", "ranges", "efficientdm"]
+
+
+@pytest.mark.parametrize("name,step,args", [("svdquant-efficientdm-w4a4", "efficientdm", {}),
+                                            ("svdquant-qvgen-w4a4", "qvgen", {"aux_rank": 2})])
+def test_fine_tuning_on_svdquant_trains_through_branch_merges_and_keeps_the_format(monkeypatch, tmp_path, name, step,
+                                                                                  args):
     ptq = pipeline()
     dmquant.quantize(ptq, "svdquant-w4a4", calibration=CALIB)
     pipe = pipeline()
@@ -64,9 +103,9 @@ def test_efficientdm_on_svdquant_trains_through_branch_merges_and_keeps_the_form
         merge(adapters)
     monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
     results = []
-    original = STEPS["efficientdm"]
-    monkeypatch.setitem(STEPS, "efficientdm", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
-    dmquant.quantize(pipe, composed(iters=12, batch_size=2), calibration=CALIB)
+    original = STEPS[step]
+    monkeypatch.setitem(STEPS, step, lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    dmquant.quantize(pipe, composed(name, iters=12, batch_size=2, **args), calibration=CALIB)
     (res,) = results
     # the adapters trained on layers with both a smoothing transform and an SVD branch, and helped
     both = [m for m in seen["layers"] if m.transform is not None and m.lowrank is not None]
@@ -92,3 +131,46 @@ def test_efficientdm_on_svdquant_trains_through_branch_merges_and_keeps_the_form
     assert abs(size["ft"] - size["ptq"]) < 1024, size  # only metadata (the recipe) differs
     loaded = dmquant.load_quantized(tmp_path / "ft")
     assert torch.equal(run(loaded.transformer), run())
+
+
+def test_efficientdm_trains_the_svd_branch_in_place_while_the_teacher_stays_float(monkeypatch):
+    """branch: true: the quantized model trains its 16-bit branch factors; with quantization off the
+    same modules still compute the float model until the merge, which copies the factors in place
+    (same ranks and shapes) and computes exactly what was trained."""
+    from dmquant.nn.switch import quantization_disabled
+
+    fp = pipeline()
+    run_fp = probe(fp)()
+    pipe, ptq = pipeline(), pipeline()
+    dmquant.quantize(ptq, "svdquant-w4a4", calibration=CALIB)
+    run = probe(pipe)
+    seen = {}
+    merge = distill_module.merge_adapters
+
+    def checked_merge(adapters):
+        with quantization_disabled(pipe.transformer):
+            seen["teacher"] = run()
+        with distill_module.serving_adapters(adapters):
+            seen["trained"] = run()
+        merge(adapters)
+    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
+    results = []
+    original = STEPS["efficientdm"]
+    monkeypatch.setitem(STEPS, "efficientdm", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    dmquant.quantize(pipe, composed(iters=12, batch_size=2, branch=True, branch_lr=1e-4), calibration=CALIB)
+    (res,) = results
+    assert res.notes["branches"] > 0 and res.mse_after < res.mse_before
+    assert torch.allclose(seen["teacher"], run_fp, rtol=1e-4, atol=1e-5)  # the float model, branch untouched
+    assert torch.equal(run(), seen["trained"])
+    qa, qb = quant_layers(pipe.transformer), quant_layers(ptq.transformer)
+    moved = 0
+    for name, m in qa.items():
+        if m.lowrank is not None:
+            (da, ua), (db, ub) = m.lowrank.factors(), qb[name].lowrank.factors()
+            assert da.shape == db.shape and ua.shape == ub.shape and da.dtype == db.dtype
+            moved += not torch.equal(da, db)
+    assert moved > 0
+    with pytest.raises(ValueError, match="svd step"):
+        r = dmquant.get_recipe("efficientdm-w4a4")
+        dmquant.quantize(pipeline(), r.replace(steps=(r.steps[0], Step("efficientdm", {"iters": 1, "branch": True}))),
+                         calibration=CALIB)

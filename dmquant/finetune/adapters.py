@@ -61,13 +61,40 @@ def grid_step(layer: QuantModule) -> torch.Tensor:
     return step if step.numel() == rows else step.expand(rows)  # per tensor: one step for every row
 
 
+class BranchTwin(nn.Module):
+    """Trainable copies of a layer's 16-bit low-rank branch (SVDQuant's L1 L2), used while quantization
+    is on: the quantized model trains its branch, while the same modules with quantization off keep the
+    original branch and so stay the float teacher. `merge` copies the factors into the branch (same
+    rank, shapes and dtype: the deployed model keeps its size and format, and computes exactly what
+    was trained)."""
+
+    def __init__(self, layer: QuantModule) -> None:
+        super().__init__()
+        self.base = layer.lowrank
+        self.enabled = lambda: layer.weight_quantizer.enabled
+        self.down = nn.Parameter(self.base.down.weight.detach().clone())
+        self.up = nn.Parameter(self.base.up.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled():
+            return self.base(x)
+        return torch.func.functional_call(self.base, {"down.weight": self.down, "up.weight": self.up}, (x,))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.base.down.weight.copy_(self.down)
+        self.base.up.weight.copy_(self.up)
+
+
 @dataclass
 class LayerAdapters:
-    """What one layer trains: a LoRA inside its weight quantizer and/or an auxiliary branch beside it."""
+    """What one layer trains: a LoRA inside its weight quantizer, an auxiliary branch beside it, and/or
+    the factors of its own low-rank branch."""
 
     layer: QuantModule
     lora: LowRankDelta | None = None
     aux: LowRankDelta | None = None
+    branch: BranchTwin | None = None
 
     def merged_weight(self) -> torch.Tensor:
         """W + lora in the weight's dtype: what the quantizer sees now and what the merge stores."""
@@ -80,23 +107,26 @@ class LayerAdapters:
 
 
 def make_adapters(layers: dict[str, QuantModule], rank: int, aux_rank: int = 0, seed: int = 0,
-                  scale_aware: bool = True) -> dict[str, LayerAdapters]:
-    """Adapters for the weight-quantized `layers` (LoRA of `rank` inside, aux of `aux_rank` beside)."""
+                  scale_aware: bool = True, branch: bool = False) -> dict[str, LayerAdapters]:
+    """Adapters for the weight-quantized `layers` (LoRA of `rank` inside, aux of `aux_rank` beside; with
+    `branch`, the factors of every existing low-rank branch train too)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, layer in layers.items():
         unit = grid_step(layer) if scale_aware else torch.ones(layer.weight.shape[0])
         lora = LowRankDelta(layer, rank, unit, gen) if rank > 0 else None
         aux = LowRankDelta(layer, aux_rank, unit, gen) if aux_rank > 0 else None
-        out[name] = LayerAdapters(layer, lora, aux)
+        twin = BranchTwin(layer) if branch and layer.lowrank is not None else None
+        out[name] = LayerAdapters(layer, lora, aux, twin)
     return out
 
 
 def adapter_parameters(adapters: dict[str, LayerAdapters]) -> dict[str, torch.Tensor]:
-    """{name: tensor} of every adapter parameter and buffer (what training updates and checkpoints)."""
+    """{name: tensor} of every trainable adapter tensor (what training updates and checkpoints); the
+    branch factors as `<layer>.branch.down` / `.up`."""
     found = {}
     for name, a in adapters.items():
-        for kind, mod in (("lora", a.lora), ("aux", a.aux)):
+        for kind, mod in (("lora", a.lora), ("aux", a.aux), ("branch", a.branch)):
             if mod is not None:
                 found.update({f"{name}.{kind}.{k}": v for k, v in mod.named_parameters()})
     return found
@@ -109,19 +139,29 @@ def adapter_buffers(adapters: dict[str, LayerAdapters]) -> dict[str, torch.Tenso
 @contextlib.contextmanager
 def serving_adapters(adapters: dict[str, LayerAdapters]) -> Iterator[None]:
     """Inside, each layer computes with its adapters; on exit (also on error) the layers are restored."""
+    twins = [a for a in adapters.values() if a.branch is not None]
     with serving([a.layer for a in adapters.values()]):
-        for a in adapters.values():
-            a.layer.serve(a.served)
-        yield
+        try:
+            for a in adapters.values():
+                a.layer.serve(a.served)
+            for a in twins:
+                a.layer.lowrank = a.branch
+            yield
+        finally:
+            for a in twins:
+                a.layer.lowrank = a.branch.base
 
 
 @torch.no_grad()
 def merge_adapters(adapters: dict[str, LayerAdapters]) -> None:
-    """Fold every LoRA into its float weight (the weight scales stay those trained with); auxiliary
-    branches must have decayed to rank 0 (they have no place in a plain quantized layer)."""
+    """Fold every LoRA into its float weight (the weight scales stay those trained with) and every
+    trained branch into its layer's branch; auxiliary branches must have decayed to rank 0 (they have
+    no place in a plain quantized layer)."""
     live = [n for n, a in adapters.items() if a.aux is not None and a.aux.rank > 0]
     if live:
         raise RuntimeError(f"auxiliary branches still have rank > 0: {live[:3]}")
     for a in adapters.values():
         if a.lora is not None:
             a.layer.weight.copy_(a.merged_weight())
+        if a.branch is not None:
+            a.branch.merge()

@@ -141,20 +141,28 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
 
 def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, LayerAdapters],
                      scales: dict[str, torch.Tensor], cfg: DistillConfig, name: str,
-                     schedule: Schedule | None = None) -> DistillResult:
+                     schedule: Schedule | None = None, resample: Callable[[], list] | None = None) -> DistillResult:
     """Train `adapters` (and the step sizes `scales`) so the quantized denoiser matches its float self
-    on `calls`, then merge the adapters into the weights. The model's own parameters are frozen for the
-    run and restored after; on a failure during training the float weights and step sizes are as
+    on `calls`, then merge the adapters into the weights. With `cfg.trajectory == "student"` the inputs
+    are instead `resample()`: the calls met when the quantized model samples itself, re-sampled every
+    `cfg.refresh_every` steps (its errors compound along its own trajectory, which the float one never
+    visits); `calls` then only give the before/after figures. The model's own parameters are frozen for
+    the run and restored after; on a failure during training the float weights and step sizes are as
     before (once the adapters are merged, the model is the fine-tuned one)."""
     from accelerate import Accelerator  # heavy: only when a fine-tuning step runs
 
+    if cfg.trajectory == "student" and resample is None:
+        raise ValueError(f"{name}: trajectory: student re-samples the calibration prompts, which needs a "
+                         "pipeline calibrated with calibration settings or prompts")
     schedule = schedule or Schedule()
     device = next(denoiser.parameters()).device
     accel = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
     params = {**adapter_parameters(adapters), **{f"scale/{k}": v for k, v in scales.items()}}
     buffers = adapter_buffers(adapters)
-    groups = [{"params": [p for k, p in params.items() if not k.startswith("scale/")], "lr": cfg.lr},
-              *({"params": [t], "lr": cfg.lsq_lr * float(t.detach().abs().mean())} for t in scales.values())]
+    relative = {k: t for k, t in params.items() if k.startswith("scale/") or ".branch." in k}  # own scale
+    groups = [{"params": [p for k, p in params.items() if k not in relative], "lr": cfg.lr},
+              *({"params": [t], "lr": (cfg.lsq_lr if k.startswith("scale/") else cfg.branch_lr)
+                 * float(t.detach().abs().mean())} for k, t in relative.items())]
     optimizer = torch.optim.Adam([g for g in groups if g["params"]])
     initial = {k: t.detach().clone() for k, t in scales.items()}
     flags = [(p, p.requires_grad) for p in denoiser.parameters()]
@@ -165,32 +173,42 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     start = load_checkpoint(path, cfg.seed, params, buffers, optimizer) if cfg.resume and path and path.exists() else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
-    def teacher(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Float output (and block features) of call i, computed once: the float model is deterministic."""
-        if i not in cache:
-            with quantization_disabled(denoiser), torch.no_grad():
-                out = output_tensors(denoiser(**on_device(calls[i].kwargs, device)))[0].float()
-            cache[i] = (out, [f.float() for f in features.take()])
-        return cache[i]
+    def teacher_of(inputs: list) -> Callable[[int], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Float output (and block features) of call i of `inputs`, computed once: the float model is
+        deterministic, and only until the merge the float model (the merge writes the float weights)."""
+        cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+        def teacher(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            if i not in cache:
+                with quantization_disabled(denoiser), torch.no_grad():
+                    out = output_tensors(denoiser(**on_device(inputs[i].kwargs, device)))[0].float()
+                cache[i] = (out, [f.float() for f in features.take()])
+            return cache[i]
+        return teacher
 
     held = torch.linspace(0, len(calls) - 1, min(16, len(calls))).round().long().unique().tolist()
     was_training, t0, losses = denoiser.training, time.perf_counter(), []
     denoiser.eval()
     denoiser.requires_grad_(False)
+    inputs, teacher = calls, teacher_of(calls)  # what training draws from: the student's own calls once re-sampled
+    held_teacher = teacher
     try:
         with serving_adapters(adapters):
-            before = _output_mse(denoiser, calls, held, teacher, features, device)
+            before = _output_mse(denoiser, calls, held, held_teacher, features, device)  # caches the targets
         with serving_adapters(adapters), torch.enable_grad():
             for step in tqdm(range(start, cfg.iters), desc=name, unit="step", initial=start, total=cfg.iters,
                              disable=None if accel.is_main_process else True):
+                if resample is not None and cfg.trajectory == "student" and (step == start
+                                                                             or step % cfg.refresh_every == 0):
+                    inputs = resample()
+                    teacher = teacher_of(inputs)
                 schedule.before_step(step, optimizer)
                 optimizer.zero_grad(set_to_none=True)
-                batch = _batch(cfg.seed, step, len(calls), cfg.batch_size)
+                batch = _batch(cfg.seed, step, len(inputs), cfg.batch_size)
                 total = 0.0
                 for i in batch[accel.process_index::accel.num_processes]:
-                    kwargs = on_device(calls[i].kwargs, device)
+                    kwargs = on_device(inputs[i].kwargs, device)
                     target, target_features = teacher(i)
                     with accel.autocast():
                         loss = (output_tensors(denoiser(**kwargs))[0].float() - target).pow(2).mean()
@@ -217,7 +235,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                     save_checkpoint(path, step + 1, cfg.seed, params, buffers, optimizer)
         schedule.before_step(cfg.iters, optimizer)  # lets a schedule finish (QVGen: the last rank cut)
         merge_adapters(adapters)
-        after = _output_mse(denoiser, calls, held, teacher, features, device)
+        after = _output_mse(denoiser, calls, held, held_teacher, features, device)
     except BaseException:
         with torch.no_grad():
             for k, t in scales.items():

@@ -7,7 +7,9 @@ folds B A into W and the unchanged weight scales map the new float weight onto t
 merged model would not be the trained one). Scale-aware optimisation: B A is counted in the layer's own
 weight quantization steps s (see `LowRankDelta`). With `lsq` the static activation step sizes are learnt
 too, one per timestep group (EfficientDM's temporal LSQ; LSQ gradients through `fake_quantize`), which
-needs them calibrated first: put a `ranges` step before this one. Only LoRA factors and step sizes train.
+needs them calibrated first: put a `ranges` step before this one. Only LoRA factors and step sizes train,
+plus with `branch` the factors of an SVD low-rank branch (after an `svd` step: the 16-bit capacity
+SVDQuant already pays for, trained in place, so the merged model keeps its size).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ Select = Callable[[nn.Module, list], dict[str, QuantModule]]
 
 
 def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: Select, rank: int, lsq: bool,
-                    scale_aware: bool, aux_rank: int = 0, schedule_for: Any = None, **loop: Any) -> DistillResult:
+                    scale_aware: bool, aux_rank: int = 0, schedule_for: Any = None, branch: bool = False,
+                    **loop: Any) -> DistillResult:
     """The common body of the fine-tuning steps: adapters on the layers `select(denoiser, calls)` picks,
     their step sizes if `lsq` (all of them when every weight-quantized layer trains), the distillation
     loop, the merge."""
@@ -40,21 +43,37 @@ def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: S
     layers = select(denoiser, calls)
     every = len(layers) == len(weight_quantized_layers(denoiser))
     scales = lsq_scales(denoiser, name, None if every else list(layers.values())) if lsq else {}
-    adapters = make_adapters(layers, rank, aux_rank, cfg.seed, scale_aware)
+    adapters = make_adapters(layers, rank, aux_rank, cfg.seed, scale_aware, branch)
+    if branch and not any(a.branch is not None for a in adapters.values()):
+        raise ValueError(f"{name}: branch: true trains low-rank branches, and no layer has one: put an svd "
+                         "step before this one")
     schedule: Schedule | None = schedule_for(adapters, cfg) if schedule_for is not None else None
-    result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule)
-    result.notes.update(layers=len(layers), rank=rank, lsq_scales=len(scales))
+    recorder = getattr(run, "record", None)
+
+    def resample() -> list:
+        trajectory = recorder()
+        if trajectory is None:
+            raise ValueError(f"{name}: trajectory: student re-samples the calibration prompts, which needs a "
+                             "pipeline calibrated with calibration settings or prompts")
+        return list(trajectory.calls)
+
+    result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule,
+                              resample if recorder is not None else None)
+    result.notes.update(layers=len(layers), rank=rank, lsq_scales=len(scales),
+                        branches=sum(a.branch is not None for a in adapters.values()))
     return result
 
 
 def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bool = True,
-                      scale_aware: bool = True, skip: str | None = None, **loop: Any) -> DistillResult:
+                      scale_aware: bool = True, skip: str | None = None, branch: bool = False,
+                      **loop: Any) -> DistillResult:
     """Recipe step `efficientdm`: QALoRA of `rank` on every weight-quantized denoiser layer (not those
-    matching `skip`), temporal LSQ of the activation step sizes if `lsq`. Loop arguments (`iters`, `lr`,
-    `batch_size`, `lsq_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
-    `checkpoint_every`, `resume`, `seed`): `DistillConfig`.
+    matching `skip`), temporal LSQ of the activation step sizes if `lsq`, and with `branch` the factors
+    of their SVD low-rank branches (learning rate `branch_lr`). Loop arguments (`iters`, `lr`,
+    `batch_size`, `lsq_lr`, `branch_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
+    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`): `DistillConfig`.
 
     >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
     """
     return finetune_layers(modules, run, "efficientdm", lambda d, _: weight_quantized_layers(d, skip), rank, lsq,
-                           scale_aware, **loop)
+                           scale_aware, branch=branch, **loop)
