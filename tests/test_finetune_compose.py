@@ -85,7 +85,7 @@ def test_gptq_then_efficientdm_fine_tunes_the_gptq_rounding(monkeypatch):
     assert moved and [s.name for s in pipe.transformer.dmquant_state.steps] == ["gptq", "ranges", "efficientdm"]
 
 
-@pytest.mark.parametrize("name,step,args", [("svdquant-efficientdm-w4a4", "efficientdm", {}),
+@pytest.mark.parametrize("name,step,args", [("svdquant-efficientdm-w4a4", "efficientdm", {"branch": False}),
                                             ("svdquant-qvgen-w4a4", "qvgen", {"aux_rank": 2})])
 def test_fine_tuning_on_svdquant_trains_through_branch_merges_and_keeps_the_format(monkeypatch, tmp_path, name, step,
                                                                                   args):
