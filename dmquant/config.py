@@ -107,7 +107,9 @@ class AttentionSpec:
     `v` overrides `qkv` for V (SageAttention: int8 Q/K, fp8 V); a `channel` granularity on Q/K/V means
     one scale per head channel across tokens. `block_size` > 0 gives Q and K one scale per block of
     that many tokens. `smooth_k` subtracts K's per-channel mean over tokens (softmax is unchanged by
-    it, the outliers it removes are not); `smooth_v` subtracts V's and adds it back after P V.
+    it, the outliers it removes are not); `smooth_q` subtracts Q's and adds the exact correction
+    mean(Q) K^T to the scores in float (SageAttention2: a vector-matrix product, not a second GEMM);
+    `smooth_v` subtracts V's and adds it back after P V.
     `rotate` multiplies Q, K and V by a Hadamard matrix along the head channels before quantizing
     ((Q H)(K H)^T = Q K^T, P (V H) H^T = P V): channel outliers spread over all channels."""
 
@@ -116,6 +118,7 @@ class AttentionSpec:
     v: QuantSpec | None = None
     block_size: int = 0
     smooth_k: bool = False
+    smooth_q: bool = False
     smooth_v: bool = False
     rotate: bool = False
 

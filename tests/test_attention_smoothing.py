@@ -52,9 +52,10 @@ def test_smoothing_alone_is_exact(mask):
         kw["attn_mask"] = m
     elif mask == "causal":
         kw["is_causal"] = True
-    aq = AttentionQuantizers(AttentionSpec(smooth_k=True, smooth_v=True))
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
-    assert torch.allclose(aq.sdpa(q, k, v, **kw).double(), ref, atol=2e-5)
+    for smooth_q in (False, True):
+        aq = AttentionQuantizers(AttentionSpec(smooth_k=True, smooth_q=smooth_q, smooth_v=True))
+        assert torch.allclose(aq.sdpa(q, k, v, **kw).double(), ref, atol=2e-5)
     aq_p = AttentionQuantizers(AttentionSpec(probs=QuantSpec("fp8_e4m3", "token", dynamic=True), smooth_v=True))
     assert torch.isfinite(aq_p.sdpa(q, k, v, **kw)).all()
 
@@ -70,6 +71,34 @@ def test_sage_attention_matches_float64_reference():
     vq = _fp8((v.double() - v_mean).float(), dim=-2)  # one scale per channel, across tokens
     p = torch.softmax(qq @ kq.transpose(-1, -2) / 8**0.5, -1)
     ref = _fp8(p.float(), dim=-1) @ vq + v_mean
+    assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
+
+
+def _asym(x, dim, levels=15):
+    """Reference asymmetric uint grid with one (scale, zero point) per slice along `dim`, in float64."""
+    x = x.double()
+    lo, hi = x.amin(dim, keepdim=True).clamp(max=0), x.amax(dim, keepdim=True).clamp(min=0)
+    s = (hi - lo) / levels
+    z = torch.round(-lo / s)
+    return (torch.round(x / s) + z).clamp(0, levels).sub(z) * s
+
+
+def test_query_smoothing_matches_float64_reference():
+    """SageAttention2's Q smoothing: (Q - mean Q) and (K - mean K) are rounded, the float correction
+    mean(Q) (K - mean K)^T joins the scores with the mask; V asymmetric with one scale per channel."""
+    asym_tok = QuantSpec("int4", "token", dynamic=True, symmetric=False)
+    spec = AttentionSpec(qkv=asym_tok, v=QuantSpec("int4", "channel", dynamic=True, symmetric=False),
+                         smooth_q=True, smooth_k=True)
+    q, k, v = _inputs(seed=2, offset=3.0)
+    q = q + 2.0  # a mean Q shares across tokens
+    mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(4)) > 0.3
+    mask[:, 0] = True
+    out = AttentionQuantizers(spec, "a").sdpa(q, k, v, attn_mask=mask)
+    k_s = k.double() - k.double().mean(-2, keepdim=True)
+    q_mean = q.double().mean(-2, keepdim=True)
+    scores = (_asym(q.double() - q_mean, -1) @ _asym(k_s, -1).transpose(-1, -2) + q_mean @ k_s.transpose(-1, -2))
+    scores = (scores / 8**0.5).masked_fill(~mask, float("-inf"))
+    ref = torch.softmax(scores, -1) @ _asym(v, -2)
     assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
 
 
@@ -108,10 +137,10 @@ def test_attention_spec_round_trip_and_errors():
     with pytest.raises(ValueError, match="non-negative integer"):
         AttentionSpec(qkv=INT8_TOK, block_size=-1)
     with pytest.raises(ValueError, match="unknown key"):
-        AttentionSpec.from_dict({"smooth_q": True})
+        AttentionSpec.from_dict({"smooth_kq": True})
 
 
-@pytest.mark.parametrize("recipe", ["sage-attn-int8", "w8a8-attn8"])
+@pytest.mark.parametrize("recipe", ["sage-attn-int8", "w8a8-attn8", "w8a8-attn4-sage2"])
 def test_sage_recipes_on_tiny_pixart(recipe):
     from conftest import BUILDERS
     from conftest import _inputs as model_inputs

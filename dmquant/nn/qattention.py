@@ -8,8 +8,10 @@ softmax explicitly so its output can be quantized too (a torch-function mode: no
 
 SageAttention(2)-style options (`AttentionSpec`): Q and K quantized per block of tokens, K smoothed by
 its per-channel mean (every query's scores shift by one constant, so softmax is unchanged, while the
-channel outliers K shares across tokens leave the quantized range), V smoothed the same way (rows of P
-sum to one, so the mean is added back exactly after P V), V per channel and P in their own formats.
+channel outliers K shares across tokens leave the quantized range), Q smoothed by its mean with the
+exact score correction mean(Q) K^T added in float (it enters SDPA as an additive mask), V smoothed the
+same way (rows of P sum to one, so the mean is added back exactly after P V), V per channel and P in
+their own formats.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class AttentionQuantizers(nn.Module):
         """Drop-in for F.scaled_dot_product_attention on (..., L, D) tensors."""
         if self.spec.smooth_k:
             key = key - key.mean(dim=-2, keepdim=True)
+        if self.spec.smooth_q:
+            query, attn_mask, is_causal = self._smooth_query(query, key, attn_mask, is_causal, scale, enable_gqa)
         v_mean = None
         if self.spec.smooth_v:
             v_mean = value.mean(dim=-2, keepdim=True)
@@ -84,6 +88,27 @@ class AttentionQuantizers(nn.Module):
         if v_mean.dim() >= 3 and v_mean.shape[-3] != out.shape[-3]:  # grouped-query attention
             v_mean = v_mean.repeat_interleave(out.shape[-3] // v_mean.shape[-3], -3)
         return out + v_mean
+
+    @staticmethod
+    def _smooth_query(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                      scale: float | None, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Q minus its per-channel mean over tokens, and an additive mask holding the float scores that
+        mean contributes (mean(Q) K^T, scaled) plus the original mask: Q K^T is unchanged before rounding."""
+        q_mean = query.mean(dim=-2, keepdim=True)
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        bias = (q_mean @ key.transpose(-2, -1)) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+        L, S = query.shape[-2], key.shape[-2]
+        if is_causal:
+            causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+            attn_mask = causal if attn_mask is None else attn_mask & causal if attn_mask.dtype == torch.bool \
+                else attn_mask.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+                    ~attn_mask, float("-inf"))
+            bias = bias + attn_mask
+        return query - q_mean, bias.expand(*bias.shape[:-2], L, S), False
 
     def _core(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
               dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
