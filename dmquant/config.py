@@ -111,7 +111,9 @@ class AttentionSpec:
     mean(Q) K^T to the scores in float (SageAttention2: a vector-matrix product, not a second GEMM);
     `smooth_v` subtracts V's and adds it back after P V.
     `rotate` multiplies Q, K and V by a Hadamard matrix along the head channels before quantizing
-    ((Q H)(K H)^T = Q K^T, P (V H) H^T = P V): channel outliers spread over all channels."""
+    ((Q H)(K H)^T = Q K^T, P (V H) H^T = P V): channel outliers spread over all channels.
+    `reorder` (PAROAttention) groups the tokens of a square token grid into Q/K blocks in the order
+    each head's calibration chose (row-major, column-major or square tiles; step `paro`)."""
 
     qkv: QuantSpec | None = None
     probs: QuantSpec | None = None
@@ -121,12 +123,15 @@ class AttentionSpec:
     smooth_q: bool = False
     smooth_v: bool = False
     rotate: bool = False
+    reorder: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 0:
             raise ValueError(f"attention.block_size must be a non-negative integer, got {self.block_size!r}")
         if self.block_size and (self.qkv is None or str(self.qkv.granularity) != "token"):
             raise ValueError("attention.block_size needs qkv with granularity: token (one scale per block of tokens)")
+        if self.reorder and not self.block_size:
+            raise ValueError("attention.reorder regroups tokens into Q/K blocks: it needs block_size > 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "attention") -> "AttentionSpec":

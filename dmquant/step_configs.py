@@ -58,6 +58,11 @@ class SplitShortcutConfig:
 
 
 @dataclass(frozen=True)
+class ParoConfig:
+    """PAROAttention: each head's Q/K token order from calibration (takes no arguments)."""
+
+
+@dataclass(frozen=True)
 class TemporalConfig:
     """TFMQ-DM: static input scales of the temporal (time-embedding) layers per visited timestep."""
 
@@ -180,6 +185,7 @@ STEP_CONFIGS: dict[str, type] = {
     "gptq": GPTQConfig, "ranges": RangesConfig, "adaround": AdaRoundConfig, "split_shortcut": SplitShortcutConfig,
     "temporal": TemporalConfig, "vq": VQConfig, "smoothquant": SmoothQuantConfig, "rotate": RotateConfig,
     "svd": SVDConfig, "efficientdm": EfficientDMConfig, "quest": QuestConfig, "qvgen": QVGenConfig,
+    "paro": ParoConfig,
 }
 
 

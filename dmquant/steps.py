@@ -21,6 +21,7 @@ from .algorithms import (
     calibrate_temporal,
     split_shortcuts,
 )
+from .algorithms.paro import search_token_orders
 from .config import Step
 from .finetune import apply_efficientdm, apply_quest, apply_qvgen
 from .transforms import apply_rotation, apply_smoothquant, apply_svd
@@ -32,7 +33,8 @@ STEPS: dict[str, StepFunction] = {"gptq": apply_gptq, "ranges": calibrate_ranges
                                   "adaround": apply_block_reconstruction, "split_shortcut": split_shortcuts,
                                   "efficientdm": apply_efficientdm, "quest": apply_quest, "qvgen": apply_qvgen,
                                   "temporal": calibrate_temporal, "vq": apply_vq,
-                                  "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd}
+                                  "smoothquant": apply_smoothquant, "rotate": apply_rotation, "svd": apply_svd,
+                                  "paro": search_token_orders}
 
 
 class StepRun:

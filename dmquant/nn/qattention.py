@@ -12,6 +12,13 @@ channel outliers K shares across tokens leave the quantized range), Q smoothed b
 exact score correction mean(Q) K^T added in float (it enters SDPA as an additive mask), V smoothed the
 same way (rows of P sum to one, so the mean is added back exactly after P V), V per channel and P in
 their own formats.
+
+PAROAttention-style reordering (`reorder`): which tokens share a Q/K block is a choice. On a square
+grid of image tokens each head picks, once, from calibration (`dmquant.algorithms.paro`), the order
+whose blocks quantize Q and K with the least relative error: row-major (blocks are row segments),
+column-major (column segments) or square tiles (blocks of block_size = t*t tokens as t x t patches).
+Tokens are gathered into that order, block-quantized and scattered back, so the attention itself
+(masks, softmax, outputs) is untouched; a real kernel would store the permuted layout instead.
 """
 from __future__ import annotations
 
@@ -30,15 +37,32 @@ from ..orthogonal import hadamard, hadamard_block, rotate
 from .quantizer import TensorQuantizer
 
 _SDPA = F.scaled_dot_product_attention
+ORDERS = ("row-major", "column-major", "tiles")
+
+
+def token_orders(tokens: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """(len(ORDERS), tokens) permutations of a square s x s token grid (None if `tokens` is no square);
+    "tiles" needs block = t*t with t dividing s, else it repeats row-major."""
+    s = math.isqrt(tokens)
+    if s * s != tokens or s < 2:
+        return None
+    grid = torch.arange(tokens, device=device).reshape(s, s)
+    t = math.isqrt(block)
+    tiles = grid.reshape(s // t, t, s // t, t).permute(0, 2, 1, 3) if t * t == block and s % t == 0 else grid
+    return torch.stack([grid.flatten(), grid.t().flatten(), tiles.flatten()])
 
 
 class AttentionQuantizers(nn.Module):
     """The quantizers of one attention layer (a submodule, so buffers move and save with the model)."""
 
-    def __init__(self, spec: AttentionSpec, name: str = "") -> None:
+    def __init__(self, spec: AttentionSpec, name: str = "", heads: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.name = name
+        self.searching = False  # set by the paro step: accumulate each order's error, quantize row-major
+        if spec.reorder:  # per head: index into token_orders(), -1 = not calibrated (row-major)
+            self.register_buffer("order", torch.full((heads,), -1, dtype=torch.long))
+            self.register_buffer("order_cost", torch.zeros(heads, len(ORDERS), dtype=torch.float64), persistent=False)
 
         def make(s: QuantSpec | None, role: str) -> TensorQuantizer | None:
             # (..., tokens, channels): "channel" = one scale per channel across tokens (rows over axis -2).
@@ -61,6 +85,23 @@ class AttentionQuantizers(nn.Module):
         y = quantizer(xp.reshape(*x.shape[:-2], (n + pad) // b, b * d))
         return y.reshape(xp.shape)[..., :n, :]
 
+    def _reordered(self, quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+        """Block-quantize (..., heads, L, D) with each head's tokens in its chosen order (module docstring)."""
+        orders = token_orders(x.shape[-2], self.spec.block_size, x.device)
+        if orders is None or x.dim() < 3 or x.shape[-3] != self.order.numel():
+            return self._blocked(quantizer, x)
+        if self.searching:
+            for i, perm in enumerate(orders):
+                xp = x.index_select(-2, perm)
+                err = (self._blocked(quantizer, xp) - xp).double().pow(2)
+                dims = [d for d in range(x.dim()) if d != x.dim() - 3]
+                self.order_cost[:, i] += err.sum(dims) / x.double().pow(2).sum(dims).clamp_min(1e-30)
+            return self._blocked(quantizer, x)
+        index = orders[self.order.clamp_min(0)]  # (heads, L)
+        index = index[:, :, None].expand(*x.shape[-3:])
+        y = self._blocked(quantizer, x.gather(-2, index.expand_as(x)))
+        return torch.empty_like(y).scatter_(-2, index.expand_as(y), y)
+
     def sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False) -> torch.Tensor:
@@ -77,7 +118,8 @@ class AttentionQuantizers(nn.Module):
         if h is not None:  # orthogonal: scores and P V unchanged, channel outliers spread before rounding
             query, key, value = rotate(query, h), rotate(key, h), rotate(value, h)
         if self.q is not None:
-            query, key = self._blocked(self.q, query), self._blocked(self.k, key)
+            quantize = self._reordered if self.spec.reorder else self._blocked
+            query, key = quantize(self.q, query), quantize(self.k, key)
         if self.v is not None:
             value = self.v(value)
         out = self._core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -193,7 +235,7 @@ def quantize_attention(module: nn.Module, spec: AttentionSpec, name: str = "") -
     proc = module.processor
     if isinstance(proc, QuantAttnProcessor):
         proc = proc.inner
-    quantizers = AttentionQuantizers(spec, name)
+    quantizers = AttentionQuantizers(spec, name, heads=getattr(module, "heads", 0))
     module.dmquant_attention = quantizers
     module.set_processor = types.MethodType(_guarded_set_processor, module)  # refuses unquantized processors
     module.set_processor(QuantAttnProcessor(proc, quantizers))
