@@ -9,8 +9,17 @@ and algorithm steps (GPTQ, AdaRound/BRECQ, shortcut splitting, temporal calibrat
 `dmquant.algorithms`: the core owns what a saved model needs; this package owns the data.
 """
 from .dataset import CalibrationSet, TrajectoryRunner
-from .timesteps import TimestepSelection, eda_steps, parse_selection, select_steps, uniform_steps
+from .timesteps import (
+    TimestepSelection,
+    apportion,
+    eda_steps,
+    parse_selection,
+    select_steps,
+    step_weights,
+    uniform_steps,
+)
 from .trajectory import DenoiserCall, Trajectory, TrajectoryRecorder, step_summary
 
 __all__ = ["CalibrationSet", "TrajectoryRunner", "Trajectory", "DenoiserCall", "TrajectoryRecorder",
-           "TimestepSelection", "parse_selection", "select_steps", "uniform_steps", "eda_steps", "step_summary"]
+           "TimestepSelection", "parse_selection", "select_steps", "uniform_steps", "eda_steps", "step_weights",
+           "apportion", "step_summary"]

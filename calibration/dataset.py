@@ -21,8 +21,8 @@ from dmquant.components import denoiser_path, get_path
 from dmquant.families import find_family, timestep_scale_for
 from dmquant.observe import static_quantizers
 
-from .timesteps import parse_selection, select_steps
-from .trajectory import Trajectory, TrajectoryRecorder, step_summary
+from .timesteps import apportion, parse_selection, select_steps, step_weights
+from .trajectory import DenoiserCall, Trajectory, TrajectoryRecorder, step_summary
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class CalibrationSet:
     batch_size: int = 8
     guidance_scale: float | None = None
     max_calls: int | None = None  # cap on recorded calls (memory bound)
+    samples: int | None = None  # keep this many calls of the selected steps: as many a step, EDA-DM's share for eda
     timestep_scale: float | None = None  # None: the family's (dmquant.families), 1000 outside the table
     num_frames: int | None = None  # video size; None: the family's `video_size`, else the pipeline's default
     height: int | None = None
@@ -50,8 +51,8 @@ class CalibrationSet:
 
     def __post_init__(self) -> None:
         parse_selection(self.timesteps)  # fail early on a bad selection
-        if self.num_prompts < 1 or self.batch_size < 1:
-            raise ValueError("num_prompts and batch_size must be positive")
+        if self.num_prompts < 1 or self.batch_size < 1 or self.samples is not None and self.samples < 1:
+            raise ValueError("num_prompts, batch_size and samples must be positive")
         if self.timestep_scale is not None and self.timestep_scale <= 0:
             raise ValueError(f"timestep_scale must be positive, got {self.timestep_scale}")
 
@@ -107,18 +108,36 @@ class CalibrationSet:
         keep = set(select_steps(selection, steps if features is None else features.shape[0], features))
 
         def record(desc: str = "calibration trajectory") -> Trajectory:
-            """Sample every calibration prompt with the denoiser as it is now; keep the chosen steps."""
+            """Sample every calibration prompt with the denoiser as it is now; keep the chosen steps
+            (and of them `samples` calls)."""
             with TrajectoryRecorder(denoiser, keep.__contains__, scale, max_calls=self.max_calls) as rec:
                 for i in tqdm(range(len(batches)), desc=desc, unit="batch", disable=None, leave=False):
                     rec.run(lambda: sample(i), first=i == 0)
+            if self.samples is not None:
+                rec.trajectory.calls = _sampled(rec.trajectory.calls, self.samples, features)
             return rec.trajectory
 
         trajectory = record()
         log.info("recorded %d denoiser calls at %d steps (%.1f MB)", len(trajectory.calls), len(keep),
                  trajectory.nbytes / 2**20)
         description = {**asdict(self), "prompts": prompts, "steps": steps, "timestep_scale": scale,
-                       "call_kwargs": call, "recorded_steps": sorted(keep), "recorded_calls": len(trajectory.calls)}
+                       "call_kwargs": call, "recorded_steps": sorted(keep), "recorded_calls": len(trajectory.calls),
+                       "calls_per_step": [sum(c.step == k for c in trajectory.calls) for k in sorted(keep)]}
         return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed, call, record)
+
+
+def _sampled(calls: list[DenoiserCall], total: int, features: torch.Tensor | None) -> list[DenoiserCall]:
+    """`total` of the recorded calls: per step as many each, or by EDA-DM's weights when step features
+    were measured (`eda`); within a step the runs are taken in turn, carried across steps (sample j
+    from run j mod runs), so each run serves one step before any serves two. Recording order kept."""
+    steps = sorted({c.step for c in calls})
+    pools = [[i for i, c in enumerate(calls) if c.step == s] for s in steps]
+    weights = torch.ones(len(steps)) if features is None else step_weights(features)[steps]
+    chosen, j = set(), 0
+    for pool, n in zip(pools, apportion(weights, total, min(map(len, pools)))):
+        chosen.update(pool[(j + k) % len(pool)] for k in range(n))
+        j += n
+    return [c for i, c in enumerate(calls) if i in chosen]
 
 
 class TrajectoryRunner:

@@ -50,6 +50,7 @@ class AdaRoundConfig:
     skip: str | None = None
     samples: int | None = None
     seed: int = 0
+    temporal: str | None = None  # TFMQ-DM's TIAR on these layers first (e.g. role:temporal), not in the blocks
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ..observe import trainable_static_scales
 from ..timestep import current_noise_level, noise_level
 from .adaround import SoftRounding, annealed_beta, layer_rounding, pack_codes, rounded_weight
 from .hooks import hooked_run, output_tensors
+from .tiar import temporal_group
 from .units import Unit, find_units
 
 log = logging.getLogger(__name__)
@@ -173,45 +174,70 @@ def apply_block_reconstruction(modules: list[nn.Module], run: Callable[[], Any],
                                iters: int = 1000, lr: float = 1e-2, batch_size: int = 4, weight: float = 0.1,
                                beta: Sequence[float] = (20.0, 2.0), warmup: float = 0.2, lsq: bool = False,
                                lsq_lr: float = 1e-3, skip: str | None = None, samples: int | None = None,
-                               seed: int = 0) -> dict[str, UnitResult]:
+                               seed: int = 0, temporal: str | None = None) -> dict[str, UnitResult]:
     """AdaRound every weight-quantized layer of `modules`, block by block (BRECQ); `run()` feeds the
     calibration data. `blocks`: regexes of block names (default: the family's, `families.blocks_for`);
     `skip`: regex of layer names kept at round-to-nearest; `samples`: cap on captured calls per unit; `weight`, `beta`
     (start, end) and `warmup` (fraction of iters): AdaRound's regulariser and its schedule; `lsq`:
     also learn the unit's static activation scales (calibrated already), `lsq_lr` relative to each.
+    `temporal`: regex of the denoiser's temporal layers (e.g. role:temporal), rounded first and together
+    on their features at every visited timestep (TFMQ-DM's TIAR, `tiar.py`) and left out of the blocks.
 
     >>> dmquant.quantize(pipe, "adaround-w4a8", calibration=prompts)  # replays one recorded float trajectory
     """
+    groups = [(find_units(modules, blocks, "|".join(f"(?:{p})" for p in (skip, temporal) if p) or None), run)]
+    if temporal is not None:
+        groups.insert(0, temporal_group(modules[0], getattr(run, "trajectory", None), temporal))
+    return reconstruct_units(groups, modules, iters=iters, lr=lr, batch_size=batch_size, weight=weight, beta=beta,
+                             warmup=warmup, lsq=lsq, lsq_lr=lsq_lr, samples=samples, seed=seed)
+
+
+def reconstruct_units(groups: Sequence[tuple[Sequence[Unit], Callable[[], Any]]], modules: Sequence[nn.Module], *,
+                      iters: int, lr: float, batch_size: int, weight: float, beta: Sequence[float], warmup: float,
+                      lsq: bool = False, lsq_lr: float = 1e-3, samples: int | None = None,
+                      seed: int = 0) -> dict[str, UnitResult]:
+    """BRECQ over groups of (units, the run feeding them), group after group; `modules` are the
+    components the float passes run unquantized. One write-back at the end, so every float pass sees
+    the float model and every quantized pass the units decided before it."""
     if iters < 0 or batch_size < 1 or len(beta) != 2 or samples is not None and samples < 1:
         raise ValueError("adaround: need iters >= 0, batch_size >= 1, samples >= 1 and beta = [start, end]")
     optimise = functools.partial(_optimise, iters=iters, lr=lr, batch_size=batch_size, weight=weight,
                                  beta=(float(beta[0]), float(beta[1])), warmup=warmup, lsq_lr=lsq_lr, seed=seed)
-    units = find_units(modules, blocks, skip)
     results: dict[str, UnitResult] = {}
     codes: dict[QuantModule, torch.Tensor] = {}
-    with serving([layer for u in units for layer in u.layers.values()]):
-        counts: dict[Unit, int] = {}  # calls per unit, in the order of each unit's first call
-        count = lambda u: lambda *_: counts.update({u: counts.get(u, 0) + 1})  # noqa: E731
-        with quantization_disabled(*modules):
-            hooked_run(run, [(u.module, count(u)) for u in units])
-        for unseen in [u.name for u in units if u not in counts]:
-            log.warning("adaround: %s saw no calibration data; keeping round-to-nearest", unseen)
-        for unit, n_calls in tqdm(counts.items(), desc="adaround", unit="block", disable=None):
-            keep = set(torch.linspace(0, n_calls - 1, min(samples or n_calls, n_calls)).round().long().tolist())
-            fp, q = _Capture(keep, outputs=True), _Capture(keep, outputs=False)
-            with quantization_disabled(*modules):
-                hooked_run(run, [(unit.module, fp)])
-            hooked_run(run, [(unit.module, q)])
-            if q.calls != fp.calls:
-                raise RuntimeError(f"adaround: run() called {unit.name} {fp.calls} times in float and {q.calls} times "
-                                   "quantized; calibration must repeat the same calls (fix its seeds)")
-            if (gap := _input_gap(fp.inputs, q.inputs)) > 1:  # unrelated samples, not quantization error
-                log.warning("adaround: %s's quantized inputs are %.0f%% off its float ones: is run() seeded?",
-                            unit.name, 100 * gap)
-            results[unit.name], unit_codes = _reconstruct(unit, q.inputs, fp.outputs, gap, lsq, optimise)
-            codes.update(unit_codes)
-            log.info("adaround %s: %s", unit.name, results[unit.name])
+    with serving([layer for units, _ in groups for u in units for layer in u.layers.values()]):
+        for units, run in groups:
+            _reconstruct_group(units, modules, run, optimise, samples, lsq, results, codes)
         with torch.no_grad():  # the single write-back: float weights become their rounded values
             for layer, c in codes.items():
                 layer.weight.copy_(rounded_weight(layer, c))
     return results
+
+
+def _reconstruct_group(units: Sequence[Unit], modules: Sequence[nn.Module], run: Callable[[], Any],
+                       optimise: Callable[..., None], samples: int | None, lsq: bool,
+                       results: dict[str, UnitResult], codes: dict[QuantModule, torch.Tensor]) -> None:
+    """The units in the order run() first reaches them, each on its float outputs and quantized inputs."""
+    if not units:  # e.g. every layer is TIAR's: no calibration pass to pay for
+        return
+    counts: dict[Unit, int] = {}  # calls per unit, in the order of each unit's first call
+    count = lambda u: lambda *_: counts.update({u: counts.get(u, 0) + 1})  # noqa: E731
+    with quantization_disabled(*modules):
+        hooked_run(run, [(u.module, count(u)) for u in units])
+    for unseen in [u.name for u in units if u not in counts]:
+        log.warning("adaround: %s saw no calibration data; keeping round-to-nearest", unseen)
+    for unit, n_calls in tqdm(counts.items(), desc="adaround", unit="block", disable=None):
+        keep = set(torch.linspace(0, n_calls - 1, min(samples or n_calls, n_calls)).round().long().tolist())
+        fp, q = _Capture(keep, outputs=True), _Capture(keep, outputs=False)
+        with quantization_disabled(*modules):
+            hooked_run(run, [(unit.module, fp)])
+        hooked_run(run, [(unit.module, q)])
+        if q.calls != fp.calls:
+            raise RuntimeError(f"adaround: run() called {unit.name} {fp.calls} times in float and {q.calls} times "
+                               "quantized; calibration must repeat the same calls (fix its seeds)")
+        if (gap := _input_gap(fp.inputs, q.inputs)) > 1:  # unrelated samples, not quantization error
+            log.warning("adaround: %s's quantized inputs are %.0f%% off its float ones: is run() seeded?",
+                        unit.name, 100 * gap)
+        results[unit.name], unit_codes = _reconstruct(unit, q.inputs, fp.outputs, gap, lsq, optimise)
+        codes.update(unit_codes)
+        log.info("adaround %s: %s", unit.name, results[unit.name])

@@ -1,7 +1,8 @@
 """Temporal layers (TFMQ-DM): the time-embedding path depends on the timestep alone, so its inputs
 form a finite set, one per timestep the sampler visits. Finite set calibration observes those
 layers on exactly that set (every visited step, not the subset of steps kept for the other layers),
-one scale per visited noise level when the spec has timestep groups; reconstruction leaves them out.
+one scale per visited noise level when the spec has timestep groups. Block reconstruction leaves them
+out (adaround's `skip`) or rounds them first on that same set (its `temporal`: TIAR, `tiar.py`).
 """
 from __future__ import annotations
 
