@@ -11,7 +11,7 @@ module (`dmquant.formats`, `dmquant.observe`, `dmquant.state`, `dmquant.timestep
 diffusers integration (`DmquantConfig` for `from_pretrained`) in `dmquant.pipelines`.
 """
 from .api import quantize
-from .apply import pack_weights
+from .apply import hold_codes, pack_weights
 from .config import AttentionSpec, Override, QuantSpec, Recipe
 from .nn import quantization_disabled
 from .recipes import get_recipe, recipes
@@ -21,6 +21,7 @@ from .transforms import merge_lora, unmerge_lora
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize", "pack_weights", "report", "save_quantized", "load_quantized", "merge_lora", "unmerge_lora",
-    "quantization_disabled", "recipes", "get_recipe", "Recipe", "QuantSpec", "AttentionSpec", "Override",
+    "quantize", "pack_weights", "hold_codes", "report", "save_quantized", "load_quantized", "merge_lora",
+    "unmerge_lora", "quantization_disabled", "recipes", "get_recipe", "Recipe", "QuantSpec", "AttentionSpec",
+    "Override",
 ]

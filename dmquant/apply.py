@@ -104,6 +104,16 @@ def pack_weights(obj: Any) -> Any:
     return obj
 
 
+def hold_codes(obj: Any) -> Any:
+    """Make every quantized layer of `obj` keep its own packed codes beside a CPU kernel's copy (by
+    default the kernel's copy is the only one after the first call): needed before `torch.compile`
+    of a model that already ran on the CPU int8 kernels, whose opaque layout does not trace."""
+    for module in quantized_components(obj).values():
+        for layer in quant_layers(module).values():
+            layer.hold_codes(keep=True)
+    return obj
+
+
 def components_to_quantize(obj: Any, recipe: Recipe) -> dict[str, nn.Module]:
     """{path: module} the recipe quantizes in `obj`; refuses components already quantized."""
     components = find_components(obj, recipe.components)

@@ -29,7 +29,7 @@ def encode_weight(layer: QuantModule, prefix: str) -> dict[str, torch.Tensor]:
     wq = layer.weight_quantizer
     spec, qp = wq.spec, wq.qparams
     if layer.is_packed:
-        packed = layer.weight_packed
+        packed = layer.packed_codes()
     else:
         packed = pack(element_format(spec.fmt, spec.symmetric).encode(layer.weight_codes()), spec.bits)
     q = f"{prefix}weight_quantizer."

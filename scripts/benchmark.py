@@ -142,27 +142,36 @@ def _time_interleaved(runs: dict, repeats: int, warm: tuple[str, ...]) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _cast(args: tuple, kw: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Floating inputs in `dtype` (integer ones, such as timesteps, as they are)."""
+    def c(v):  # noqa: ANN001, ANN202
+        return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+    return tuple(c(x) for x in args), {k: c(v) for k, v in kw.items()}
+
+
 def job_serve(a: argparse.Namespace) -> dict:
     import dmquant
     from dmquant.primitives import sqnr_db
 
     cls = type(build(a.model, True))
+    act = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or "fp32"]
     before = rss_bytes()
-    q = dmquant.load_quantized(Path(a.work) / a.recipe, backend="auto")
+    q = dmquant.load_quantized(Path(a.work) / a.recipe, backend="auto", torch_dtype=act)
     args, kw = inputs(q, a.latent)
+    args_q, kw_q = _cast(args, kw, act)
     with torch.no_grad():
-        q(*args, **kw)  # resident after one forward: packed codes plus the kernels' prepacked weights
+        q(*args_q, **kw_q)  # resident after one forward: what the kernels hold (codes, prepacked weights)
     resident = rss_bytes() - before
-    kernels = dmquant.report(q).kernels()
+    kernels = dmquant.report(q).kernels()  # per layer, for its weight dtype (the activation dtype here)
     fp32 = cls.from_pretrained(Path(a.work) / "fp32").eval()
     bf16 = cls.from_pretrained(Path(a.work) / "fp32", torch_dtype=torch.bfloat16).eval()
-    args16 = tuple(x.bfloat16() for x in args)
-    kw16 = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    args16, kw16 = _cast(args, kw, torch.bfloat16)
     with torch.no_grad():
         ref = fp32(*args, **kw)[0]
-        quality = {"sqnr_q": sqnr_db(ref, q(*args, **kw)[0]), "sqnr_bf16": sqnr_db(ref, bf16(*args16, **kw16)[0].float())}
+        quality = {"sqnr_q": sqnr_db(ref, q(*args_q, **kw_q)[0].float()),
+                   "sqnr_bf16": sqnr_db(ref, bf16(*args16, **kw16)[0].float())}
         times = _time_interleaved({"fp32": lambda: fp32(*args, **kw), "bf16": lambda: bf16(*args16, **kw16),
-                                   "q": lambda: q(*args, **kw)}, a.repeats, warm=("fp32", "q"))
+                                   "q": lambda: q(*args_q, **kw_q)}, a.repeats, warm=("fp32", "q"))
     return {"resident": resident, "kernels": kernels, **quality, **{f"t_{k}": v for k, v in times.items()}}
 
 
@@ -225,6 +234,8 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="tiny configs (smoke run)")
     p.add_argument("--latent", type=int, default=32, help="latent side (PixArt: 32 -> 256 tokens)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--activations", default="fp32",
+                   help="serve each quantized model with these activation dtypes (fp32,bf16): a row each")
     p.add_argument("--threads", type=int, default=1,
                    help="1 by default: on a shared 2-core machine OpenMP threads stall when a core is busy")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown tables here")
@@ -249,7 +260,10 @@ def main() -> None:
             for recipe in a.recipes.split(","):
                 print(f"[{model}] {recipe} ...", file=sys.stderr, flush=True)
                 try:
-                    rows[recipe] = {**run_job("quantize", sub, recipe=recipe), **run_job("serve", sub, recipe=recipe)}
+                    made = run_job("quantize", sub, recipe=recipe)
+                    for act in a.activations.split(","):
+                        name = recipe if act == "fp32" else f"{recipe}, {act} activations"
+                        rows[name] = {**made, **run_job("serve", sub, recipe=recipe, dtype=act)}
                 except RuntimeError as err:
                     rows[recipe] = {"error": str(err).splitlines()[-1]}
                 if a.out is not None:  # partial tables survive an interrupted run

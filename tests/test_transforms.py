@@ -23,6 +23,7 @@ from dmquant.transforms import (
     random_orthogonal,
     rotate,
     smoothing_factors,
+    svd_split,
     unmerge_lora,
 )
 
@@ -153,6 +154,24 @@ def test_svd_residual_is_the_spectral_tail_and_error_drops_with_rank():
             errors.append(_rel(q(x), ref))
         assert q[0].lowrank is None if r == 0 else q[0].lowrank.rank == r
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 2, errors
+
+
+def test_randomized_svd_of_large_weights_reaches_the_eckart_young_tail():
+    """Above EXACT_SVD_MAX the branch comes from the seeded randomized SVD: its residual norm is the
+    optimal one (the float64 spectral tail) within 1e-3, the reported tail is the real residual's, and
+    two splits are identical."""
+    from dmquant.transforms.lowrank import EXACT_SVD_MAX
+
+    g = torch.Generator().manual_seed(5)
+    n, m = EXACT_SVD_MAX + 64, EXACT_SVD_MAX + 200
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    w = (u / torch.arange(1, n + 1, dtype=torch.float64) ** 0.7) @ v.T  # singular values k^-0.7
+    tail = float(torch.linalg.svdvals(w)[32:].norm())
+    a, b = svd_split(w.float(), 32, torch.float32), svd_split(w.float(), 32, torch.float32)
+    assert torch.equal(a.up, b.up) and torch.equal(a.down, b.down) and a.rank == 32
+    assert float(a.residual.norm()) == pytest.approx(tail, rel=1e-3)
+    assert a.tail_norm == pytest.approx(float(a.residual.norm()), rel=1e-4)
 
 
 def test_half_precision_branch_stays_half():

@@ -14,8 +14,10 @@ it. Layers no kernel accepts run simulated (fake quantization of packed codes de
 | auto     | the kernels of the device the weights are on                                                |
 
 Each kernel has tensor-level functions (tested against float64 references) and the module protocol
-`unsupported_reason(layer, dtype)`, `prepare(layer)`, `run(layer, packed, x)`, `describe(layer)`.
-Packed kernel weights are not serializable: layers rebuild them lazily from their stored codes.
+`unsupported_reason(layer, dtype)`, `prepare(layer)`, `run(layer, packed, x)`, `describe(layer)`,
+`gives_codes(layer, packed)`, `codes(layer, packed)`. Packed kernel weights are not serializable:
+layers rebuild them lazily from their stored codes. A kernel whose layout gives the codes back exactly
+(the CPU int8 GEMM, int8 weight-only) lets the layer drop its own copy, so the weight is held once.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ class Kernel:
     prepack_conv: Callable[..., Any] | None = None
     conv: Callable[..., torch.Tensor] | None = None  # (x, packed, input_scale=None, ...)
     label: str = ""
+    unpack_linear: Callable[[Any], torch.Tensor] | None = None  # packed -> int8 codes, exactly
+    unpack_conv: Callable[[Any], torch.Tensor] | None = None
 
     def unsupported_reason(self, layer: Any, dtype: torch.dtype | None = None) -> str | None:
         """Why `layer` cannot run on this kernel (None when it can)."""
@@ -90,6 +94,19 @@ class Kernel:
         return self.prepack_conv(codes, scale, layer.bias, layer.stride, layer.padding, layer.dilation,
                                  layer.groups, layer.padding_mode)
 
+    def _unpack(self, layer: Any) -> Callable[[Any], torch.Tensor] | None:
+        return self.unpack_linear if _is_linear(layer) else self.unpack_conv
+
+    def gives_codes(self, layer: Any, packed: Any) -> bool:
+        """Whether `codes` can read the layer's integer codes back from `packed`, bit for bit."""
+        return self._unpack(layer) is not None and layer.weight_quantizer.spec.format.startswith("int")
+
+    def codes(self, layer: Any, packed: Any) -> torch.Tensor:
+        """The layer's integer weight codes (out, in * kernel) as int8, read back from `packed`."""
+        if not self.gives_codes(layer, packed):
+            raise ValueError(f"the {self.name} kernel cannot give {layer.qname}'s weight codes back")
+        return self._unpack(layer)(packed).reshape(layer.weight_shape[0], -1)
+
     def _int_options(self, layer: Any) -> dict[str, Any]:
         w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
         if self.device != "cpu":
@@ -132,6 +149,15 @@ class WeightOnlyKernel:
         return weight_only.prepare(layer, torch.bfloat16 if layer.weight_dtype not in weight_only.HALF
                                    else layer.weight_dtype)
 
+    def gives_codes(self, layer: Any, packed: Any) -> bool:
+        """int8 weight-only holds the codes as they are; torch's int4 layout has no unpack."""
+        return packed.bits == 8
+
+    def codes(self, layer: Any, packed: Any) -> torch.Tensor:
+        if not self.gives_codes(layer, packed):
+            raise ValueError(f"torch's int4 weight-only layout cannot give {layer.qname}'s codes back")
+        return packed.weight
+
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
         return weight_only.linear(x.to(packed.scales.dtype), packed).to(x.dtype)
 
@@ -143,7 +169,8 @@ _CPU_LABEL = "int8 GEMM (oneDNN)" if cpu.onednn_available() else "int8 GEMM (fbg
 KERNELS: dict[str, Any] = {
     "fbgemm": Kernel("fbgemm", "cpu", cpu.INT_FORMATS, lambda: cpu.onednn_available() or cpu.fbgemm_available(),
                      cpu.supports_linear, cpu.prepack_linear, cpu.int8_linear,
-                     cpu.supports_conv, cpu.prepack_conv, cpu.int8_conv, label=_CPU_LABEL),
+                     cpu.supports_conv, cpu.prepack_conv, cpu.int8_conv, label=_CPU_LABEL,
+                     unpack_linear=cpu.unpack_linear, unpack_conv=cpu.unpack_conv),
     "cpu-weight-only": WeightOnlyKernel(),
     cuda.NAME: Kernel(cuda.NAME, "cuda", ("int8", "fp8_e4m3"), cuda.cuda_available,
                       cuda.supports_linear, cuda.prepack_linear, cuda.linear, label="GPU int8/fp8 GEMM"),

@@ -32,7 +32,9 @@ Numerics, compared with dmquant's fake quantization (the reference):
 
 Packed objects hold opaque oneDNN tensors or fbgemm ScriptObjects: they cannot be pickled, saved in a
 state_dict or moved between devices. Quantized modules keep them as plain attributes and rebuild them
-lazily from their codes and scales (which are what gets saved).
+lazily from their codes and scales (which are what gets saved). Both layouts give the int8 codes back
+bit for bit (`unpack_linear`, `unpack_conv`), so a layer on these kernels drops its own packed codes
+and keeps one copy of its weight, the kernel's.
 """
 from __future__ import annotations
 
@@ -194,6 +196,14 @@ def prepack_linear(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch
     return PackedLinear(weight, s, _check_bias(bias, out_f), in_f, out_f, impl)
 
 
+def unpack_linear(packed: PackedLinear) -> torch.Tensor:
+    """The int8 codes (out, in) a linear was packed from, read back from the kernel's layout."""
+    if packed.impl == "onednn":
+        return packed.weight.to_dense().t().contiguous()  # oneDNN holds the weight as (in, out)
+    qweight, _ = torch.ops.quantized.linear_unpack(packed.weight)
+    return qweight.int_repr()
+
+
 def _linear_int(x2: torch.Tensor, packed: PackedLinear, div: torch.Tensor | float, x_scale: float, zp: int,
                 hi: int, with_bias: bool) -> torch.Tensor:
     """fp32 x_scale * w_scale * (codes(x2 / div) @ codes(W).T) (+ bias) for a 2-D view."""
@@ -302,6 +312,12 @@ def prepack_conv(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch.T
                                             inner, list(dil), groups, None)
     return PackedConv(weight, s, _check_bias(bias, out_c), in_g * groups, out_c, tuple(kernel), st, dil,
                       pad, groups, padding_mode)
+
+
+def unpack_conv(packed: PackedConv) -> torch.Tensor:
+    """The int8 codes (out, in/groups, *kernel) a convolution was packed from."""
+    return packed.weight.to_dense().reshape(packed.out_channels, packed.in_channels // packed.groups,
+                                            *packed.kernel_size)
 
 
 def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | float | None = None,

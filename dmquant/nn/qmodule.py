@@ -8,17 +8,21 @@ and peft) and lives in one of two forms:
   codes (`weight_packed`) and the quantizer's scales remain. A kernel runs on them, or they are decoded
   per call (never cached: a cached copy would be the float weight again). `layer.weight` still answers
   with the decoded tensor, read-only in spirit: writing to it changes nothing (see `weight`).
+  Once a kernel has packed the codes into a layout that gives them back exactly (the CPU int8 GEMM),
+  the layer drops `weight_packed` too and the kernel's copy is the only one (`release_codes`);
+  `packed_codes()` reads them back for saving, copying and the simulated path.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..config import QuantSpec
+from ..memory import release_freed_memory
 from ..packing import pack, pack_indices, unpack, unpack_indices
 from ..primitives import dequantize, element_format
 from .quantizer import TensorQuantizer
@@ -35,6 +39,8 @@ class QuantModule:
     lowrank: nn.Module | None
     transform: nn.Module | None
     served: Callable[[], torch.Tensor] | None = None  # a trial weight an algorithm serves (see `serve`)
+    release_codes: bool = True  # drop weight_packed once a kernel holds the same codes (`dmquant.hold_codes`)
+    _codes_in_kernel: bool = False  # weight_packed was dropped: the kernel in _kcache holds the codes
 
     def setup_quant(self, weight: QuantSpec | None, input: QuantSpec | None, backend: str = "fake",
                     name: str = "", init_scales: bool = True) -> None:
@@ -76,7 +82,7 @@ class QuantModule:
 
     @property
     def is_packed(self) -> bool:
-        return self._buffers.get("weight_packed") is not None or self.is_vq
+        return self._buffers.get("weight_packed") is not None or self._codes_in_kernel or self.is_vq
 
     @property
     def is_vq(self) -> bool:
@@ -85,6 +91,8 @@ class QuantModule:
 
     @property
     def weight_device(self) -> torch.device:
+        if self._codes_in_kernel:
+            return torch.device(self._kcache[1][0].device)
         held = "vq_packed" if self.is_vq else "weight_packed" if self.is_packed else None
         return (self._buffers[held] if held else self._parameters["weight"]).device
 
@@ -96,6 +104,7 @@ class QuantModule:
         self.register_buffer("vq_packed", packed)
         self.vq_bits, self.vq_dim = bits, dim
         self._wcache = self._kcache = None
+        self._codes_in_kernel = False
 
     def _vq_weight(self, dtype: torch.dtype | None) -> torch.Tensor:
         n_out, n_in = self.weight_shape[0], math.prod(self.weight_shape[1:])
@@ -127,6 +136,42 @@ class QuantModule:
         self._parameters.pop("weight", None)
         self.register_buffer("weight_packed", packed)
         self._wcache = self._kcache = None
+        self._codes_in_kernel = False
+
+    def packed_codes(self) -> torch.Tensor:
+        """The bit-packed weight codes (what gets saved), read back from the kernel if it alone holds them."""
+        held = self._buffers.get("weight_packed")
+        if held is not None or not self._codes_in_kernel:
+            if held is None:
+                raise AttributeError(f"{self.qname} holds no packed weight codes")
+            return held
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"{self.qname}: after running on the CPU int8 kernels this layer holds its weight "
+                               "only in the kernel's opaque layout, which torch.compile cannot trace; call "
+                               "dmquant.hold_codes(model) before torch.compile")
+        kernel, kpacked = self._kcache[1]
+        spec = self.weight_quantizer.spec
+        codes = kernel.codes(self, kpacked).float()
+        return pack(element_format(spec.fmt, spec.symmetric).encode(codes), spec.bits)
+
+    def hold_codes(self, keep: bool = False) -> None:
+        """Take the codes back from the kernel (before a move, a load, a re-pack); `keep` stops later
+        kernel calls from dropping them again."""
+        if self._codes_in_kernel:
+            self._buffers["weight_packed"] = self.packed_codes()
+            self._codes_in_kernel = False
+        if keep:
+            self.release_codes = False
+
+    def _release_to_kernel(self, kernel: Any, kpacked: object) -> None:
+        """Drop weight_packed when `kernel` can give the same codes back: the weight is then held once."""
+        if not (self.release_codes and self._buffers.get("weight_packed") is not None):
+            return
+        if not kernel.gives_codes(self, kpacked):  # type: ignore[attr-defined]
+            return
+        self._buffers["weight_packed"] = None
+        self._codes_in_kernel = True
+        release_freed_memory()
 
     def weight_codes(self) -> torch.Tensor:
         """The weight's grid values as float, (out, in * kernel): what kernels multiply and saving packs."""
@@ -134,7 +179,7 @@ class QuantModule:
         spec = wq.spec
         if self.is_packed:
             n = math.prod(self.weight_shape)
-            codes = unpack(self._buffers["weight_packed"], spec.bits, n)
+            codes = unpack(self.packed_codes(), spec.bits, n)
             return element_format(spec.fmt, spec.symmetric).decode(codes).reshape(self.weight_shape[0], -1)
         return wq.codes(self._parameters["weight"].detach())
 
@@ -146,7 +191,7 @@ class QuantModule:
         if not (self.is_packed and spec.symmetric and spec.format.startswith("int")):
             return self.weight_codes().to(torch.int8)
         shift = 8 - spec.bits  # two's complement b-bit codes: move the sign bit to bit 7, shift back
-        u = unpack(self._buffers["weight_packed"], spec.bits, math.prod(self.weight_shape))
+        u = unpack(self.packed_codes(), spec.bits, math.prod(self.weight_shape))
         return ((u << shift).view(torch.int8) >> shift).reshape(self.weight_shape[0], -1)
 
     def decoded_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -159,12 +204,33 @@ class QuantModule:
         return out.reshape(self.weight_shape)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        """Follow `.to(dtype)` / `.half()` in `weight_dtype`, which a packed layer has no tensor for."""
+        """Follow `.to(dtype)` / `.half()` in `weight_dtype`, which a packed layer has no tensor for; codes
+        held only by a CPU kernel come back first, so they move with the layer."""
+        self.hold_codes()
         result = super()._apply(fn, recurse)  # type: ignore[misc]
         if getattr(self, "weight_shape", None) is not None:
             probe = fn(torch.empty(0, dtype=self.weight_dtype))
             self.weight_dtype = probe.dtype
         return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        if self._codes_in_kernel:
+            destination[prefix + "weight_packed"] = self.packed_codes()
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        self.hold_codes()  # a dropped buffer would make the stored codes an "unexpected key"
+        self._kcache = None
+        return super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the codes, never the kernel's opaque packed weights."""
+        state = self.__dict__.copy()
+        if self._codes_in_kernel:
+            state["_buffers"] = {**self._buffers, "weight_packed": self.packed_codes()}
+            state["_codes_in_kernel"] = False
+        state["_kcache"] = None
+        return state
 
     # -- forward ---------------------------------------------------------------------------------
     def _needs_grad(self) -> bool:
@@ -175,8 +241,10 @@ class QuantModule:
 
     def _weight_key(self) -> tuple:
         wq = self.weight_quantizer
-        w = self._buffers["weight_packed"] if self.is_packed else self._parameters["weight"]
         s = wq.scale
+        if self._codes_in_kernel:  # the kernel's copy is the weight: it changes only through a re-pack
+            return ("kernel", s.data_ptr(), s._version, wq.generation)
+        w = self._buffers["weight_packed"] if self.is_packed else self._parameters["weight"]
         return (w.data_ptr(), w._version, w.device, s.data_ptr(), s._version, wq.generation)
 
     def set_weight_cache(self, enabled: bool) -> None:
@@ -234,10 +302,14 @@ class QuantModule:
 
         key = (*self._weight_key(), x.dtype)
         if self._kcache is None or self._kcache[0] != key:
+            self.hold_codes()  # the kernel about to be replaced may hold the only copy of the codes
             kernel, reason = select_kernel(self, x.dtype)
             if kernel is None and (self._kcache is None or self._kcache[1] is not None):
                 log.info("%s stays on fake quantization (%s backend: %s)", self.qname, self.backend, reason)
-            self._kcache = (key, None if kernel is None else (kernel, kernel.prepare(self)))
+            self._kcache = (None, None if kernel is None else (kernel, kernel.prepare(self)))
+            if kernel is not None and self.is_packed:
+                self._release_to_kernel(*self._kcache[1])
+            self._kcache = ((*self._weight_key(), x.dtype), self._kcache[1])
         chosen = self._kcache[1]
         return None if chosen is None else chosen[0].run(self, chosen[1], x)
 

@@ -1,0 +1,114 @@
+"""One copy of the weight on the CPU kernels: after the first call a layer drops its packed codes and
+reads them back from the kernel's layout when it needs them (saving, copying, moving, compiling).
+
+References: the packed bytes the layer held before its first call (what quantize produced, and what
+the simulated path is checked against elsewhere), and the output of a copy that keeps its codes.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dmquant
+from dmquant.config import QuantSpec, Recipe
+from dmquant.kernels import cpu, weight_only
+from dmquant.state import quant_layers
+
+pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="no oneDNN int8 kernels in this build")
+
+
+class Net(nn.Module):
+    """A conv (2-D and 1-D) and linears: every kernel layout the int8 GEMM packs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv1 = nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.lin = nn.Linear(8, 48)
+        self.out = nn.Linear(48, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).flatten(2)  # (N, 8, HW)
+        h = self.conv1(h).transpose(1, 2)  # (N, HW, 8)
+        return self.out(torch.relu(self.lin(h)))
+
+
+def _recipe(wbits: int) -> Recipe:
+    return Recipe(name=f"w{wbits}a8", weight=QuantSpec(f"int{wbits}", "channel"),
+                  input=QuantSpec("int8", "tensor", dynamic=True))
+
+
+def _held(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: layer._buffers["weight_packed"].clone() for n, layer in quant_layers(model).items()}
+
+
+@pytest.fixture(params=[8, 4])
+def served(request):
+    torch.manual_seed(0)
+    model = dmquant.quantize(Net().eval(), _recipe(request.param), backend="cpu")
+    before = _held(model)
+    kept = dmquant.hold_codes(copy.deepcopy(model))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y = model(x)
+    return model, kept, before, x, y, request.param
+
+
+def test_first_call_leaves_the_kernel_as_the_only_copy(served):
+    model, kept, before, x, y, _ = served
+    with torch.no_grad():
+        assert torch.equal(y, kept(x)) and torch.equal(model(x), y)
+    for name, layer in quant_layers(model).items():
+        assert layer._buffers["weight_packed"] is None and layer.is_packed, name
+        assert torch.equal(layer.packed_codes(), before[name]), name  # read back bit for bit
+        assert quant_layers(kept)[name]._buffers["weight_packed"] is not None, name
+    state = model.state_dict()
+    assert all(torch.equal(state[f"{n}.weight_packed"], b) for n, b in before.items())
+
+
+def test_saving_copying_and_moving_carry_the_codes(served, tmp_path):
+    model, _, before, x, y, wbits = served
+    dmquant.save_quantized(model, tmp_path / "q")
+    loaded = dmquant.load_quantized(tmp_path / "q", model=Net().eval(), backend="cpu")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y) and torch.equal(twin(x), y)
+    model.to("cpu")  # a move takes the codes back first: they travel with the layer
+    assert all(torch.equal(layer._buffers["weight_packed"], before[n]) for n, layer in quant_layers(model).items())
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    reloaded = Net().eval()
+    dmquant.quantize(reloaded, _recipe(wbits), backend="cpu")
+    reloaded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), y)
+
+
+def test_compile_after_kernel_calls_asks_for_the_codes(served):
+    model, *_, x, y, _ = served
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="hold_codes"):
+        torch.compile(model, fullgraph=True, backend="eager")(x)
+    dmquant.hold_codes(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True, backend="eager")(x)
+    assert torch.allclose(out, y, rtol=0, atol=0.05 * y.abs().max().item())  # simulated vs kernel path
+
+
+@pytest.mark.skipif(not weight_only.available(), reason="no CPU weight-only kernels in this torch")
+def test_int8_weight_only_shares_its_codes_and_int4_keeps_its_own():
+    torch.manual_seed(0)
+    for fmt, gran, released in (("int8", "channel", True), ("int4", "group:32", False)):
+        model = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+        dmquant.quantize(model, Recipe(name=fmt, weight=QuantSpec(fmt, gran)), backend="cpu")
+        before = _held(model)
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = model(x)
+        layer = model[0]
+        assert (layer._buffers["weight_packed"] is None) == released, fmt
+        assert torch.equal(layer.packed_codes(), before["0"]), fmt
+        with torch.no_grad():
+            assert torch.equal(model(x), y)
