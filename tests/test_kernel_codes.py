@@ -98,17 +98,36 @@ def test_compile_after_kernel_calls_asks_for_the_codes(served):
 
 
 @pytest.mark.skipif(not weight_only.available(), reason="no CPU weight-only kernels in this torch")
-def test_int8_weight_only_shares_its_codes_and_int4_keeps_its_own():
+@pytest.mark.parametrize("out,inp", [(64, 128), (128, 64), (192, 96)])
+def test_int4_unpack_inverts_torchs_packing_position_by_position(out, inp):
+    """Brute force: pack each bit of every element's flat index through the op itself; reading the
+    nibbles back with `unpack_int4` must give every element its own index."""
+    index = torch.arange(out * inp).reshape(out, inp)
+    found = torch.zeros(out, inp, dtype=torch.long)
+    for bit in range(int(out * inp - 1).bit_length()):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((index >> bit) & 1).to(torch.int32), 1)
+        found |= weight_only.unpack_int4(packed, out, inp).long() << bit
+    assert torch.equal(found, index)
+
+
+@pytest.mark.skipif(not weight_only.available(), reason="no CPU weight-only kernels in this torch")
+@pytest.mark.parametrize("fmt,gran,sym,out,released", [("int8", "channel", True, 64, True),
+                                                       ("int4", "group:32", True, 64, True),
+                                                       ("int4", "group:64", False, 128, True),
+                                                       ("int4", "group:32", True, 32, False)])
+def test_weight_only_layers_share_their_codes_with_the_kernel(fmt, gran, sym, out, released):
+    """int8 and int4 (blocks of 64 rows) weight-only layers keep only the kernel's copy; an int4
+    layer of 32 rows, whose layout is not read back, keeps its own."""
     torch.manual_seed(0)
-    for fmt, gran, released in (("int8", "channel", True), ("int4", "group:32", False)):
-        model = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
-        dmquant.quantize(model, Recipe(name=fmt, weight=QuantSpec(fmt, gran)), backend="cpu")
-        before = _held(model)
-        x = torch.randn(3, 64, dtype=torch.bfloat16)
-        with torch.no_grad():
-            y = model(x)
-        layer = model[0]
-        assert (layer._buffers["weight_packed"] is None) == released, fmt
-        assert torch.equal(layer.packed_codes(), before["0"]), fmt
-        with torch.no_grad():
-            assert torch.equal(model(x), y)
+    model = nn.Sequential(nn.Linear(128, out)).to(torch.bfloat16)
+    dmquant.quantize(model, Recipe(name=fmt, weight=QuantSpec(fmt, gran, symmetric=sym)), backend="cpu")
+    before = _held(model)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = model(x)
+    layer = model[0]
+    assert "weight-only" in layer.kernel_name()
+    assert (layer._buffers["weight_packed"] is None) == released
+    assert torch.equal(layer.packed_codes(), before["0"])
+    with torch.no_grad():
+        assert torch.equal(model(x), y) and torch.equal(copy.deepcopy(model)(x), y)

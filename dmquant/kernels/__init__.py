@@ -17,7 +17,7 @@ Each kernel has tensor-level functions (tested against float64 references) and t
 `unsupported_reason(layer, dtype)`, `prepare(layer)`, `run(layer, packed, x)`, `describe(layer)`,
 `gives_codes(layer, packed)`, `codes(layer, packed)`. Packed kernel weights are not serializable:
 layers rebuild them lazily from their stored codes. A kernel whose layout gives the codes back exactly
-(the CPU int8 GEMM, int8 weight-only) lets the layer drop its own copy, so the weight is held once.
+(the CPU int8 GEMM, int4 / int8 weight-only) lets the layer drop its own copy: the weight is held once.
 """
 from __future__ import annotations
 
@@ -150,13 +150,14 @@ class WeightOnlyKernel:
                                    else layer.weight_dtype)
 
     def gives_codes(self, layer: Any, packed: Any) -> bool:
-        """int8 weight-only holds the codes as they are; torch's int4 layout has no unpack."""
-        return packed.bits == 8
+        return packed.bits == 8 or (packed.out_features % weight_only.INT4_BLOCK_N == 0
+                                    and weight_only.int4_unpack_exact())
 
     def codes(self, layer: Any, packed: Any) -> torch.Tensor:
-        if not self.gives_codes(layer, packed):
-            raise ValueError(f"torch's int4 weight-only layout cannot give {layer.qname}'s codes back")
-        return packed.weight
+        codes = weight_only.packed_codes(layer, packed)
+        if codes is None:
+            raise ValueError(f"the int4 weight-only layout cannot give {layer.qname}'s codes back")
+        return codes
 
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
         return weight_only.linear(x.to(packed.scales.dtype), packed).to(x.dtype)

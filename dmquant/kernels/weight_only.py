@@ -6,12 +6,16 @@
   code q with zero point z is w = (q - 8) * s + (8 - z) * s: both the reference's value, up to the
   16-bit rounding of the scale and zero the kernel takes.
 - int8 per output channel: `aten._weight_int8pack_mm` (w = code * scale).
+- Both layouts give the codes back (`unpack_int4`: torch's CPU int4 layout stores, per block of 64
+  output rows and per input, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63;
+  checked against the op itself at first use), so a layer keeps only the kernel's copy.
 Both multiply bf16 / fp16 activations (fp32 ones run ~50x slower than fp32 `F.linear` here), so the
 dispatch only picks them when the layer's input is 16-bit: a W4A16 / W8A16 recipe's own definition.
 Outputs carry the activation dtype's rounding (bf16: relative ~4e-3 against the float reference).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +86,41 @@ def prepare(layer, dtype: torch.dtype) -> PackedWeightOnly:  # noqa: ANN001
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.to(torch.int32).contiguous(), 1)
     pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (groups, out, 2)
     return PackedWeightOnly(4, weight, pairs, group, bias, layer.out_features)
+
+
+INT4_BLOCK_N = 64
+
+
+def unpack_int4(weight: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The unsigned 0..15 codes (out, in) that `_convert_weight_to_int4pack_for_cpu` packed."""
+    blocks = weight.reshape(out_features // INT4_BLOCK_N, in_features, INT4_BLOCK_N // 2)
+    nibbles = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (blocks, in, 64 rows)
+    return nibbles.permute(0, 2, 1).reshape(out_features, in_features)
+
+
+@functools.lru_cache(maxsize=1)
+def int4_unpack_exact() -> bool:
+    """Whether this torch packs int4 the way `unpack_int4` reads it (a round trip, once)."""
+    if not available():
+        return False
+    q = torch.randint(0, 16, (2 * INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    try:
+        return torch.equal(unpack_int4(packed, *q.shape).to(torch.int32), q)
+    except RuntimeError:  # another layout size
+        return False
+
+
+def packed_codes(layer, packed: PackedWeightOnly) -> torch.Tensor | None:  # noqa: ANN001 - a QuantLinear
+    """The layer's weight codes (out, in) as int8 grid values read back from `packed`; None where the
+    layout cannot give them back (int4 with out_features not a multiple of 64, or an unknown layout)."""
+    if packed.bits == 8:
+        return packed.weight
+    if packed.out_features % INT4_BLOCK_N or not int4_unpack_exact():
+        return None
+    low = element_format(layer.weight_quantizer.spec.fmt, layer.weight_quantizer.spec.symmetric).min_value
+    unsigned = unpack_int4(packed.weight, packed.out_features, layer.in_features)
+    return (unsigned.to(torch.int8) + int(low)).to(torch.int8)
 
 
 def linear(x: torch.Tensor, packed: PackedWeightOnly) -> torch.Tensor:

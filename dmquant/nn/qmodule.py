@@ -171,7 +171,6 @@ class QuantModule:
             return
         self._buffers["weight_packed"] = None
         self._codes_in_kernel = True
-        release_freed_memory()
 
     def weight_codes(self) -> torch.Tensor:
         """The weight's grid values as float, (out, in * kernel): what kernels multiply and saving packs."""
@@ -309,6 +308,7 @@ class QuantModule:
             self._kcache = (None, None if kernel is None else (kernel, kernel.prepare(self)))
             if kernel is not None and self.is_packed:
                 self._release_to_kernel(*self._kcache[1])
+                release_freed_memory()  # packing's temporaries (codes as float/int32) go back to the OS
             self._kcache = ((*self._weight_key(), x.dtype), self._kcache[1])
         chosen = self._kcache[1]
         return None if chosen is None else chosen[0].run(self, chosen[1], x)
