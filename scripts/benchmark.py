@@ -82,6 +82,13 @@ def dir_bytes(path: Path) -> int:
 
 
 # -- the measurements, each run in its own process -----------------------------------------------
+def _cast(args: tuple, kw: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Floating inputs in `dtype` (integer ones, such as timesteps, as they are)."""
+    def c(v):  # noqa: ANN001, ANN202
+        return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+    return tuple(c(x) for x in args), {k: c(v) for k, v in kw.items()}
+
+
 def job_baseline(a: argparse.Namespace) -> dict:
     model = build(a.model, a.small)
     model.save_pretrained(Path(a.work) / "fp32")
@@ -99,8 +106,8 @@ def job_load_float(a: argparse.Namespace) -> dict:
     model = cls.from_pretrained(Path(a.work) / a.dtype, torch_dtype=dtype).eval()
     args, kw = inputs(model, a.latent)
     with torch.no_grad():  # resident = after one forward, as for the quantized models (weights paged in)
-        model(*(x.to(dtype) for x in args), **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                                                for k, v in kw.items()})
+        args, kw = _cast(args, kw, dtype)
+        model(*args, **kw)
     return {"rss": rss_bytes() - before, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -140,13 +147,6 @@ def _time_interleaved(runs: dict, repeats: int, warm: tuple[str, ...]) -> dict[s
             fn()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _cast(args: tuple, kw: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """Floating inputs in `dtype` (integer ones, such as timesteps, as they are)."""
-    def c(v):  # noqa: ANN001, ANN202
-        return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-    return tuple(c(x) for x in args), {k: c(v) for k, v in kw.items()}
 
 
 def job_serve(a: argparse.Namespace) -> dict:

@@ -150,14 +150,10 @@ class WeightOnlyKernel:
                                    else layer.weight_dtype)
 
     def gives_codes(self, layer: Any, packed: Any) -> bool:
-        return packed.bits == 8 or (packed.out_features % weight_only.INT4_BLOCK_N == 0
-                                    and weight_only.int4_unpack_exact())
+        return weight_only.gives_codes(packed)
 
     def codes(self, layer: Any, packed: Any) -> torch.Tensor:
-        codes = weight_only.packed_codes(layer, packed)
-        if codes is None:
-            raise ValueError(f"the int4 weight-only layout cannot give {layer.qname}'s codes back")
-        return codes
+        return weight_only.packed_codes(layer, packed)
 
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
         return weight_only.linear(x.to(packed.scales.dtype), packed).to(x.dtype)

@@ -111,16 +111,19 @@ def int4_unpack_exact() -> bool:
         return False
 
 
-def packed_codes(layer, packed: PackedWeightOnly) -> torch.Tensor | None:  # noqa: ANN001 - a QuantLinear
-    """The layer's weight codes (out, in) as int8 grid values read back from `packed`; None where the
-    layout cannot give them back (int4 with out_features not a multiple of 64, or an unknown layout)."""
+def gives_codes(packed: PackedWeightOnly) -> bool:
+    """int8 always; int4 when out_features fills whole 64-row blocks of a layout this torch matches."""
+    return packed.bits == 8 or (packed.out_features % INT4_BLOCK_N == 0 and int4_unpack_exact())
+
+
+def packed_codes(layer, packed: PackedWeightOnly) -> torch.Tensor:  # noqa: ANN001 - a QuantLinear
+    """The layer's weight codes (out, in) as int8 grid values, read back from `packed`."""
+    if not gives_codes(packed):
+        raise ValueError(f"the int4 weight-only layout cannot give {layer.qname}'s codes back")
     if packed.bits == 8:
         return packed.weight
-    if packed.out_features % INT4_BLOCK_N or not int4_unpack_exact():
-        return None
     low = element_format(layer.weight_quantizer.spec.fmt, layer.weight_quantizer.spec.symmetric).min_value
-    unsigned = unpack_int4(packed.weight, packed.out_features, layer.in_features)
-    return (unsigned.to(torch.int8) + int(low)).to(torch.int8)
+    return unpack_int4(packed.weight, packed.out_features, layer.in_features).to(torch.int8) + int(low)
 
 
 def linear(x: torch.Tensor, packed: PackedWeightOnly) -> torch.Tensor:

@@ -141,10 +141,10 @@ class QuantModule:
     def packed_codes(self) -> torch.Tensor:
         """The bit-packed weight codes (what gets saved), read back from the kernel if it alone holds them."""
         held = self._buffers.get("weight_packed")
-        if held is not None or not self._codes_in_kernel:
-            if held is None:
-                raise AttributeError(f"{self.qname} holds no packed weight codes")
+        if held is not None:
             return held
+        if not self._codes_in_kernel:
+            raise AttributeError(f"{self.qname} holds no packed weight codes")
         if torch.compiler.is_compiling():
             raise RuntimeError(f"{self.qname}: after running on the CPU int8 kernels this layer holds its weight "
                                "only in the kernel's opaque layout, which torch.compile cannot trace; call "
@@ -305,11 +305,11 @@ class QuantModule:
             kernel, reason = select_kernel(self, x.dtype)
             if kernel is None and (self._kcache is None or self._kcache[1] is not None):
                 log.info("%s stays on fake quantization (%s backend: %s)", self.qname, self.backend, reason)
-            self._kcache = (None, None if kernel is None else (kernel, kernel.prepare(self)))
-            if kernel is not None and self.is_packed:
-                self._release_to_kernel(*self._kcache[1])
+            chosen = None if kernel is None else (kernel, kernel.prepare(self))
+            if chosen is not None:
+                self._release_to_kernel(*chosen)
                 release_freed_memory()  # packing's temporaries (codes as float/int32) go back to the OS
-            self._kcache = ((*self._weight_key(), x.dtype), self._kcache[1])
+            self._kcache = ((*self._weight_key(), x.dtype), chosen)  # keyed after a release changed the key
         chosen = self._kcache[1]
         return None if chosen is None else chosen[0].run(self, chosen[1], x)
 
