@@ -4,7 +4,9 @@ Packing a layer frees its float temporaries, but glibc keeps freed heap memory f
 threshold rises after the first large frees, so later temporaries land on the heap); between the
 packed buffers left behind, that memory stays resident. Measured on a 611 M-parameter PixArt
 (`scripts/benchmark.py`): quantize peak 1.52x the fp32 model without trimming, 1.27x with glibc's
-threshold pinned. `malloc_trim(0)` after each layer returns the free pages without any setting.
+threshold pinned. `malloc_trim(0)` after each layer returns the free pages without any setting. Calibration is the
+same story per call: each float-master layer fake-quantizes its weight anew (`weight_cache_disabled`),
+and without a trim after each call the w8a8-tsa quantize peak was 2.71x the fp32 model (1.27x with).
 """
 from __future__ import annotations
 

@@ -137,7 +137,8 @@ def job_quantize(a: argparse.Namespace) -> dict:
             "quantize_s": seconds, "disk": dir_bytes(out)}
 
 
-def _time_interleaved(runs: dict, repeats: int, warm: tuple[str, ...]) -> dict[str, float]:
+def _time_interleaved(runs: dict, repeats: int, warm: tuple[str, ...]) -> dict[str, list[float]]:
+    """Seconds per call, one list per model: each repeat runs every model once, back to back."""
     for name in warm:
         runs[name]()  # warm-up: builds packed kernel weights
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -146,7 +147,7 @@ def _time_interleaved(runs: dict, repeats: int, warm: tuple[str, ...]) -> dict[s
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def job_serve(a: argparse.Namespace) -> dict:
@@ -194,6 +195,14 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
+def speedup(r: dict, base: str, of: str = "q") -> str:
+    """Median of the per-repeat ratios, with their range: each repeat timed both models back to back,
+    so a ratio shares that moment's machine load; the range is how far the repeats disagree."""
+    ratios = sorted(b / q for b, q in zip(r[f"t_{base}"], r[f"t_{of}"]))
+    mid = statistics.median(ratios)
+    return f"{mid:.2f}" if len(ratios) < 2 else f"{mid:.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
+
+
 def kernel_summary(kernels: dict[str, int]) -> str:
     total = sum(kernels.values())
     on = sum(n for k, n in kernels.items() if not k.startswith("simulated"))
@@ -216,14 +225,15 @@ def table(model: str, base: dict, rows: dict[str, dict]) -> str:
             lines.append(f"| {name} | failed: {r['error'][:80]} |")
             continue
         lines.append(
-            f"| {name} | {kernel_summary(r['kernels'])} | {r['t_fp32'] / r['t_q']:.2f} | {r['t_bf16'] / r['t_q']:.2f} | "
+            f"| {name} | {kernel_summary(r['kernels'])} | {speedup(r, 'fp32')} | {speedup(r, 'bf16')} | "
             f"{mib(r['resident'])} | {r['resident'] / fp32['rss']:.2f} | {r['resident'] / fp16['rss']:.2f} | "
             f"{mib(r['disk'])} | {r['peak_over_base'] / r['model_rss']:.2f} | "
             f"{r['save_peak_over_base'] / r['model_rss']:.2f} | {r['sqnr_q']:.1f} |")
     bf = next((r for r in rows.values() if "t_bf16" in r), None)
     if bf is not None:
-        lines.append(f"\nbf16 in the same loops: {bf['t_fp32'] / bf['t_bf16']:.2f}x the speed of fp32 "
-                     f"(SQNR {bf['sqnr_bf16']:.1f} dB).")
+        lines.append(f"\nbf16 in the same loops: {speedup(bf, 'fp32', 'bf16')}x the speed of fp32 "
+                     f"(SQNR {bf['sqnr_bf16']:.1f} dB). Speeds: median over the repeats of the ratio "
+                     "timed back to back, [lowest, highest].")
     return "\n".join(lines)
 
 

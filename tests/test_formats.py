@@ -42,6 +42,23 @@ def test_encode_decode_roundtrip(name):
     assert neg_zero.item() == 0 and torch.signbit(neg_zero).item() == has_neg_zero
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_decode_reads_every_bit_pattern_as_its_table_says(name):
+    """Brute force over all 2**bits patterns, in any index shape: integers decode by shifts, the rest
+    by lookup; both must agree with the float64 table (NaN where a pattern has no value)."""
+    fmt = get_format(name)
+    patterns = torch.arange(2**fmt.bits, dtype=torch.uint8)
+    table = fmt.decode_table().float()
+    for codes in (patterns, patterns.flip(0).reshape(-1, 2**(fmt.bits // 2))):
+        got = fmt.decode(codes)
+        want = table[codes.long()]
+        assert got.shape == codes.shape
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    if isinstance(fmt, IntFormat):
+        assert torch.equal(fmt.unsigned().decode(patterns), patterns.float())
+
+
 @pytest.mark.parametrize("name,maximum,count", [
     ("fp8_e4m3", 448.0, 253), ("fp8_e5m2", 57344.0, 247), ("fp6_e3m2", 28.0, 63),
     ("fp6_e2m3", 7.5, 63), ("fp4_e2m1", 6.0, 15), ("int4", 7, 16), ("uint4", 15, 16), ("int2", 1, 4),

@@ -118,21 +118,83 @@ def test_w4a8_convolution_on_the_int8_kernel_matches_fake():
 @pytest.mark.skipif(not weight_only.available(), reason="no CPU weight-only kernels in this torch")
 @pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:32", True), ("uint4", "group:64", False),
                                            ("int8", "channel", True)])
-def test_weight_only_kernels_match_the_decoded_weight(wfmt, gran, sym):
+@pytest.mark.parametrize("tokens,kernel", [(5, "aten int"), (weight_only.DECODE_MIN_TOKENS, "decoded per call")])
+def test_weight_only_kernels_match_the_decoded_weight(wfmt, gran, sym, tokens, kernel):
     """bf16 activations times the exact decoded weight, in float64: the kernel differs only by bf16
-    rounding of its scales and accumulation (relative 1e-2 of the output's peak)."""
+    rounding of its scales and accumulation (relative 1e-2 of the output's peak). Few tokens run
+    torch's packed kernels, many the decode-GEMM."""
     torch.manual_seed(0)
     lin = nn.Linear(128, 64).to(torch.bfloat16)
     q = QuantLinear.from_float(lin, QuantSpec(wfmt.replace("u", ""), gran, symmetric=sym), None, backend="cpu", name="l")
     q.pack_weight()
-    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    assert "decoded per call" in q.kernel_name() and "below" in q.kernel_name()  # before a call: both, and when
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         y = q(x)
-    assert q._kcache[1] is not None and "weight-only" in q.kernel_name()
+    assert q._kcache[1] is not None and kernel in q.kernel_name()
     ref = x.double() @ q.decoded_weight(torch.float64).T + lin.bias.double()
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.double(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
-    assert "bf16/fp16" in select_kernel(q, torch.float32)[1]  # fp32 inputs stay simulated, and say why
+
+
+
+@pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:32", True), ("int4", "group:64", False), ("int8", "channel", True)])
+def test_fp32_inputs_of_packed_weight_only_layers_decode_exactly_as_simulated(wfmt, gran, sym):
+    """fp32 activations: a packed layer takes the fp32 decode-GEMM, bit for bit the simulated path; a
+    float-master layer stays simulated (its cached fake weight is faster) and says why."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    layers = [QuantLinear.from_float(lin, QuantSpec(wfmt, gran, symmetric=sym), None, backend=b, name="l")
+              for b in ("cpu", "fake")]
+    x = torch.randn(7, 128)
+    assert "fp32 on packed layers" in select_kernel(layers[0], torch.float32)[1]
+    for layer in layers:
+        layer.pack_weight()
+    with torch.no_grad():
+        y, ref = layers[0](x), layers[1](x)
+    assert "W{}A32 weight-only (fp32 GEMM on codes decoded per call)".format(wfmt[-1]) in layers[0].kernel_name()
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("wfmt,gran,sym,pack", [("int4", "group:32", True, True), ("int4", "group:64", False, True),
+                                                ("int4", "tensor", False, True), ("int8", "channel", True, True),
+                                                ("int4", "group:32", True, False)])
+def test_decode_gemm_weight_is_the_exactly_rounded_dequantized_weight(wfmt, gran, sym, pack):
+    """The decode-GEMM's weight against float64: (code - zero) * bf16(scale), rounded once to bf16,
+    bit for bit; a packed int4 layer lends its own codes (same storage, no second copy)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    q = QuantLinear.from_float(lin, QuantSpec(wfmt, gran, symmetric=sym), None, backend="cpu", name="l")
+    if pack:
+        q.pack_weight()
+    packed = weight_only.prepare(q, torch.bfloat16, tokens=weight_only.DECODE_MIN_TOKENS)
+    assert packed.decode and not weight_only.gives_codes(packed)
+    qp = q.weight_quantizer.qparams
+    rows = qp.scale.numel() >= 40
+    scale = (qp.scale.reshape(40, -1) if rows else qp.scale.reshape(1, 1)).bfloat16().double()
+    codes = q.weight_codes().double().reshape(40, scale.shape[1] if rows else 1, -1)
+    zero = 0 if qp.zero_point is None else qp.zero_point.double().reshape(scale.shape)
+    ref = ((codes - zero.unsqueeze(-1) if torch.is_tensor(zero) else codes) * scale.unsqueeze(-1)).reshape(40, 96)
+    assert torch.equal(weight_only.decode(packed), ref.bfloat16())
+    if pack and wfmt == "int4":
+        assert packed.weight.data_ptr() == q._buffers["weight_packed"].data_ptr()
+
+
+@pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:24", True), ("int4", "channel", False), ("int8", "channel", True)])
+def test_weight_only_convolution_matches_the_decoded_weight(wfmt, gran, sym):
+    """A W4A16 / W8A16 convolution runs its decoded 16-bit weight on the bf16 convolution: against the
+    float64 convolution of the exact decoded weight, bf16 rounding only (relative 1e-2 of the peak)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).to(torch.bfloat16)
+    q = QuantConv2d.from_float(conv, QuantSpec(wfmt, gran, symmetric=sym), None, backend="cpu", name="c")
+    q.pack_weight()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+    assert "16-bit convolution on codes decoded per call" in q.kernel_name()
+    ref = torch.nn.functional.conv2d(x.double(), q.decoded_weight(torch.float64), conv.bias.double(), padding=1)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
 
 
 def test_dispatch_table_and_report_name_each_layers_kernel():

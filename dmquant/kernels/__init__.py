@@ -9,12 +9,13 @@ it. Layers no kernel accepts run simulated (fake quantization of packed codes de
 |----------|---------------------------------------------------------------------------------------------|
 | fake     | none: the simulated reference                                                               |
 | fbgemm   | cpu-int: int2-8 weights x int2-8 activations on the CPU int8 GEMM (oneDNN, else fbgemm)      |
-| cpu      | cpu-int, then cpu-weight-only: int4 (groups) / int8 weights with bf16/fp16 activations      |
+| cpu      | cpu-int, then cpu-weight-only: int4 / int8 weights with bf16/fp16 activations (+ conv)   |
 | cuda     | cuda-int8 (`torch._int_mm`), cuda-fp8 (`torch._scaled_mm`)                                   |
 | auto     | the kernels of the device the weights are on                                                |
 
 Each kernel has tensor-level functions (tested against float64 references) and the module protocol
-`unsupported_reason(layer, dtype)`, `prepare(layer)`, `run(layer, packed, x)`, `describe(layer)`,
+`unsupported_reason(layer, dtype)`, `prepare(layer, x)` (x: the first call's input, whose token count
+may pick a layout), `run(layer, packed, x)`, `describe(layer, packed=None)`,
 `gives_codes(layer, packed)`, `codes(layer, packed)`. Packed kernel weights are not serializable:
 layers rebuild them lazily from their stored codes. A kernel whose layout gives the codes back exactly
 (the CPU int8 GEMM, int4 / int8 weight-only) lets the layer drop its own copy: the weight is held once.
@@ -80,7 +81,7 @@ class Kernel:
         return self.supports_conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.groups,
                                   layer.padding_mode)
 
-    def prepare(self, layer: Any) -> Any:
+    def prepare(self, layer: Any, x: torch.Tensor | None = None) -> Any:
         """Pack the layer's weight codes and scales (exactly what fake quantization uses)."""
         wq = layer.weight_quantizer
         if wq.spec.format.startswith("int"):
@@ -122,7 +123,7 @@ class Kernel:
         assert self.conv is not None
         return self.conv(x, packed, scale, **self._int_options(layer))
 
-    def describe(self, layer: Any) -> str:
+    def describe(self, layer: Any, packed: Any = None) -> str:
         w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
         text = f"W{w.bits}A{a.bits} {self.label}"
         if self.device == "cpu" and cpu.needs_reduce_range(w.bits, a.bits):
@@ -138,16 +139,17 @@ class WeightOnlyKernel:
     device: str = "cpu"
 
     def available(self) -> bool:
-        return weight_only.available()
+        return True  # the decode-GEMM needs nothing beyond torch; its packed ops are optional
 
     def unsupported_reason(self, layer: Any, dtype: torch.dtype | None = None) -> str | None:
         if layer.weight_device.type != self.device:
             return f"the layer's weights are on {layer.weight_device.type}, the kernel runs on {self.device}"
         return weight_only.unsupported_reason(layer, dtype or layer.weight_dtype)
 
-    def prepare(self, layer: Any) -> Any:
-        return weight_only.prepare(layer, torch.bfloat16 if layer.weight_dtype not in weight_only.HALF
-                                   else layer.weight_dtype)
+    def prepare(self, layer: Any, x: torch.Tensor | None = None) -> Any:
+        dtype = x.dtype if x is not None else layer.weight_dtype
+        tokens = None if x is None else x.numel() // max(x.shape[layer.INPUT_AXIS], 1)
+        return weight_only.prepare(layer, dtype, tokens)
 
     def gives_codes(self, layer: Any, packed: Any) -> bool:
         return weight_only.gives_codes(packed)
@@ -156,10 +158,20 @@ class WeightOnlyKernel:
         return weight_only.packed_codes(layer, packed)
 
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
-        return weight_only.linear(x.to(packed.scales.dtype), packed).to(x.dtype)
+        x16 = x.to(packed.scales.dtype)
+        y = weight_only.linear(x16, packed) if _is_linear(layer) else weight_only.conv(layer, x16, packed)
+        return y.to(x.dtype)
 
-    def describe(self, layer: Any) -> str:
-        return f"W{layer.weight_quantizer.spec.bits}A16 weight-only (aten int{layer.weight_quantizer.spec.bits}pack)"
+    def describe(self, layer: Any, packed: Any = None) -> str:
+        bits = layer.weight_quantizer.spec.bits
+        width = "fp32" if packed is not None and packed.scales.dtype == torch.float32 else "16-bit"
+        decode = f"{width} {'GEMM' if _is_linear(layer) else 'convolution'} on codes decoded per call"
+        if packed is None:  # not called yet: the first call's token count decides
+            aten = f", aten int{bits}pack below {weight_only.DECODE_MIN_TOKENS} tokens" \
+                if weight_only._aten_fits(layer) else ""
+            return f"W{bits}A16 weight-only ({decode}{aten})"
+        act = "A32" if width == "fp32" else "A16"
+        return f"W{bits}{act} weight-only ({decode if packed.decode else f'aten int{bits}pack'})"
 
 
 _CPU_LABEL = "int8 GEMM (oneDNN)" if cpu.onednn_available() else "int8 GEMM (fbgemm)"

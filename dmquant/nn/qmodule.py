@@ -284,6 +284,8 @@ class QuantModule:
             out = self.float_forward(xq, self.quantized_weight())
         if self.lowrank is not None:
             out = out + self.lowrank(x)
+        if not self.cache_weight and not self.is_packed:  # calibrating: this call's fake-quantized copy
+            release_freed_memory()  # would stay on glibc's heap, layer after layer (see dmquant.memory)
         return out
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -305,7 +307,7 @@ class QuantModule:
             kernel, reason = select_kernel(self, x.dtype)
             if kernel is None and (self._kcache is None or self._kcache[1] is not None):
                 log.info("%s stays on fake quantization (%s backend: %s)", self.qname, self.backend, reason)
-            chosen = None if kernel is None else (kernel, kernel.prepare(self))
+            chosen = None if kernel is None else (kernel, kernel.prepare(self, x))
             if chosen is not None:
                 self._release_to_kernel(*chosen)
                 release_freed_memory()  # packing's temporaries (codes as float/int32) go back to the OS
@@ -322,7 +324,10 @@ class QuantModule:
         from ..kernels import select_kernel
 
         kernel, reason = select_kernel(self, dtype or self.weight_dtype)
-        return kernel.describe(self) if kernel is not None else f"simulated ({reason})"
+        if kernel is None:
+            return f"simulated ({reason})"
+        chosen = self._kcache[1] if self._kcache is not None else None  # the layout the calls chose, once run
+        return kernel.describe(self, chosen[1] if chosen is not None and chosen[0] is kernel else None)
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
