@@ -71,7 +71,7 @@ def apply_plan(module: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, in
     for name, step in tqdm(plan.items(), desc="quantize", unit="layer", leave=False, disable=None):
         child = module.get_submodule(name)
         if step.kind == "attention":
-            quantize_attention(child, recipe.attention, name)
+            quantize_attention(child, recipe.attention, name, recipe.backend)
             continue
         cls = quant_class_for(child)
         if cls is None:

@@ -108,8 +108,10 @@ def report(obj: Any) -> QuantReport:
         att = module.dmquant_state.recipe.attention
         for name, plan in module.dmquant_state.plan.items():
             if plan.kind == "attention":
-                rep.rows.append(LayerRow(path, name, "attention", "-", _attention_specs(att), 0, 0, 0,
-                                         "simulated (attention internals)"))
+                quantizers = getattr(module.get_submodule(name), "dmquant_attention", None)
+                qk = quantizers.kernel_name() if quantizers is not None else "simulated (attention internals)"
+                kernel = qk if qk.startswith("simulated") else f"{qk}, softmax and P V simulated"
+                rep.rows.append(LayerRow(path, name, "attention", "-", _attention_specs(att), 0, 0, 0, kernel))
         rep.fp_bytes += held - act_bytes - extras + quantized_fp
         rep.quant_bytes += held - extras + quantized_q
     if not rep.rows:

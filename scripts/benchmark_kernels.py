@@ -30,7 +30,9 @@ LINEARS = [  # (name, tokens, in, out)
     ("UNet 1280 (2x16x16)", 512, 1280, 1280),
 ]
 CONVS = [("conv3x3 320 @64x64", 320, 64), ("conv3x3 640 @32x32", 640, 32), ("conv3x3 1280 @16x16", 1280, 16)]
-QUICK = {"4096x4096, 256 tok", "PixArt 1152x1152", "conv3x3 640 @32x32", "conv3x3 1280 @16x16"}
+ATTENTION = [("PixArt Q K^T 2x16 heads, 1024 tok, d 72", 32, 1024, 72)]  # (name, batch x heads, tokens, head dim)
+QUICK = {"4096x4096, 256 tok", "PixArt 1152x1152", "conv3x3 640 @32x32", "conv3x3 1280 @16x16",
+         ATTENTION[0][0]}
 
 
 def timed(fn: Callable[[], torch.Tensor], runs: int, sync: bool) -> tuple[float, torch.Tensor]:
@@ -98,6 +100,18 @@ def conv_paths(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, C
     return paths
 
 
+def attention_paths(q: torch.Tensor, k: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """Q K^T of SageAttention's int8 Q/K per 16-token block, quantization included: the int8 GEMM
+    against the simulated product of the dequantized blocks."""
+    from dmquant.config import AttentionSpec, QuantSpec
+    from dmquant.kernels.attention import int8_scores
+    from dmquant.nn.qattention import AttentionQuantizers
+
+    aq = AttentionQuantizers(AttentionSpec(qkv=QuantSpec("int8", "token", dynamic=True), block_size=16))
+    return {"int8 Q K^T torch._int_mm (block 16)": lambda: int8_scores(*aq._codes(aq.q, q), *aq._codes(aq.k, k)),
+            "simulated int8 Q K^T (block 16)": lambda: aq._blocked(aq.q, q) @ aq._blocked(aq.k, k).transpose(-1, -2)}
+
+
 def bench(name: str, ref_fn: Callable[[], torch.Tensor], paths: dict[str, Callable[[], torch.Tensor]],
           runs: int, sync: bool) -> list[tuple[str, ...]]:
     t_ref, ref = timed(ref_fn, runs, sync)
@@ -137,6 +151,10 @@ def main() -> None:
         x, w = torch.randn(2, c, h, h, device=dev), torch.randn(c, c, 3, 3, device=dev) / (9 * c) ** 0.5
         b = torch.randn(c, device=dev)
         rows += bench(name, lambda: F.conv2d(x, w, b, padding=1), conv_paths(x, w, b), runs, sync)
+    for name, heads, tokens, dim in ATTENTION:
+        torch.manual_seed(0)
+        q, k = torch.randn(heads, tokens, dim, device=dev), torch.randn(heads, tokens, dim, device=dev)
+        rows += bench(name, lambda: q @ k.transpose(-1, -2), attention_paths(q, k), runs, sync)
     header = ("shape", "path", "ms", "x fp32", "max abs err", "rel L2 err")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(v.ljust(wd) for v, wd in zip(r, widths)) + " |"  # noqa: E731

@@ -74,6 +74,48 @@ def test_sage_attention_matches_float64_reference():
     assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
 
 
+@pytest.mark.parametrize("block,probs", [(8, FP8_TOK), (0, None)])
+def test_int8_qk_on_the_int8_gemm_matches_float64_reference(block, probs, monkeypatch):
+    """With a kernel backend, int8 Q K^T runs on torch._int_mm (counted) and gives the float64
+    reference of the same rounding; the fake backend and int4 Q/K stay simulated and say why."""
+    from dmquant.kernels import attention as int8_attention
+
+    spec = AttentionSpec(qkv=INT8_TOK, v=FP8_CHAN, probs=probs, block_size=block, smooth_k=True, smooth_v=True)
+    q, k, v = _inputs(offset=3.0)
+    calls = []
+    real = int8_attention.int8_scores
+    monkeypatch.setattr(int8_attention, "int8_scores", lambda *a: calls.append(1) or real(*a))
+    kernel = AttentionQuantizers(spec, "attn", backend="auto")
+    assert kernel.kernel_name() == "int8 Q K^T (torch._int_mm)"
+    out = kernel.sdpa(q, k, v)
+    assert calls == [1]
+    k_s = k.double() - k.double().mean(-2, keepdim=True)
+    v_mean = v.double().mean(-2, keepdim=True)
+    qq, kq = _int_blocks(q, block or 1, 127), _int_blocks(k_s.float(), block or 1, 127)
+    p = torch.softmax(qq @ kq.transpose(-1, -2) / 8**0.5, -1)
+    ref = (_fp8(p.float(), dim=-1) if probs else p) @ _fp8((v.double() - v_mean).float(), dim=-2) + v_mean
+    assert torch.allclose(out.double(), ref, atol=1e-5), (out.double() - ref).abs().max()
+    simulated = AttentionQuantizers(spec, "attn").sdpa(q, k, v)
+    assert calls == [1] and torch.allclose(simulated, out, atol=1e-5)
+    assert "fake backend" in AttentionQuantizers(spec, "attn").kernel_name()
+    assert "int8 Q/K" in AttentionQuantizers(AttentionSpec(qkv=INT4_TOK), "a", backend="auto").kernel_name()
+    with torch.enable_grad():  # training needs the straight-through estimator: simulated
+        assert "gradients" in kernel.int8_reason(q.requires_grad_(True), k)
+
+
+def test_int8_scores_is_the_exact_integer_product():
+    """Brute force: every score is sum(q_code * k_code) in integers, times the two row scales."""
+    from dmquant.kernels.attention import int8_scores
+
+    g = torch.Generator().manual_seed(0)
+    qc, kc = (torch.randint(-128, 128, (2, 3, n, 16), generator=g, dtype=torch.int8) for n in (5, 7))
+    qs, ks = torch.rand(2, 3, 5, generator=g), torch.rand(2, 3, 7, generator=g)
+    exact = torch.einsum("bhld,bhsd->bhls", qc.long(), kc.long())
+    assert torch.equal((exact.abs() < 2**24).all(), torch.tensor(True))  # exact in float32 too
+    ref = exact.double() * qs.double()[..., :, None] * ks.double()[..., None, :]
+    assert torch.allclose(int8_scores(qc, qs, kc, ks).double(), ref, rtol=1e-6, atol=0)
+
+
 def _asym(x, dim, levels=15):
     """Reference asymmetric uint grid with one (scale, zero point) per slice along `dim`, in float64."""
     x = x.double()
@@ -156,6 +198,17 @@ def test_sage_recipes_on_tiny_pixart(recipe):
     n_attn = sum(hasattr(m, "dmquant_attention") for m in qm.modules())
     assert n_attn == 4  # self- and cross-attention of both blocks
     assert sqnr_db(ref, out) > 25, sqnr_db(ref, out)
+    if recipe != "w8a8-attn4-sage2":  # int8 Q/K: with a kernel backend Q K^T runs on the int8 GEMM
+        km = copy.deepcopy(model)
+        dmquant.quantize(km, recipe, backend="auto")
+        names = {m.dmquant_attention.kernel_name() for m in km.modules() if hasattr(m, "dmquant_attention")}
+        assert names == {"int8 Q K^T (torch._int_mm)"}
+        rows = [r.kernel for r in dmquant.report(km).rows if r.kind == "attention"]
+        assert rows == ["int8 Q K^T (torch._int_mm), softmax and P V simulated"] * 4
+        assert all(r.kernel.startswith("simulated") for r in dmquant.report(qm).rows if r.kind == "attention")
+        with torch.no_grad():
+            kernel_out = km(*args, **kwargs, return_dict=False)[0]
+        assert sqnr_db(out, kernel_out) > 40, sqnr_db(out, kernel_out)  # the same rounding, other summation
 
 
 def test_rotation_is_exact_alone_and_quantizes_the_rotated_tensors():

@@ -19,6 +19,10 @@ whose blocks quantize Q and K with the least relative error: row-major (blocks a
 column-major (column segments) or square tiles (blocks of block_size = t*t tokens as t x t patches).
 Tokens are gathered into that order, block-quantized and scattered back, so the attention itself
 (masks, softmax, outputs) is untouched; a real kernel would store the permuted layout instead.
+
+With a kernel backend (`auto`, `cpu`, `cuda`: the recipe's or `quantize(..., backend=)`), int8 Q and
+K per token or block multiply on the int8 GEMM (`dmquant.kernels.attention`, `torch._int_mm`), P V
+and the rest as simulated; `kernel_name()` says which path runs and why.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..config import AttentionSpec, QuantSpec
-from ..granularity import PerChannel
+from ..granularity import PerChannel, PerToken
+from ..kernels import attention as int8_attention
 from ..orthogonal import hadamard, hadamard_block, rotate
 from .quantizer import TensorQuantizer
 
@@ -55,10 +60,11 @@ def token_orders(tokens: int, block: int, device: torch.device | str = "cpu") ->
 class AttentionQuantizers(nn.Module):
     """The quantizers of one attention layer (a submodule, so buffers move and save with the model)."""
 
-    def __init__(self, spec: AttentionSpec, name: str = "", heads: int = 0) -> None:
+    def __init__(self, spec: AttentionSpec, name: str = "", heads: int = 0, backend: str = "fake") -> None:
         super().__init__()
         self.spec = spec
         self.name = name
+        self.backend = backend  # a kernel backend runs int8 Q K^T on the int8 GEMM (module docstring)
         self.searching = False  # set by the paro step: accumulate each order's error, quantize row-major
         if spec.reorder:  # per head: index into token_orders(), -1 = not calibrated (row-major)
             self.register_buffer("order", torch.full((heads,), -1, dtype=torch.long))
@@ -84,6 +90,35 @@ class AttentionQuantizers(nn.Module):
         xp = F.pad(x, (0, 0, 0, pad)) if pad else x
         y = quantizer(xp.reshape(*x.shape[:-2], (n + pad) // b, b * d))
         return y.reshape(xp.shape)[..., :n, :]
+
+    def _codes(self, quantizer: TensorQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_blocked` as int8 codes (..., L, D) and one scale per token (..., L): its block's."""
+        b = self.spec.block_size or 1
+        n, d = x.shape[-2], x.shape[-1]
+        pad = -n % b
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        blocks = (*x.shape[:-2], (n + pad) // b)
+        codes, qp = quantizer.dynamic_codes(xp.reshape(*blocks, b * d))
+        scale = qp.scale.reshape(*blocks, 1).expand(*blocks, b).reshape(*x.shape[:-2], n + pad)
+        return codes.reshape(xp.shape)[..., :n, :].to(torch.int8), scale[..., :n]
+
+    def int8_reason(self, query: torch.Tensor | None = None, key: torch.Tensor | None = None) -> str | None:
+        """Why Q K^T runs simulated (None: on the int8 GEMM); without tensors, what the spec allows."""
+        s = self.spec.qkv
+        if s is None or not (s.format == "int8" and s.symmetric and s.dynamic and isinstance(s.gran, PerToken)):
+            return "the int8 GEMM needs symmetric dynamic int8 Q/K per token or block"
+        if self.spec.reorder:
+            return "reordered tokens are quantized in another layout"
+        if self.searching or not (self.q.enabled and self.k.enabled):
+            return "quantization is off or being searched"
+        if query is None or key is None:
+            return None if self.backend != "fake" else "the fake backend computes attention simulated"
+        return int8_attention.unsupported_reason(self.backend, query, key)
+
+    def kernel_name(self) -> str:
+        """Which path Q K^T takes, in words (for reports)."""
+        reason = self.int8_reason()
+        return "int8 Q K^T (torch._int_mm)" if reason is None else f"simulated ({reason})"
 
     def _reordered(self, quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
         """Block-quantize (..., heads, L, D) with each head's tokens in its chosen order (module docstring)."""
@@ -117,12 +152,15 @@ class AttentionQuantizers(nn.Module):
         h = hadamard(hadamard_block(query.shape[-1]), query.dtype).to(query.device) if self.spec.rotate else None
         if h is not None:  # orthogonal: scores and P V unchanged, channel outliers spread before rounding
             query, key, value = rotate(query, h), rotate(key, h), rotate(value, h)
-        if self.q is not None:
+        codes = None
+        if self.q is not None and self.int8_reason(query, key) is None:
+            codes = (*self._codes(self.q, query), *self._codes(self.k, key))
+        elif self.q is not None:
             quantize = self._reordered if self.spec.reorder else self._blocked
             query, key = quantize(self.q, query), quantize(self.k, key)
         if self.v is not None:
             value = self.v(value)
-        out = self._core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        out = self._core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, codes)
         if h is not None:
             out = rotate(out, h)  # the normalised Sylvester Hadamard is its own inverse
         if v_mean is None:
@@ -153,14 +191,19 @@ class AttentionQuantizers(nn.Module):
         return query - q_mean, bias.expand(*bias.shape[:-2], L, S), False
 
     def _core(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-              dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
-        if self.probs is None:
+              dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+              codes: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Attention of the quantized Q, K, V; `codes` (Q codes, scales, K codes, scales) puts Q K^T on
+        the int8 GEMM (same heads: `int8_reason` refuses grouped-query attention)."""
+        if self.probs is None and codes is None:
             return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             rep = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
-        scores = query @ key.transpose(-2, -1) * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
+        product = int8_attention.int8_scores(*codes).to(query.dtype) if codes is not None \
+            else query @ key.transpose(-2, -1)
+        scores = product * (scale if scale is not None else 1 / math.sqrt(query.shape[-1]))
         if is_causal:
             L, S = scores.shape[-2:]
             causal = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
@@ -168,7 +211,9 @@ class AttentionQuantizers(nn.Module):
         if attn_mask is not None:
             boolean = attn_mask.dtype == torch.bool
             scores = scores.masked_fill(~attn_mask, float("-inf")) if boolean else scores + attn_mask
-        probs = self.probs(torch.softmax(scores.float(), dim=-1).to(value.dtype))
+        probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+        if self.probs is not None:
+            probs = self.probs(probs)
         if dropout_p and self.training:
             probs = F.dropout(probs, dropout_p)
         return probs @ value
@@ -230,12 +275,13 @@ def is_attention(module: nn.Module) -> bool:
     return hasattr(module, "set_processor") and hasattr(module, "processor")
 
 
-def quantize_attention(module: nn.Module, spec: AttentionSpec, name: str = "") -> AttentionQuantizers:
+def quantize_attention(module: nn.Module, spec: AttentionSpec, name: str = "",
+                       backend: str = "fake") -> AttentionQuantizers:
     """Attach quantizers to a diffusers attention module and wrap its processor (idempotent)."""
     proc = module.processor
     if isinstance(proc, QuantAttnProcessor):
         proc = proc.inner
-    quantizers = AttentionQuantizers(spec, name, heads=getattr(module, "heads", 0))
+    quantizers = AttentionQuantizers(spec, name, heads=getattr(module, "heads", 0), backend=backend)
     module.dmquant_attention = quantizers
     module.set_processor = types.MethodType(_guarded_set_processor, module)  # refuses unquantized processors
     module.set_processor(QuantAttnProcessor(proc, quantizers))

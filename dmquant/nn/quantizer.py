@@ -199,6 +199,14 @@ class TensorQuantizer(nn.Module):
                              for i, part in enumerate(self._segments(rows))], dim=1)
         return from_rows(out, x, self.channel_axis)
 
+    def dynamic_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        """Grid values of a dynamic quantizer's rows of `x` and their scales, for an integer kernel:
+        `dequantize` of them is exactly what `forward` gives."""
+        rows = as_rows(x, self.channel_axis)
+        qp = choose_qparams(rows, self.spec.fmt, self.spec.gran, self.spec.symmetric)
+        _check_finite(qp.scale, self.name)
+        return quantize(rows, self.spec.fmt, self.spec.gran, qp), qp
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Grid values of `x` under the static scales (what serialization packs)."""
         return quantize(as_rows(x, self.channel_axis), self.spec.fmt, self.spec.gran, self.qparams)
