@@ -6,6 +6,7 @@ integer codes for the kernels, and brute force for the int16 saturation rule.
 """
 import copy
 import gc
+import sys
 import weakref
 
 import pytest
@@ -158,10 +159,12 @@ def test_fp32_inputs_of_packed_weight_only_layers_decode_exactly_as_simulated(wf
 
 @pytest.mark.parametrize("wfmt,gran,sym,pack", [("int4", "group:32", True, True), ("int4", "group:64", False, True),
                                                 ("int4", "tensor", False, True), ("int8", "channel", True, True),
-                                                ("int4", "group:32", True, False)])
+                                                ("int4", "group:32", True, False), ("int4", "group:64", True, True),
+                                                ("int4", "group:64", False, False)])
 def test_decode_gemm_weight_is_the_exactly_rounded_dequantized_weight(wfmt, gran, sym, pack):
-    """The decode-GEMM's weight against float64: (code - zero) * bf16(scale), rounded once to bf16,
-    bit for bit; a packed int4 layer lends its own codes (same storage, no second copy)."""
+    """The decode-GEMM's weight against float64, element by element: (code - zero of its group) *
+    bf16(scale of its group), rounded once to bf16, bit for bit (96 inputs: groups of 64 are ragged);
+    a packed int4 layer lends its own codes (same storage, no second copy)."""
     torch.manual_seed(0)
     lin = nn.Linear(96, 40)
     q = QuantLinear.from_float(lin, QuantSpec(wfmt, gran, symmetric=sym), None, backend="cpu", name="l")
@@ -170,17 +173,19 @@ def test_decode_gemm_weight_is_the_exactly_rounded_dequantized_weight(wfmt, gran
     packed = weight_only.prepare(q, torch.bfloat16, tokens=weight_only.DECODE_MIN_TOKENS)
     assert packed.decode and not weight_only.gives_codes(packed)
     qp = q.weight_quantizer.qparams
-    rows = qp.scale.numel() >= 40
-    scale = (qp.scale.reshape(40, -1) if rows else qp.scale.reshape(1, 1)).bfloat16().double()
-    codes = q.weight_codes().double().reshape(40, scale.shape[1] if rows else 1, -1)
-    zero = 0 if qp.zero_point is None else qp.zero_point.double().reshape(scale.shape)
-    ref = ((codes - zero.unsqueeze(-1) if torch.is_tensor(zero) else codes) * scale.unsqueeze(-1)).reshape(40, 96)
+    size = int(gran.split(":")[1]) if gran.startswith("group") else 96
+    column_group = torch.arange(96) // size
+    per_row = lambda t: t.double().reshape(40, -1) if t.numel() >= 40 else t.double().reshape(1, 1).expand(40, 1)  # noqa: E731
+    scale = per_row(qp.scale.bfloat16())[:, column_group]
+    zero = 0 if qp.zero_point is None else per_row(qp.zero_point)[:, column_group]
+    ref = (q.weight_codes().double() - zero) * scale
     assert torch.equal(weight_only.decode(packed), ref.bfloat16())
     if pack and wfmt == "int4":
         assert packed.weight.data_ptr() == q._buffers["weight_packed"].data_ptr()
 
 
-@pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:24", True), ("int4", "channel", False), ("int8", "channel", True)])
+@pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:24", True), ("int4", "group:64", True),
+                                           ("int4", "channel", False), ("int8", "channel", True)])
 def test_weight_only_convolution_matches_the_decoded_weight(wfmt, gran, sym):
     """A W4A16 / W8A16 convolution runs its decoded 16-bit weight on the bf16 convolution: against the
     float64 convolution of the exact decoded weight, bf16 rounding only (relative 1e-2 of the peak)."""
@@ -261,3 +266,42 @@ def test_int8_codes_come_straight_from_the_packed_bytes(bits):
     q = QuantLinear.from_float(nn.Linear(40, 24), QuantSpec(f"int{bits}", "channel"), None, name="l")
     q.pack_weight()
     assert torch.equal(q.int_weight_codes().to(torch.float32), q.weight_codes())
+
+
+def _mapping_rss_kib(address: int) -> int:
+    """Resident KiB of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(a, 16) for a in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise LookupError(hex(address))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux's")
+def test_reclaim_file_pages_drops_a_mapped_weight_and_keeps_its_content(tmp_path):
+    """A weight in a safetensors memory map (as diffusers loads it): reclaiming gives its pages back
+    (the mapping's resident size falls) and reading it again gives the same bytes; anonymous memory
+    is left alone."""
+    from safetensors.torch import load_file, save_file
+
+    from dmquant.memory import reclaim_file_pages
+
+    save_file({"w": torch.randn(1024, 1024), "b": torch.randn(8)}, tmp_path / "m.safetensors")
+    w = load_file(tmp_path / "m.safetensors")["w"]
+    expected = w.clone()
+    before = _mapping_rss_kib(w.data_ptr())
+    reclaim_file_pages(w)
+    after = _mapping_rss_kib(w.data_ptr())
+    if before < 3000:
+        pytest.skip("this safetensors build copies tensors out of the file instead of mapping it")
+    assert after < before - 3000, (before, after)  # 4 MiB of pages gone, give or take the edges
+    assert torch.equal(w, expected)
+    anon = torch.randn(1024, 1024)
+    copy_ = anon.clone()
+    reclaim_file_pages(anon)
+    assert torch.equal(anon, copy_)

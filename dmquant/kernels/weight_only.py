@@ -56,7 +56,8 @@ class PackedWeightOnly:
     group: int
     bias: torch.Tensor | None
     out_features: int
-    decode: bool = False  # decode-GEMM: weight is the layer's codes, (out, in / 2) nibble pairs or (out, in) int8
+    decode: bool = False  # decode-GEMM: weight is the layer's codes, (out, in / 2) nibble pairs or (out, in)
+    nibbles: bool = False  # decode: two 4-bit codes a byte, low nibble first (the layer's own packing)
     signed: bool = True  # decode: two's complement codes (else unsigned, with `zero`)
     zero: torch.Tensor | None = None  # decode, asymmetric: (out, groups) zero points
 
@@ -73,8 +74,8 @@ def unsupported_reason(layer, dtype: torch.dtype) -> str | None:  # noqa: ANN001
                 f"{str(dtype).removeprefix('torch.')}")
     spec, n_in = wq.spec, row_length(layer)
     g = spec.gran
-    if not (isinstance(g, (PerChannel, PerTensor)) or isinstance(g, PerGroup) and n_in % g.size == 0):
-        return f"weight-only kernels need groups dividing the {n_in} inputs of a row, not {spec.granularity}"
+    if not isinstance(g, (PerChannel, PerTensor, PerGroup)):
+        return f"weight-only kernels need weights per channel, tensor or group, not {spec.granularity}"
     if spec.format in ("int4", "uint4"):
         return None if n_in % 2 == 0 else "int4 weight-only needs an even number of inputs per row"
     if spec.format == "int8" and spec.symmetric:
@@ -96,7 +97,8 @@ def _aten_fits(layer) -> bool:  # noqa: ANN001
     if spec.bits == 8:
         return isinstance(spec.gran, (PerChannel, PerTensor))
     g = spec.gran
-    return isinstance(g, PerGroup) and g.size in INT4_GROUPS and layer.out_features % 32 == 0
+    return isinstance(g, PerGroup) and g.size in INT4_GROUPS and layer.in_features % g.size == 0 \
+        and layer.out_features % 32 == 0
 
 
 def prepare(layer, dtype: torch.dtype, tokens: int | None = None) -> PackedWeightOnly:  # noqa: ANN001
@@ -132,15 +134,17 @@ def _prepare_decode(layer, dtype: torch.dtype) -> PackedWeightOnly:  # noqa: ANN
     scale = _rows(qp.effective_scale(), out)  # (out, groups): one group per row when per channel / tensor
     zero = None if qp.zero_point is None else _rows(qp.zero_point, out).to(dtype)
     held = layer._buffers.get("weight_packed")
-    if spec.bits == 4 and held is not None:
+    nibbles = spec.bits == 4 and held is not None
+    if nibbles:
         weight = held.view(out, inp // 2)
     elif spec.bits == 4:
         weight = layer.int_weight_codes() if spec.symmetric else layer.weight_codes().to(torch.uint8)
     else:
         weight = layer.int_weight_codes()
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-    return PackedWeightOnly(spec.bits, weight, scale.to(dtype).contiguous(), inp // scale.shape[1], bias, out,
-                            decode=True, signed=spec.symmetric, zero=zero)
+    group = spec.gran.size if isinstance(spec.gran, PerGroup) else inp  # the last group may be ragged
+    return PackedWeightOnly(spec.bits, weight, scale.to(dtype).contiguous(), group, bias, out,
+                            decode=True, nibbles=nibbles, signed=spec.symmetric, zero=zero)
 
 
 def _rows(t: torch.Tensor, out: int) -> torch.Tensor:
@@ -149,23 +153,28 @@ def _rows(t: torch.Tensor, out: int) -> torch.Tensor:
 
 
 def decode(packed: PackedWeightOnly) -> torch.Tensor:
-    """The (out, in) weight in the scales' dtype: (code - zero) * scale, built in one buffer."""
+    """The (out, in) weight in the scales' dtype: (code - zero) * scale, built in one buffer (a
+    ragged last group is padded while scaling and cut off after)."""
     out, groups = packed.scales.shape
-    w = torch.empty(out, groups * packed.group, dtype=packed.scales.dtype)
-    if packed.weight.shape[1] * 2 == w.shape[1]:  # nibble pairs, low nibble first
-        pairs, p = w.view(out, -1, 2), packed.weight
+    n_in, width = packed.weight.shape[1] * (2 if packed.nibbles else 1), groups * packed.group
+    w = torch.empty(out, width, dtype=packed.scales.dtype)
+    codes = w if width == n_in else torch.empty(out, n_in, dtype=w.dtype)
+    if packed.nibbles:
+        pairs, p = codes.view(out, -1, 2), packed.weight
         if packed.signed:
             pairs[..., 0] = (p << 4).view(torch.int8) >> 4
             pairs[..., 1] = p.view(torch.int8) >> 4
         else:
             pairs[..., 0], pairs[..., 1] = p & 15, p >> 4
     else:
-        w.copy_(packed.weight)
+        codes.copy_(packed.weight)
+    if codes is not w:
+        w[:, :n_in], w[:, n_in:] = codes, 0
     blocks = w.view(out, groups, packed.group)
     if packed.zero is not None:
         blocks.sub_(packed.zero.unsqueeze(-1))
     blocks.mul_(packed.scales.unsqueeze(-1))
-    return w
+    return w if codes is w else w[:, :n_in]
 
 
 INT4_BLOCK_N = 64
@@ -211,7 +220,7 @@ def packed_codes(layer, packed: PackedWeightOnly) -> torch.Tensor:  # noqa: ANN0
 
 def conv(layer, x: torch.Tensor, packed: PackedWeightOnly) -> torch.Tensor:  # noqa: ANN001 - a QuantConv
     """The decode-GEMM of a convolution: its decoded 16-bit weight on the 16-bit convolution."""
-    return layer._conv_forward(x, decode(packed).view(layer.weight_shape), packed.bias)
+    return layer._conv_forward(x, decode(packed).reshape(layer.weight_shape), packed.bias)
 
 
 def linear(x: torch.Tensor, packed: PackedWeightOnly) -> torch.Tensor:

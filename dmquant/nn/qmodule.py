@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import QuantSpec
-from ..memory import release_freed_memory
+from ..memory import reclaim_file_pages, release_freed_memory
 from ..packing import pack, pack_indices, unpack, unpack_indices
 from ..primitives import dequantize, element_format
 from .quantizer import TensorQuantizer
@@ -127,6 +127,7 @@ class QuantModule:
             raise RuntimeError(f"{self.qname}: cannot pack a weight whose quantizer has no scales yet")
         codes = self.weight_codes()
         spec = wq.spec
+        reclaim_file_pages(self._parameters["weight"].data)  # a weight still in a checkpoint's map
         del self.weight  # the Parameter leaves _parameters; memory is freed once nobody else holds it
         self.register_buffer("weight_packed", pack(element_format(spec.fmt, spec.symmetric).encode(codes), spec.bits))
         self._wcache = self._kcache = None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import orthogonal as rot
+from ..memory import reclaim_file_pages
 from ..nn.qmodule import QuantModule
 
 
@@ -125,10 +126,12 @@ def transform_of(layer: nn.Module) -> LayerTransform:
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write a new weight in place (bumping its version, so quantized-weight caches refresh) and re-fit
-    the weight quantizer's scales to it."""
-    with torch.no_grad():
-        module.weight.copy_(weight)
+    """Give the weight Parameter new data (a new tensor: quantized-weight caches key on it, and a
+    weight in a checkpoint's memory map is never written, so its pages can go back to the OS, see
+    `dmquant.memory`) and re-fit the weight quantizer's scales to it."""
+    old = module.weight.data
+    module.weight.data = weight.detach().to(old.device, old.dtype, copy=True).reshape(old.shape)
+    reclaim_file_pages(old)
     wq = getattr(module, "weight_quantizer", None)
     if wq is not None:
         wq.init_from(module.weight.detach())

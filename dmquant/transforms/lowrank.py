@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..memory import release_freed_memory
 from ..nn.qmodule import QuantModule
 from .layer import quantized_layers, set_weight
 
@@ -140,4 +141,6 @@ def apply_svd(modules: list[nn.Module], run: Callable[[], Any], rank: int = 32,
         layer.lowrank = LowRankBranch.build(layer, split.down, split.up, split.rank)
         set_weight(layer, split.residual.reshape(w.shape))
         out[name] = split.tail_norm / max(float(w.double().norm()), 1e-30)
+        del w, split
+        release_freed_memory()  # the float64 SVD temporaries, before the next layer's (dmquant.memory)
     return out

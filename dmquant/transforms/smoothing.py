@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..memory import release_freed_memory
 from ..nn.qmodule import QuantModule
 from ..step_configs import SMOOTHING_ALPHAS
 from .folds import Fold, smoothing_folds
@@ -110,6 +111,7 @@ def apply_smoothquant(modules: list[nn.Module], run: Callable[[], Any],
             if best_alpha is not None:
                 _apply(g, mods, s)
             chosen[label] = best_alpha
+            release_freed_memory()  # the search's float64 trial weights, before the next group's
     return chosen
 
 

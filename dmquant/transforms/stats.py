@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..memory import release_freed_memory
 from ..nn.qmodule import QuantModule
 from ..timestep import current_noise_level
 
@@ -56,6 +57,8 @@ class ActivationStats:
                 keys, units = torch.cat([old_keys, keys]), torch.cat([old_units, units])
             keep = keys.topk(min(cap, keys.numel()), largest=False).indices
             self._kept[name][b] = (keys[keep], units[keep])
+            del keys, units
+            release_freed_memory()  # the concatenation, which would stay on the heap (dmquant.memory)
 
         return hook
 
