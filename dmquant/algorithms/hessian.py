@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..nn.qconv import _QuantConvNd
 from ..nn.qmodule import QuantModule
+from ..transforms.layer import replace_weight
 from .gptq import gptq
 from .hooks import hooked_run
 
@@ -133,8 +134,7 @@ def _gptq_layers(layers: dict[str, QuantModule], hessians: dict[str, torch.Tenso
             continue
         w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         result = gptq(w2d, hessians[name], layer.weight_quantizer.spec, block_size, damp, act_order)
-        with torch.no_grad():
-            layer.weight.copy_(result.weight.reshape(layer.weight.shape))
+        replace_weight(layer, result.weight)
         layer.weight_quantizer.set_qparams(result.qparams)
         losses[name] = result.loss
 

@@ -33,6 +33,7 @@ from ..nn.qmodule import QuantModule
 from ..nn.switch import quantization_disabled, serving
 from ..observe import trainable_static_scales
 from ..timestep import current_noise_level, noise_level
+from ..transforms.layer import replace_weight
 from .adaround import SoftRounding, annealed_beta, layer_rounding, pack_codes, rounded_weight
 from .hooks import hooked_run, output_tensors
 from .tiar import temporal_group
@@ -210,7 +211,7 @@ def reconstruct_units(groups: Sequence[tuple[Sequence[Unit], Callable[[], Any]]]
             _reconstruct_group(units, modules, run, optimise, samples, lsq, results, codes)
         with torch.no_grad():  # the single write-back: float weights become their rounded values
             for layer, c in codes.items():
-                layer.weight.copy_(rounded_weight(layer, c))
+                replace_weight(layer, rounded_weight(layer, c))
     return results
 
 

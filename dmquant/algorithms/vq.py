@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..transforms.layer import replace_weight
 from .hessian import HessianCollector, weight_layers
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,7 @@ def apply_vq(modules: list[nn.Module], run: Callable[[], Any], bits: int = 2, di
         w = layer.weight
         result = vector_quantize(w.detach().reshape(w.shape[0], -1), hc.hessians.get(name), bits, dim, candidates,
                                  iters, lr)
-        with torch.no_grad():
-            w.copy_(result.weight.reshape(w.shape))
+        replace_weight(layer, result.weight)
         layer.weight_quantizer = None
         layer.vq = VQCodes(result.codebook, result.codes, bits, dim)  # for a packed format (not stored yet)
         losses[name] = result.loss

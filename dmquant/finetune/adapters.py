@@ -23,6 +23,7 @@ from torch import nn
 
 from ..nn.qmodule import QuantModule
 from ..nn.switch import serving
+from ..transforms.layer import replace_weight
 
 
 class LowRankDelta(nn.Module):
@@ -162,6 +163,6 @@ def merge_adapters(adapters: dict[str, LayerAdapters]) -> None:
         raise RuntimeError(f"auxiliary branches still have rank > 0: {live[:3]}")
     for a in adapters.values():
         if a.lora is not None:
-            a.layer.weight.copy_(a.merged_weight())
+            replace_weight(a.layer, a.merged_weight())
         if a.branch is not None:
             a.branch.merge()

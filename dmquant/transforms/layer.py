@@ -125,13 +125,18 @@ def transform_of(layer: nn.Module) -> LayerTransform:
     return layer.transform
 
 
-def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Give the weight Parameter new data (a new tensor: quantized-weight caches key on it, and a
-    weight in a checkpoint's memory map is never written, so its pages can go back to the OS, see
-    `dmquant.memory`) and re-fit the weight quantizer's scales to it."""
+def replace_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Give the weight Parameter new data: a new tensor (quantized-weight caches key on it), never a
+    write into the old one, which may lie in a checkpoint's memory map: its pages stay clean and go
+    back to the OS (`dmquant.memory`)."""
     old = module.weight.data
     module.weight.data = weight.detach().to(old.device, old.dtype, copy=True).reshape(old.shape)
     reclaim_file_pages(old)
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """`replace_weight`, then re-fit the weight quantizer's scales to the new weight."""
+    replace_weight(module, weight)
     wq = getattr(module, "weight_quantizer", None)
     if wq is not None:
         wq.init_from(module.weight.detach())
