@@ -33,18 +33,17 @@ MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing happe
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-
-
-def _trim():  # noqa: ANN202 - a ctypes function or None
-    return getattr(_libc(), "malloc_trim", None)
+    if libc is not None and hasattr(libc, "madvise"):
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def release_freed_memory() -> None:
     """Return free heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
-    trim = _trim()
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 
@@ -77,5 +76,4 @@ def reclaim_file_pages(tensor: torch.Tensor) -> None:
     i = bisect.bisect_right(ranges, (start, float("inf"))) - 1
     if i < 0 or not (ranges[i][0] <= start and end <= ranges[i][1]):
         return
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise(start, end - start, MADV_PAGEOUT)

@@ -79,28 +79,30 @@ class AttentionQuantizers(nn.Module):
         self.v = make(spec.v if spec.v is not None else spec.qkv, "v")
         self.probs = make(spec.probs, "probs")
 
+    def _block_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        """(..., L, D) as rows of `block_size` tokens, (..., blocks, block_size * D), zero-padded to
+        whole blocks (zero padding changes no block's maximum); and the padded shape to undo it."""
+        b = self.spec.block_size or 1
+        pad = -x.shape[-2] % b
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        return xp.reshape(*x.shape[:-2], xp.shape[-2] // b, b * x.shape[-1]), xp.shape
+
     def _blocked(self, quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
         """Quantize (..., L, D) with one scale per block of `block_size` tokens: each block becomes one
-        row of the per-token quantizer (zero padding changes no block's maximum)."""
-        b = self.spec.block_size
-        if not b:
+        row of the per-token quantizer."""
+        if not self.spec.block_size:
             return quantizer(x)
-        n, d = x.shape[-2], x.shape[-1]
-        pad = -n % b
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        y = quantizer(xp.reshape(*x.shape[:-2], (n + pad) // b, b * d))
-        return y.reshape(xp.shape)[..., :n, :]
+        rows, padded = self._block_rows(x)
+        return quantizer(rows).reshape(padded)[..., :x.shape[-2], :]
 
     def _codes(self, quantizer: TensorQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`_blocked` as int8 codes (..., L, D) and one scale per token (..., L): its block's."""
-        b = self.spec.block_size or 1
-        n, d = x.shape[-2], x.shape[-1]
-        pad = -n % b
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        blocks = (*x.shape[:-2], (n + pad) // b)
-        codes, qp = quantizer.dynamic_codes(xp.reshape(*blocks, b * d))
-        scale = qp.scale.reshape(*blocks, 1).expand(*blocks, b).reshape(*x.shape[:-2], n + pad)
-        return codes.reshape(xp.shape)[..., :n, :].to(torch.int8), scale[..., :n]
+        rows, padded = self._block_rows(x)
+        codes, qp = quantizer.dynamic_codes(rows)
+        blocks = rows.shape[:-1]
+        scale = qp.scale.reshape(*blocks, 1).expand(*blocks, self.spec.block_size or 1).reshape(padded[:-1])
+        n = x.shape[-2]
+        return codes.reshape(padded)[..., :n, :].to(torch.int8), scale[..., :n]
 
     def int8_reason(self, query: torch.Tensor | None = None, key: torch.Tensor | None = None) -> str | None:
         """Why Q K^T runs simulated (None: on the int8 GEMM); without tensors, what the spec allows."""
