@@ -95,6 +95,8 @@ def conv_paths(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, C
         pc = cpu.prepack_conv(codes, scale, b, padding=1)
         paths["onednn int8 conv dynamic"] = lambda: cpu.int8_conv(x, pc)
         paths["onednn int8 conv static"] = lambda: cpu.int8_conv(x, pc, s_static)
+        pt = cpu.prepack_conv(codes, scale, b, padding=1, per_token=True)
+        paths["int8 conv per token (GEMM per tap)"] = lambda: cpu.int8_conv(x, pt, None, "token")
     paths["weight-only int8 (dequant+conv)"] = lambda: F.conv2d(
         x, codes.to(x.dtype) * scale.view(-1, 1, 1, 1), b, padding=1)
     return paths

@@ -159,16 +159,30 @@ CONVS = [  # (dims, in, out, kernel, stride, padding, dilation, groups, padding_
 @needs_cpu_kernels
 @pytest.mark.filterwarnings("ignore:Using padding='same'")  # the float64 reference's own notice
 @pytest.mark.parametrize("nd,cin,cout,k,stride,pad,dil,groups,mode,bias", CONVS)
-@pytest.mark.parametrize("static", [False, True])
-def test_cpu_conv_equals_float64_reference(nd, cin, cout, k, stride, pad, dil, groups, mode, bias, static):
+@pytest.mark.parametrize("act", ["dynamic", "static", "token"])
+def test_cpu_conv_equals_float64_reference(nd, cin, cout, k, stride, pad, dil, groups, mode, bias, act):
+    """Per-tensor scales run oneDNN's int8 convolution; per-pixel ("token") scales run tap by tap."""
     torch.manual_seed(0)
+    if act == "token" and groups > 1:  # refused; the same geometry runs with groups=1
+        assert "groups=1" in cpu.supports_conv(cin, cout, [k] * nd if isinstance(k, int) else k, groups, mode,
+                                               per_token=True)
+        groups = 1
     conv = getattr(nn, f"Conv{nd}d")(cin, cout, k, stride, pad, dil, groups, bias, mode).double()
     codes, scale = int8_weight(*conv.weight.shape)
     conv.weight.data = codes.double() * scale.double().view(-1, *[1] * (nd + 1))
-    packed = cpu.prepack_conv(codes, scale, None if conv.bias is None else conv.bias.float(), stride, pad, dil,
-                              groups, mode)
-    x = torch.randn(2, cin, *[9] * nd)
-    s = 0.8 * x.abs().max().item() / 127 if static else None
+    args = (codes, scale, None if conv.bias is None else conv.bias.float(), stride, pad, dil, groups, mode)
+    x = torch.randn(2, cin, *[9] * nd) * torch.rand(2, 1, *[9] * nd).mul(4)  # pixels of unequal range
+    if act == "token":
+        packed = cpu.prepack_conv(*args, per_token=True)
+        assert torch.equal(cpu.unpack_conv(packed), codes)
+        per_pixel = lambda t: act_q64(t.movedim(0 if t.dim() == nd + 1 else 1, -1), "token", step=GRID_STEP)  # noqa: E731
+        for xs in (x, x[1]):  # batched, unbatched
+            y = cpu.int8_conv(xs, packed, None, "token", reduce_range=GRID_STEP == 2)
+            ref = conv(per_pixel(xs).movedim(-1, 0 if xs.dim() == nd + 1 else 1))
+            assert y.shape == ref.shape and close(y, ref)
+        return
+    packed = cpu.prepack_conv(*args)
+    s = 0.8 * x.abs().max().item() / 127 if act == "static" else None
     y = cpu.int8_conv(x, packed, s, reduce_range=GRID_STEP == 2)
     ref = conv(act_q64(x, "tensor", s, step=GRID_STEP))
     assert y.shape == ref.shape and close(y, ref)
@@ -185,6 +199,15 @@ def test_cpu_conv_refusals():
     packed = cpu.prepack_conv(torch.zeros(4, 4, 3, 3, dtype=torch.int8), torch.ones(4))
     with pytest.raises(ValueError, match="4 channels"):
         cpu.int8_conv(torch.zeros(1, 3, 8, 8), packed)
+    with pytest.raises(ValueError, match="per tap"):  # per-token activations need the per-tap packing
+        cpu.int8_conv(torch.zeros(1, 4, 8, 8), packed, None, "token")
+    taps = cpu.prepack_conv(torch.zeros(4, 4, 3, 3, dtype=torch.int8), torch.ones(4), per_token=True)
+    with pytest.raises(ValueError, match="per tap"):
+        cpu.int8_conv(torch.zeros(1, 4, 8, 8), taps, 0.1)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        cpu.int8_conv(torch.zeros(1, 4, 2, 2), taps, None, "token")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        cpu.int8_conv(torch.full((1, 4, 4, 4), float("nan")), taps, None, "token")
 
 
 # -- quantized modules on the fbgemm backend ----------------------------------------------------
@@ -213,12 +236,10 @@ def test_modules_on_fbgemm_equal_fake_quant(kind, spec, full_grid_kernels):
     ref = _fake(q, x)
     with torch.no_grad():
         y = q(x)
-    if kind == "conv" and spec is DYN_TOKEN:  # per-pixel scales: refused, stays on the fake path
-        assert q._kcache[1] is None and "per-pixel" in get_kernel("fbgemm").unsupported_reason(q)
-        assert torch.equal(y, ref)
-    else:
-        assert q._kcache[1] is not None, "the kernel was not used"
-        assert y.shape == ref.shape and close(y, ref)
+    assert q._kcache[1] is not None, "the kernel was not used"
+    assert y.shape == ref.shape and close(y, ref)
+    if kind == "conv" and spec is DYN_TOKEN:  # per-pixel scales: one GEMM per kernel tap
+        assert "per kernel tap" in get_kernel("fbgemm").describe(q)
 
 
 @needs_cpu_kernels

@@ -76,10 +76,8 @@ class Kernel:
             return self.supports_linear(layer.in_features, layer.out_features, w.format)
         if self.supports_conv is None:
             return f"the {self.name} backend has no convolution kernel"
-        if isinstance(a.gran, PerToken):
-            return "per-pixel activation scales do not factor out of a convolution (use granularity: tensor)"
         return self.supports_conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.groups,
-                                  layer.padding_mode)
+                                  layer.padding_mode, isinstance(a.gran, PerToken))
 
     def prepare(self, layer: Any, x: torch.Tensor | None = None) -> Any:
         """Pack the layer's weight codes and scales (exactly what fake quantization uses)."""
@@ -92,8 +90,9 @@ class Kernel:
         if _is_linear(layer):
             return self.prepack_linear(codes, scale, layer.bias)
         assert self.prepack_conv is not None
+        per_token = isinstance(layer.input_quantizer.spec.gran, PerToken)
         return self.prepack_conv(codes, scale, layer.bias, layer.stride, layer.padding, layer.dilation,
-                                 layer.groups, layer.padding_mode)
+                                 layer.groups, layer.padding_mode, per_token)
 
     def _unpack(self, layer: Any) -> Callable[[Any], torch.Tensor] | None:
         return self.unpack_linear if _is_linear(layer) else self.unpack_conv
@@ -117,15 +116,17 @@ class Kernel:
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
         iq = layer.input_quantizer
         scale = None if iq.spec.dynamic else iq.qparams.scale
+        gran = "token" if isinstance(iq.spec.gran, PerToken) else "tensor"
         if _is_linear(layer):
-            gran = "token" if isinstance(iq.spec.gran, PerToken) else "tensor"
             return self.linear(x, packed, scale, gran, **self._int_options(layer))
         assert self.conv is not None
-        return self.conv(x, packed, scale, **self._int_options(layer))
+        return self.conv(x, packed, scale, gran, **self._int_options(layer))
 
     def describe(self, layer: Any, packed: Any = None) -> str:
         w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
         text = f"W{w.bits}A{a.bits} {self.label}"
+        if not _is_linear(layer) and isinstance(a.gran, PerToken):
+            text += " per kernel tap (per-pixel scales)"
         if self.device == "cpu" and cpu.needs_reduce_range(w.bits, a.bits):
             text += " (7-bit activations: no VNNI)"
         return text

@@ -8,6 +8,11 @@ machine; fp32 is the baseline):
   no usable alternative: `quantized.conv*d` needs a calibrated *output* scale (8-bit outputs) and
   `quantized.conv2d_dynamic` requantizes its output with the input's range (relative error 0.25-0.6
   at UNet shapes on torch 2.14). Builds without oneDNN keep convolutions on fake quantization.
+- Convolution with per-token (per-pixel) activation scales: a pixel's scale does not factor out of a
+  window that spans pixels, so the convolution runs as one int8 GEMM per kernel tap (the layer's
+  codes at that tap, prepacked as a linear): each tap multiplies the codes of the pixels it reads,
+  its output rows are scaled by those pixels' own scales, and the taps add up in fp32. Exact like
+  the linear path; it costs one uint8 gather per tap (measured ~1.6-3.8x fp32 at UNet shapes).
 
 Numerics, compared with dmquant's fake quantization (the reference):
 - Weights: the layer's symmetric int8 codes and per-channel float32 scales, bit for bit.
@@ -39,6 +44,7 @@ and keeps one copy of its weight, the kernel's.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -84,8 +90,17 @@ def supports_linear(in_features: int, out_features: int, fmt: str = "int8") -> s
 
 
 def supports_conv(in_channels: int, out_channels: int, kernel_size: Sequence[int], groups: int = 1,
-                  padding_mode: str = "zeros") -> str | None:
-    """Why a convolution of this shape cannot run here (None when it can)."""
+                  padding_mode: str = "zeros", per_token: bool = False) -> str | None:
+    """Why a convolution of this shape cannot run here (None when it can); `per_token`: activations
+    with one scale per pixel (run tap by tap on the linear GEMM, which needs groups=1)."""
+    if per_token:
+        if groups != 1:
+            return f"per-pixel activation scales run one GEMM per kernel tap, which needs groups=1, not {groups}"
+        if not 1 <= len(kernel_size) <= 3:
+            return f"only 1-3 spatial dims are supported, got kernel {tuple(kernel_size)}"
+        if padding_mode not in PADDING_MODES:
+            return f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}"
+        return supports_linear(in_channels, out_channels)
     if not onednn_available():
         return "int8 convolutions need oneDNN, which this torch build lacks"
     if not 1 <= len(kernel_size) <= 3:
@@ -207,8 +222,11 @@ def unpack_linear(packed: PackedLinear) -> torch.Tensor:
 def _linear_int(x2: torch.Tensor, packed: PackedLinear, div: torch.Tensor | float, x_scale: float, zp: int,
                 hi: int, with_bias: bool) -> torch.Tensor:
     """fp32 x_scale * w_scale * (codes(x2 / div) @ codes(W).T) (+ bias) for a 2-D view."""
-    q = _uint8_codes(x2, div, zp, hi)
-    bias = packed.bias if with_bias else None
+    return _gemm(_uint8_codes(x2, div, zp, hi), packed, x_scale, zp, packed.bias if with_bias else None)
+
+
+def _gemm(q: torch.Tensor, packed: PackedLinear, x_scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 x_scale * w_scale * ((q - zp) @ codes(W).T) (+ bias) for uint8 activation codes (M, in)."""
     if packed.impl == "onednn":
         zeros = torch.zeros(packed.out_features, dtype=torch.long)  # tiny; symmetric weights
         return torch.ops.onednn.qlinear_pointwise(q, x_scale, zp, packed.weight, packed.scale, zeros,
@@ -254,7 +272,7 @@ def int8_linear_fbgemm_dynamic(x: torch.Tensor, packed: PackedLinear, reduce_ran
 class PackedConv:
     """oneDNN-prepacked int8 convolution weight plus its geometry; the bias stays fp32."""
 
-    weight: torch.Tensor  # opaque oneDNN tensor
+    weight: torch.Tensor | tuple[PackedLinear, ...]  # opaque oneDNN tensor, or one linear per tap (per token)
     scale: torch.Tensor  # (out,) float32
     bias: torch.Tensor | None
     in_channels: int
@@ -296,33 +314,49 @@ def _padding(padding: int | Sequence[int] | str, kernel: tuple[int, ...], dilati
 
 def prepack_conv(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None = None,
                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] | str = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros") -> PackedConv:
-    """Pack int8 conv weight codes (out, in/groups, *kernel) with per-channel (or one) scale."""
+                 dilation: int | Sequence[int] = 1, groups: int = 1, padding_mode: str = "zeros",
+                 per_token: bool = False) -> PackedConv:
+    """Pack int8 conv weight codes (out, in/groups, *kernel) with per-channel (or one) scale;
+    `per_token` packs one linear per kernel tap, for activations with per-pixel scales."""
     _check_codes(codes, "nd")
     out_c, in_g, *kernel = codes.shape
     nd = len(kernel)
-    reason = supports_conv(in_g * groups, out_c, kernel, groups, padding_mode)
+    reason = supports_conv(in_g * groups, out_c, kernel, groups, padding_mode, per_token)
     if reason:
         raise ValueError(f"no CPU int8 kernel for this convolution: {reason} (keep the layer on the fake backend)")
     s, st, dil = channel_scale(scale, out_c).cpu(), _tuple(stride, nd, "stride"), _tuple(dilation, nd, "dilation")
     pad = _padding(padding, tuple(kernel), dil)
-    inner = _split_padding(pad, padding_mode)[1]
-    # The input scale given here only guides oneDNN's weight layout; each call passes its own scale.
-    weight = torch.ops.onednn.qconv_prepack(codes.detach().cpu().contiguous(), s, 1.0, 128, list(st),
-                                            inner, list(dil), groups, None)
+    w = codes.detach().cpu()
+    if per_token:
+        weight: torch.Tensor | tuple[PackedLinear, ...] = tuple(
+            prepack_linear(w[(slice(None), slice(None), *tap)].contiguous(), s) for tap in _taps(kernel))
+    else:  # the input scale given here only guides oneDNN's weight layout; each call passes its own
+        weight = torch.ops.onednn.qconv_prepack(w.contiguous(), s, 1.0, 128, list(st),
+                                                _split_padding(pad, padding_mode)[1], list(dil), groups, None)
     return PackedConv(weight, s, _check_bias(bias, out_c), in_g * groups, out_c, tuple(kernel), st, dil,
                       pad, groups, padding_mode)
 
 
+def _taps(kernel: Sequence[int]) -> list[tuple[int, ...]]:
+    """Kernel tap indices in row-major order (the order per-tap linears are packed in)."""
+    return list(itertools.product(*(range(k) for k in kernel)))
+
+
 def unpack_conv(packed: PackedConv) -> torch.Tensor:
     """The int8 codes (out, in/groups, *kernel) a convolution was packed from."""
+    if isinstance(packed.weight, tuple):
+        taps = torch.stack([unpack_linear(t) for t in packed.weight], dim=-1)
+        return taps.reshape(packed.out_channels, packed.in_channels, *packed.kernel_size)
     return packed.weight.to_dense().reshape(packed.out_channels, packed.in_channels // packed.groups,
                                             *packed.kernel_size)
 
 
 def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | float | None = None,
-              reduce_range: bool | None = None, act_bits: int = 8) -> torch.Tensor:
-    """W8A8 convolution of `x` (N, C, *S) or unbatched (C, *S); per-tensor static or dynamic input scale.
+              granularity: ActGranularity = "tensor", reduce_range: bool | None = None,
+              act_bits: int = 8) -> torch.Tensor:
+    """Integer convolution of `x` (N, C, *S) or unbatched (C, *S): a static or dynamic per-tensor
+    input scale on oneDNN's int8 convolution, or dynamic per-token (per-pixel) scales tap by tap
+    (`packed` from `prepack_conv(..., per_token=True)`).
 
     oneDNN computes channels-last; the output is made contiguous like F.conv2d's, because diffusers
     code calls `.view` on conv outputs (one copy of the output, ~1 ms at UNet shapes)."""
@@ -332,6 +366,13 @@ def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | f
     if xb.dim() != nd + 2 or xb.shape[1] != p.in_channels:
         raise ValueError(f"conv input {tuple(x.shape)} does not match {p.in_channels} channels, {nd} spatial dims")
     step, zp, hi = _grid(reduce_range, act_bits)
+    per_token = isinstance(p.weight, tuple)
+    if per_token != (granularity == "token" and input_scale is None):
+        raise ValueError("per-token activations need a convolution packed per tap (prepack_conv(per_token=True)), "
+                         "and a per-tap packing needs dynamic per-token activations")
+    if per_token:
+        y = _tap_conv(xb, p, step, zp, hi, act_bits)
+        return (y.squeeze(0) if unbatched else y).to(x.dtype)
     scale = step * _input_scale(xb, input_scale, "tensor", act_bits)  # type: ignore[operator]
     explicit, inner = _split_padding(p.padding, p.padding_mode)
     if any(explicit):
@@ -344,3 +385,36 @@ def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | f
     y = op(q, scale, zp, p.weight, p.scale, zeros, p.bias, list(p.stride), inner, list(p.dilation), p.groups,
            1.0, 0, torch.float32, "none", [], "")
     return (y.squeeze(0) if unbatched else y).contiguous().to(x.dtype)
+
+
+def _tap_conv(xb: torch.Tensor, p: PackedConv, step: float, zp: int, hi: int, act_bits: int) -> torch.Tensor:
+    """Convolution with per-pixel scales: for each kernel tap, the codes of the pixels it reads (a
+    strided window of the padded channels-last codes) times that tap's weight codes, rows scaled
+    by their pixels' scales, summed over taps in fp32; then bias, and NCHW-contiguous output."""
+    pad = p.padding
+    if p.padding_mode != "zeros":  # reflect/replicate/circular copy pixels: pad before quantizing
+        xb = torch.nn.functional.pad(xb, [v for pair in reversed(pad) for v in pair], mode=p.padding_mode)
+        pad = tuple((0, 0) for _ in pad)
+    scale = dynamic_scale(xb, "token", 2.0 ** (act_bits - 1) - 1, dim=1).mul_(step)  # (N, 1, *S)
+    q = _uint8_codes(xb, scale, zp, hi)
+    n, c, *size = q.shape
+    padded = [s + a + b for s, (a, b) in zip(size, pad)]
+    inner = (slice(None), *(slice(a, a + s) for s, (a, _) in zip(size, pad)))
+    codes = q.new_full((n, *padded, c), zp)  # zero padding: the code of 0 (zp), channels last
+    codes[inner].copy_(q.movedim(1, -1))
+    scales = scale.new_zeros((n, *padded, 1))
+    scales[inner].copy_(scale.movedim(1, -1))
+    out = [(s - d * (k - 1) - 1) // st + 1 for s, k, d, st in zip(padded, p.kernel_size, p.dilation, p.stride)]
+    if min(out) < 1:
+        raise ValueError(f"conv input {tuple(xb.shape)} is smaller than the kernel {p.kernel_size} after padding")
+    y: torch.Tensor | None = None
+    for tap, packed in zip(_taps(p.kernel_size), p.weight):
+        window = (slice(None), *(slice(i * d, i * d + st * (o - 1) + 1, st)
+                                 for i, d, st, o in zip(tap, p.dilation, p.stride, out)))
+        z = _gemm(codes[window].reshape(-1, c), packed, 1.0, zp, None)
+        row = scales[window].reshape(-1, 1)
+        y = z.mul_(row) if y is None else y.addcmul_(z, row)
+    assert y is not None
+    if p.bias is not None:
+        y = y.add_(p.bias)
+    return y.reshape(n, *out, p.out_channels).movedim(-1, 1).contiguous()
