@@ -1,4 +1,4 @@
-"""The `dmquant` command line: quantize, calibrate, mixed, info, recipes, eval, grid, regress, demo."""
+"""The `dmquant` command line: quantize, calibrate, mixed, info, recipes, eval, compare, grid, regress, demo."""
 from __future__ import annotations
 
 import argparse
@@ -177,6 +177,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.table import compare_rows
+
+    path = Path(args.results)
+    path = path / "metrics.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics.json (write one with `dmquant eval --out DIR`)")
+    rows = json.loads(path.read_text())["rows"]
+    print(compare_rows(rows, args.a, args.b, args.metrics.split(",") if args.metrics else None), end="")
+    return 0
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from .eval import evaluate
 
@@ -270,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="FP vs quantized on identical seeds: metrics, table, grid, HTML")
     _add_eval_args(e, metrics=True)
     e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("compare", help="paired bootstrap interval of one recipe minus another, per metric, "
+                                       "from an eval's metrics.json")
+    c.add_argument("results", help="an eval output directory or its metrics.json")
+    c.add_argument("a", help="row name, e.g. svdquant-w4a4")
+    c.add_argument("b", help="row name to subtract, e.g. w4a8")
+    c.add_argument("--metrics", default=None, help="comma-separated metric keys (default: all with per-prompt values)")
+    c.set_defaults(func=cmd_compare)
     g = sub.add_parser("grid", help="comparison grid (PNG/GIF + HTML) of FP and recipes")
     _add_eval_args(g, metrics=False)
     g.set_defaults(func=cmd_grid)

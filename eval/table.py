@@ -109,3 +109,35 @@ def format_table(rows: list[dict[str, Any]], n_samples: int | None = None) -> st
     if any(k.startswith("fid") for r in rows for k in r):
         out.append("FID needs many samples: compare values only at equal n (and with the same extractor).")
     return "\n".join(out).rstrip() + "\n"
+
+
+def compare_rows(rows: list[dict[str, Any]], a: str, b: str, keys: list[str] | None = None) -> str:
+    """Markdown table of `a` minus `b` per metric, with the paired bootstrap interval over prompts and
+    whether it separates them: the evidence behind a sentence like "a beats b" (or "cannot tell")."""
+    by_name = {str(r.get("name")): r for r in rows}
+    missing = [n for n in (a, b) if n not in by_name]
+    if missing:
+        raise ValueError(f"no row named {', '.join(missing)}; rows: {', '.join(by_name)}")
+    pa, pb = by_name[a].get("per_prompt", {}), by_name[b].get("per_prompt", {})
+    shared = [k for k in METRICS if k in pa and k in pb]
+    keys = keys or shared
+    unknown = [k for k in keys if k not in shared]
+    if unknown:
+        have = ", ".join(shared) or "none"
+        raise ValueError(f"{', '.join(unknown)}: no per-prompt values in both rows (have: {have})")
+    body = []
+    for k in keys:
+        decimals = METRICS[k][3] + 1
+        lo, hi = paired_ci(pa[k], pb[k])
+        direction = METRICS[k][1]
+        if not separated((lo, hi)):
+            verdict = "not separable"
+        elif direction in ("higher", "lower"):
+            verdict = f"{a if (lo > 0) == (direction == 'higher') else b} better"
+        else:
+            verdict = "different"
+        body.append([METRICS[k][0], _fmt(by_name[a][k], decimals), _fmt(by_name[b][k], decimals),
+                     _fmt(by_name[a][k] - by_name[b][k], decimals), f"[{_fmt(lo, decimals)}, {_fmt(hi, decimals)}]",
+                     verdict])
+    head = ["metric", a, b, f"{a} - {b}", "paired 95 % interval", "verdict"]
+    return "\n".join(_markdown(head, body)) + "\n"

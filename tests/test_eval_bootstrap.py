@@ -1,13 +1,14 @@
 """Bootstrap intervals over prompts against brute force, numpy and a coverage experiment; tables mark
 only the differences the paired interval separates."""
 import itertools
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from dmquant.eval.bootstrap import bootstrap_ci, paired_ci, percentile_interval, resample_indices, separated
-from dmquant.eval.table import format_table, leaders
+from dmquant.eval.table import compare_rows, format_table, leaders
 
 
 def test_interval_matches_the_exact_bootstrap_distribution():
@@ -80,6 +81,32 @@ def test_table_bolds_only_what_the_interval_cannot_separate():
     line_c = next(line for line in text.splitlines() if line.startswith("| c "))
     assert "**" not in line_c and f"{rows[2]['psnr']:.2f} [" in line_c
     assert "bootstrap interval over prompts" in text
+
+
+def test_compare_states_a_difference_only_where_the_paired_interval_separates_it(tmp_path, capsys):
+    g = torch.Generator().manual_seed(3)
+    base = 30 + 5 * torch.randn(16, generator=g)
+    noise = 0.3 * torch.randn(16, generator=g)
+    lpips = 0.2 + 0.01 * torch.randn(16, generator=g)
+    series = {"a": (base + 1, lpips - 0.05), "b": (base, lpips), "c": (base + noise - noise.mean(), lpips)}
+    rows = [{"name": n, "psnr": float(p.mean()), "lpips": float(q.mean()), "per_prompt": {"psnr": p.tolist(), "lpips": q.tolist()}}
+            for n, (p, q) in series.items()]
+    lines = compare_rows(rows, "a", "b").splitlines()
+    psnr, lp = next(x for x in lines if x.startswith("| PSNR")), next(x for x in lines if x.startswith("| LPIPS"))
+    assert "[1.000, 1.000]" in psnr and psnr.rstrip(" |").endswith("a better")
+    assert lp.rstrip(" |").endswith("a better")  # lower LPIPS is better
+    ci = paired_ci(rows[2]["per_prompt"]["psnr"], rows[1]["per_prompt"]["psnr"])
+    assert not separated(ci) and "not separable" in compare_rows(rows, "c", "b", ["psnr"])
+    with pytest.raises(ValueError, match="no row named d"):
+        compare_rows(rows, "a", "d")
+    with pytest.raises(ValueError, match="fid_fp: no per-prompt values"):
+        compare_rows(rows, "a", "b", ["fid_fp"])
+    (tmp_path / "metrics.json").write_text(json.dumps({"rows": rows}))
+    from dmquant.cli import main
+
+    assert main(["compare", str(tmp_path), "a", "b", "--metrics", "psnr"]) == 0
+    assert "a better" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nowhere"), "a", "b"]) == 2
 
 
 def test_fid_interval_is_centred_on_the_estimate():
