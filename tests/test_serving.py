@@ -232,19 +232,25 @@ def test_load_quantized_with_dtype_and_backend(tmp_path):
     assert torch.allclose(y.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())  # bf16 activations
 
 
-def test_calibration_never_caches_a_second_weight_copy():
-    """Static recipes calibrate on float masters: without the fake-weight cache only one layer's
-    fake-quantized copy exists at a time (peak memory ~ the float model, not twice it)."""
+@pytest.mark.parametrize("recipe", ["w8a8-static", "smoothquant-w8a8"])
+def test_calibration_never_caches_a_second_weight_copy(recipe):
+    """Recipes calibrate on float masters: without the fake-weight cache only one layer's fake-quantized
+    copy exists at a time, and no kernel prepacks a layer whose master still changes (peak memory ~ the
+    float model, not 1.25x or twice it); after quantize the layers pack and the kernels run."""
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
     cached = []
 
     def calibrate(m: nn.Module) -> None:
         m(torch.randn(4, 64))
-        cached.extend(layer._wcache is not None for layer in quant_layers(m).values())
+        cached.extend(layer._wcache is not None or (layer._kcache is not None and layer._kcache[1] is not None)
+                      for layer in quant_layers(m).values())
 
-    dmquant.quantize(model, "w8a8-static", calibration=calibrate)
+    dmquant.quantize(model, recipe, calibration=calibrate, backend="auto")
     assert cached and not any(cached)
     assert all(layer.is_packed and layer.cache_weight for layer in quant_layers(model).values())
+    model(torch.randn(4, 64))
+    if cpu.onednn_available():
+        assert all(layer._kcache[1] is not None for layer in quant_layers(model).values())
 
 
 def test_attention_only_recipes_report_and_unpacked_vq_models_refuse_to_save(denoiser, tmp_path):

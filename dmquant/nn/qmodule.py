@@ -294,6 +294,8 @@ class QuantModule:
         reference), e.g. for shapes or formats the kernel lacks, or when gradients are needed."""
         if self.backend == "fake" or self.weight_quantizer is None or self.served is not None or self._needs_grad():
             return None
+        if not self.cache_weight and not self.is_packed:  # calibrating a float master: the reference path,
+            return None  # and no prepacked copy (0.25x of the fp32 weight per layer) on top of the master
         if torch.compiler.is_compiling():  # opaque prepacked kernel weights do not trace: the graph
             return None  # runs the simulated path, which inductor fuses (see README: torch.compile)
         iq = self.input_quantizer
