@@ -34,19 +34,20 @@ class Net(nn.Module):
         return self.out(torch.relu(self.lin(h)))
 
 
-def _recipe(wbits: int) -> Recipe:
+def _recipe(wbits: int, gran: str = "tensor") -> Recipe:
     return Recipe(name=f"w{wbits}a8", weight=QuantSpec(f"int{wbits}", "channel"),
-                  input=QuantSpec("int8", "tensor", dynamic=True))
+                  input=QuantSpec("int8", gran, dynamic=True))
 
 
 def _held(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: layer._buffers["weight_packed"].clone() for n, layer in quant_layers(model).items()}
 
 
-@pytest.fixture(params=[8, 4])
+@pytest.fixture(params=[(8, "tensor"), (4, "tensor"), (8, "token")], ids=["w8-tensor", "w4-tensor", "w8-token"])
 def served(request):
+    """Per-token activations put the 2-D conv on the per-tap layout (and leave the grouped conv1d simulated)."""
     torch.manual_seed(0)
-    model = dmquant.quantize(Net().eval(), _recipe(request.param), backend="cpu")
+    model = dmquant.quantize(Net().eval(), _recipe(*request.param), backend="cpu")
     before = _held(model)
     kept = dmquant.hold_codes(copy.deepcopy(model))
     x = torch.randn(2, 4, 5, 5)
@@ -59,7 +60,11 @@ def test_first_call_leaves_the_kernel_as_the_only_copy(served):
     model, kept, before, x, y, _ = served
     with torch.no_grad():
         assert torch.equal(y, kept(x)) and torch.equal(model(x), y)
+    on_kernel = {n: layer._kcache[1] is not None for n, layer in quant_layers(model).items()}
+    assert on_kernel["conv"] and sum(on_kernel.values()) >= len(on_kernel) - 1  # only the grouped conv1d may not
     for name, layer in quant_layers(model).items():
+        if not on_kernel[name]:
+            continue
         assert layer._buffers["weight_packed"] is None and layer.is_packed, name
         assert torch.equal(layer.packed_codes(), before[name]), name  # read back bit for bit
         assert quant_layers(kept)[name]._buffers["weight_packed"] is not None, name
@@ -68,7 +73,7 @@ def test_first_call_leaves_the_kernel_as_the_only_copy(served):
 
 
 def test_saving_copying_and_moving_carry_the_codes(served, tmp_path):
-    model, _, before, x, y, wbits = served
+    model, _, before, x, y, spec = served
     dmquant.save_quantized(model, tmp_path / "q")
     loaded = dmquant.load_quantized(tmp_path / "q", model=Net().eval(), backend="cpu")
     twin = copy.deepcopy(model)
@@ -79,7 +84,7 @@ def test_saving_copying_and_moving_carry_the_codes(served, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), y)
     reloaded = Net().eval()
-    dmquant.quantize(reloaded, _recipe(wbits), backend="cpu")
+    dmquant.quantize(reloaded, _recipe(*spec), backend="cpu")
     reloaded.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(reloaded(x), y)

@@ -68,7 +68,8 @@ def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRankSplit:
         tail = float((w.square().sum() - s.square().sum()).clamp_min(0).sqrt())
     root = s.sqrt()
     up, down = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
-    residual = w - up.double() @ down.double()  # so that L1 L2 + R is W in the stored precision
+    residual = torch.addmm(w, up.double(), down.double(), alpha=-1)  # L1 L2 + R = W in the stored precision;
+    # addmm: no float64 product temporary (a weight-sized copy, the search's largest transient)
     return LowRankSplit(down, up, residual, tail)
 
 
