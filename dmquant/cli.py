@@ -184,7 +184,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     path = path / "metrics.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json (write one with `dmquant eval --out DIR`)")
-    rows = json.loads(path.read_text())["rows"]
+    rows = json.loads(path.read_text()).get("rows")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} has no 'rows' list: not a metrics.json written by `dmquant eval`")
     print(compare_rows(rows, args.a, args.b, args.metrics.split(",") if args.metrics else None), end="")
     return 0
 

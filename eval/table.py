@@ -114,13 +114,19 @@ def format_table(rows: list[dict[str, Any]], n_samples: int | None = None) -> st
 def compare_rows(rows: list[dict[str, Any]], a: str, b: str, keys: list[str] | None = None) -> str:
     """Markdown table of `a` minus `b` per metric, with the paired bootstrap interval over prompts and
     whether it separates them: the evidence behind a sentence like "a beats b" (or "cannot tell")."""
-    by_name = {str(r.get("name")): r for r in rows}
+    names = [str(r.get("name")) for r in rows]
+    by_name = dict(zip(names, rows))
     missing = [n for n in (a, b) if n not in by_name]
     if missing:
         raise ValueError(f"no row named {', '.join(missing)}; rows: {', '.join(by_name)}")
+    twice = [n for n in (a, b) if names.count(n) > 1]
+    if twice:
+        raise ValueError(f"{', '.join(twice)} names more than one row: compare results of one evaluation")
     pa, pb = by_name[a].get("per_prompt", {}), by_name[b].get("per_prompt", {})
     shared = [k for k in METRICS if k in pa and k in pb]
-    keys = keys or shared
+    keys = [k.strip() for k in keys] if keys else shared
+    if not keys:
+        raise ValueError(f"{a} and {b} share no metric with per-prompt values: nothing to compare")
     unknown = [k for k in keys if k not in shared]
     if unknown:
         have = ", ".join(shared) or "none"

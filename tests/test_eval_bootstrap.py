@@ -101,12 +101,19 @@ def test_compare_states_a_difference_only_where_the_paired_interval_separates_it
         compare_rows(rows, "a", "d")
     with pytest.raises(ValueError, match="fid_fp: no per-prompt values"):
         compare_rows(rows, "a", "b", ["fid_fp"])
+    with pytest.raises(ValueError, match="more than one row"):
+        compare_rows([*rows, rows[0]], "a", "b")
+    with pytest.raises(ValueError, match="share no metric"):
+        compare_rows([{"name": "a"}, {"name": "b"}], "a", "b")
+    assert "PSNR" in compare_rows(rows, "a", "b", [" psnr"])
     (tmp_path / "metrics.json").write_text(json.dumps({"rows": rows}))
     from dmquant.cli import main
 
     assert main(["compare", str(tmp_path), "a", "b", "--metrics", "psnr"]) == 0
     assert "a better" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nowhere"), "a", "b"]) == 2
+    (tmp_path / "other.json").write_text(json.dumps({"model": "x"}))
+    assert main(["compare", str(tmp_path / "other.json"), "a", "b"]) == 2
 
 
 def test_fid_interval_is_centred_on_the_estimate():

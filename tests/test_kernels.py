@@ -208,6 +208,10 @@ def test_cpu_conv_refusals():
         cpu.int8_conv(torch.zeros(1, 4, 2, 2), taps, None, "token")
     with pytest.raises(FloatingPointError, match="non-finite"):
         cpu.int8_conv(torch.full((1, 4, 4, 4), float("nan")), taps, None, "token")
+    with pytest.raises(ValueError, match="granularity"):
+        cpu.int8_conv(torch.zeros(1, 4, 8, 8), taps, None, "channel")
+    empty = cpu.int8_conv(torch.zeros(0, 4, 8, 8), taps, None, "token")
+    assert empty.shape == (0, 4, 6, 6)
 
 
 # -- quantized modules on the fbgemm backend ----------------------------------------------------
@@ -238,6 +242,9 @@ def test_modules_on_fbgemm_equal_fake_quant(kind, spec, full_grid_kernels):
         y = q(x)
     assert q._kcache[1] is not None, "the kernel was not used"
     assert y.shape == ref.shape and close(y, ref)
+    if kind == "conv":  # an unbatched input is a batch of one on both paths (axis 0 is its channels)
+        with torch.no_grad():
+            assert close(q(x[1]), _fake(q, x[1])) and close(q(x[1]), ref[1])
     if kind == "conv" and spec is DYN_TOKEN:  # per-pixel scales: one GEMM per kernel tap
         assert "per kernel tap" in get_kernel("fbgemm").describe(q)
 

@@ -48,7 +48,7 @@ class Kernel:
     linear: Callable[..., torch.Tensor]  # (x, packed, input_scale=None, granularity="token", ...)
     supports_conv: Callable[..., str | None] | None = None
     prepack_conv: Callable[..., Any] | None = None
-    conv: Callable[..., torch.Tensor] | None = None  # (x, packed, input_scale=None, ...)
+    conv: Callable[..., torch.Tensor] | None = None  # (x, packed, input_scale=None, granularity="tensor", ...)
     label: str = ""
     unpack_linear: Callable[[Any], torch.Tensor] | None = None  # packed -> int8 codes, exactly
     unpack_conv: Callable[[Any], torch.Tensor] | None = None

@@ -22,8 +22,9 @@ def dynamic_scale(x2: torch.Tensor, granularity: ActGranularity, qmax: float, di
     if granularity not in ("token", "tensor"):
         raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
     xf = x2.float()
-    if xf.numel() == 0:
-        return xf.new_ones(xf.shape[0] if granularity == "token" else 1, 1)
+    if xf.numel() == 0:  # an empty batch: the keepdim shape of the reduction below
+        shape = [1, 1] if granularity == "tensor" else [1 if d == dim % xf.dim() else n for d, n in enumerate(xf.shape)]
+        return xf.new_ones(shape)
     # amin and amax apart: torch.aminmax along a dim runs ~10x slower on CPU (measured, torch 2.14)
     if granularity == "token":
         lo, hi = xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True)

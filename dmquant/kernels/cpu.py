@@ -365,6 +365,8 @@ def int8_conv(x: torch.Tensor, packed: PackedConv, input_scale: torch.Tensor | f
     xb = x.detach().unsqueeze(0) if unbatched else x.detach()
     if xb.dim() != nd + 2 or xb.shape[1] != p.in_channels:
         raise ValueError(f"conv input {tuple(x.shape)} does not match {p.in_channels} channels, {nd} spatial dims")
+    if granularity not in ("token", "tensor"):
+        raise ValueError(f"activation granularity must be 'token' or 'tensor', got {granularity!r}")
     step, zp, hi = _grid(reduce_range, act_bits)
     per_token = isinstance(p.weight, tuple)
     if per_token != (granularity == "token" and input_scale is None):

@@ -20,6 +20,13 @@ class _QuantConvNd(QuantModule):
                    padding=module.padding, dilation=module.dilation, groups=module.groups,
                    bias=module.bias is not None, padding_mode=module.padding_mode, device="meta")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """An unbatched input (C, *S) runs as a batch of one, so axis 1 is its channels for the input
+        quantizer and smoothing (per-pixel scales mean the same thing batched or not)."""
+        if x.dim() == len(self.kernel_size) + 1:
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
+
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, self.bias)
 
