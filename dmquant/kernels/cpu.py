@@ -403,7 +403,7 @@ def _tap_conv(xb: torch.Tensor, p: PackedConv, step: float, zp: int, hi: int, ac
     by their pixels' scales, summed over taps in fp32; then bias, and NCHW-contiguous output."""
     pad = p.padding
     if p.padding_mode != "zeros":  # reflect/replicate/circular copy pixels: pad before quantizing
-        xb = torch.nn.functional.pad(xb, [v for pair in reversed(pad) for v in pair], mode=p.padding_mode)
+        xb = torch.nn.functional.pad(xb, _split_padding(pad, p.padding_mode)[0], mode=p.padding_mode)
         pad = tuple((0, 0) for _ in pad)
     scale = dynamic_scale(xb, "token", 2.0 ** (act_bits - 1) - 1, dim=1).mul_(step)  # (N, 1, *S)
     q = _uint8_codes(xb, scale, zp, hi)
