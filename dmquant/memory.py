@@ -41,8 +41,20 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def release_freed_memory() -> None:
-    """Return free heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
+TRIM_EVERY = 8 << 20  # bytes freed between two trims at most, for the per-call callers
+_untrimmed = 0
+
+
+def release_freed_memory(freed: int | None = None) -> None:
+    """Return free heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere). A caller that frees
+    `freed` bytes per call (calibration forwards) trims only once `TRIM_EVERY` bytes have added up: a
+    trim walks the whole heap, and on small layers called thousands of times it cost more than the layer."""
+    global _untrimmed
+    if freed is not None:
+        _untrimmed += freed
+        if _untrimmed < TRIM_EVERY:
+            return
+    _untrimmed = 0
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -286,7 +286,8 @@ class QuantModule:
         if self.lowrank is not None:
             out = out + self.lowrank(x)
         if not self.cache_weight and not self.is_packed:  # calibrating: this call's fake-quantized copy
-            release_freed_memory()  # would stay on glibc's heap, layer after layer (see dmquant.memory)
+            # would stay on glibc's heap, layer after layer (see dmquant.memory)
+            release_freed_memory(self.weight.numel() * self.weight.element_size())
         return out
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
