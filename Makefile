@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dmquant-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE := 1
+# pytest-xdist workers: one per core, at most 4 (each runs one intra-op thread, see tests/conftest.py,
+# and holds its own torch and miniatures).
+JOBS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 1)
 
 .PHONY: demo test test-fast test-gates bench clean
 
@@ -20,16 +23,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS)
 
 # Minutes, not a quarter hour: everything but the slow tests and the quality gates.
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow and not regression"
+	$(PY) -m pytest -n $(JOBS) -m "not slow and not regression"
 
 # The quality gates alone, on another float code path (the baselines record both; see baselines/).
 test-gates: $(STAMP)
-	ATEN_CPU_CAPABILITY=$(or $(ISA),default) ONEDNN_MAX_CPU_ISA=$(or $(ONEDNN_ISA),SSE41) $(PY) -m pytest -m regression
+	ATEN_CPU_CAPABILITY=$(or $(ISA),default) ONEDNN_MAX_CPU_ISA=$(or $(ONEDNN_ISA),SSE41) $(PY) -m pytest -n $(JOBS) -m regression
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py

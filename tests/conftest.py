@@ -12,6 +12,23 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture
+def accelerate_launch():
+    """`accelerate launch` on CPU with `n` processes, on a free port: tests run in parallel (pytest-xdist),
+    and two launches on the default port would meet in one process group."""
+    import socket
+    import sys
+
+    def command(n: int) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
+                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    return command
+
+
 def _unet():
     from diffusers import UNet2DConditionModel
 

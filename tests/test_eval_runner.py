@@ -107,7 +107,7 @@ def test_bad_inputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_give_identical_numbers(tmp_path):
+def test_two_processes_give_identical_numbers(tmp_path, accelerate_launch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
     args = ["-m", "dmquant.cli", "eval", "--pipeline", "tiny-pixart", "--recipe", "w8a8", "--prompts", str(prompts),
@@ -115,9 +115,7 @@ def test_two_processes_give_identical_numbers(tmp_path):
     # Same float summation order in both runs: thread count changes BLAS reductions, not the sharding.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=env)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], check=True, capture_output=True, timeout=300,
+    subprocess.run([*accelerate_launch(2), *args, "--out", str(tmp_path / "two")], check=True, capture_output=True, timeout=300,
                    env=env)
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text())["rows"] for d in ("one", "two"))
     assert one[1]["psnr"] == two[1]["psnr"] and one[1]["ssim"] == two[1]["ssim"]
