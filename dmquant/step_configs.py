@@ -133,6 +133,7 @@ class DistillConfig:
     seed: int = 0
     trajectory: str = "float"  # inputs: "float" (the calibration trajectory) | "student" (re-sampled)
     refresh_every: int = 50  # "student": re-sample the trajectory every this many steps
+    lr_schedule: str = "constant"  # every learning rate: "constant" | "cosine" (decays to 0 at `iters`)
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -143,6 +144,8 @@ class DistillConfig:
             raise ValueError("trajectory: student needs refresh_every >= 1 dividing checkpoint_every (a resumed "
                              f"run re-samples where the uninterrupted one did); got {self.refresh_every} and "
                              f"{self.checkpoint_every}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 

@@ -2,6 +2,8 @@
 the distillation lowers the output error, the QALoRA merge is exact and leaves a plain quantized model
 (save/load bit-for-bit), QuEST leaves unselected layers untouched, QVGen's branch decays to rank 0, and
 an interrupted run resumed from its checkpoint ends exactly where the uninterrupted one does."""
+import math
+
 import pytest
 import torch
 
@@ -135,9 +137,22 @@ def test_qvgen_decays_the_auxiliary_branch_to_rank_zero(monkeypatch):
     assert res.mse_after < res.mse_before
 
 
+def test_cosine_lr_factor_follows_the_formula():
+    iters = 10
+    for step in range(iters + 1):
+        expected = 0.5 * (1 + math.cos(math.pi * step / iters))
+        assert distill_module.lr_factor("cosine", step, iters) == pytest.approx(expected, abs=1e-15)
+        assert distill_module.lr_factor("constant", step, iters) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=1, lr_schedule="linear"),
+                         calibration=CALIB)
+
+
 def test_resume_continues_identically(monkeypatch, tmp_path):
-    """qvgen: a checkpoint between two rank cuts; the resumed run redraws the same batches."""
-    r = recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2)
+    """qvgen with a cosine learning rate: a checkpoint between two rank cuts; the resumed run redraws the
+    same batches and continues the same learning-rate curve (the loaded optimizer state holds the decayed
+    rate of its last step, which the schedule overrides)."""
+    r = recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, lr_schedule="cosine")
     full = pipeline("tiny-pixart")
     dmquant.quantize(full, r, calibration=CALIB)
     interrupted = pipeline("tiny-pixart")
@@ -145,20 +160,25 @@ def test_resume_continues_identically(monkeypatch, tmp_path):
     batch = crash_at(monkeypatch, 5)
     ckpt = {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_every": 2}
     with pytest.raises(KeyboardInterrupt):
-        dmquant.quantize(interrupted, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, **ckpt),
-                         calibration=CALIB)
+        dmquant.quantize(interrupted, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2,
+                                             lr_schedule="cosine", **ckpt), calibration=CALIB)
     assert all(torch.equal(p, floats[n]) for n, p in interrupted.transformer.named_parameters())  # untouched
     assert (tmp_path / "ckpt" / "qvgen.safetensors").is_file()
     monkeypatch.setattr(distill_module, "_batch", batch)
     results = recording(monkeypatch, "qvgen")
+    lrs, adam_step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a: lrs.append(self.param_groups[0]["lr"])
+                        or adam_step(self, *a))
     resumed = pipeline("tiny-pixart")
-    dmquant.quantize(resumed, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, resume=True, **ckpt),
-                     calibration=CALIB)
+    dmquant.quantize(resumed, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, resume=True,
+                                     lr_schedule="cosine", **ckpt), calibration=CALIB)
     assert results[0].start == 4 and len(results[0].losses) == 4
+    base = dmquant.get_recipe("qvgen-w4a4").steps[1].args.get("lr", 1e-3)
+    assert lrs == pytest.approx([base * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(4, 8)], rel=1e-12)
     assert torch.equal(probe(resumed)(), probe(full)())
     with pytest.raises(ValueError, match="another run"):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("qvgen-w4a4", iters=8, aux_rank=2, seed=1, resume=True,
-                                                          **ckpt), calibration=CALIB)
+                                                          lr_schedule="cosine", **ckpt), calibration=CALIB)
 
 
 def test_fine_tuning_needs_ranges_for_lsq_and_a_trajectory():
@@ -170,7 +190,7 @@ def test_fine_tuning_needs_ranges_for_lsq_and_a_trajectory():
         dmquant.quantize(pipeline("tiny-pixart").transformer, bare, calibration=lambda m: None)
 
 
-def _worker(tmp_path, name, *extra, processes=1):
+def _worker(tmp_path, name, *extra, launch=None):
     import os
     import subprocess
     import sys
@@ -181,18 +201,16 @@ def _worker(tmp_path, name, *extra, processes=1):
     worker = str(Path(__file__).with_name("distill_worker.py"))
     out = str(tmp_path / f"{name}.safetensors")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, worker, out, *extra] if processes == 1 else \
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", worker, out, *extra]
+    cmd = [*(launch or [sys.executable]), worker, out, *extra]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
     return load_file(out)["y"]
 
 
-def test_two_processes_train_like_one_and_bf16_autocast_runs(tmp_path):
+def test_two_processes_train_like_one_and_bf16_autocast_runs(tmp_path, accelerate_launch):
     """accelerate: two processes split each batch and sum gradients, so they train the same model as
     one process (up to float summation order); bf16 autocast trains a nearby model."""
     one = _worker(tmp_path, "one")
-    two = _worker(tmp_path, "two", processes=2)
+    two = _worker(tmp_path, "two", launch=accelerate_launch(2))
     assert torch.allclose(one, two, rtol=1e-4, atol=1e-5 * float(one.abs().max()))
     bf16 = _worker(tmp_path, "bf16", "bf16")
     assert torch.isfinite(bf16).all() and not torch.equal(bf16, one)

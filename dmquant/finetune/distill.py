@@ -13,6 +13,7 @@ share of the batch and gradients are averaged), with a progress bar and atomic c
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -93,6 +94,15 @@ def on_device(kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, kwargs)
 
 
+def lr_factor(schedule: str, step: int, iters: int) -> float:
+    """Multiplier of every base learning rate at optimizer step `step`: a function of the step alone (no
+    scheduler state), so a resumed run continues the same curve. Cosine ends the run with small steps,
+    which lets the step sizes settle instead of hopping between grid points at the last step."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(iters, 1)))
+    return 1.0
+
+
 def _batch(seed: int, step: int, n: int, size: int) -> list[int]:
     """The calls of optimizer step `step`: a function of (seed, step) only, hence resumable."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -164,6 +174,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
               *({"params": [t], "lr": (cfg.lsq_lr if k.startswith("scale/") else cfg.branch_lr)
                  * float(t.detach().abs().mean())} for k, t in relative.items())]
     optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     initial = {k: t.detach().clone() for k, t in scales.items()}
     flags = [(p, p.requires_grad) for p in denoiser.parameters()]
     blocks = [u.module for u in find_units([denoiser], cfg.blocks) if not isinstance(u.module, QuantModule)] \
@@ -203,6 +214,8 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                                                                              or step % cfg.refresh_every == 0):
                     inputs = resample()
                     teacher = teacher_of(inputs)
+                for g, lr in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = lr * lr_factor(cfg.lr_schedule, step, cfg.iters)
                 schedule.before_step(step, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 batch = _batch(cfg.seed, step, len(inputs), cfg.batch_size)

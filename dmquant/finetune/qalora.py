@@ -71,7 +71,7 @@ def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bo
     matching `skip`), temporal LSQ of the activation step sizes if `lsq`, and with `branch` the factors
     of their SVD low-rank branches (learning rate `branch_lr`). Loop arguments (`iters`, `lr`,
     `batch_size`, `lsq_lr`, `branch_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
-    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`): `DistillConfig`.
+    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`): `DistillConfig`.
 
     >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
     """
