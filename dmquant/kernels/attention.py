@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import torch
 
+from .cpu import vnni_available
+
 BACKENDS = {"cpu": ("auto", "cpu", "fbgemm"), "cuda": ("auto", "cuda")}  # recipe backends that take it
+
+
+def backend_reason(backend: str, device: str) -> str | None:
+    """Why no Q K^T runs on the int8 GEMM with this recipe backend on this device type (None: shapes decide)."""
+    if backend not in BACKENDS.get(device, ()):
+        return f"backend {backend!r} on {device} computes attention simulated"
+    if not hasattr(torch, "_int_mm"):
+        return "this torch has no torch._int_mm"
+    if device == "cpu" and not vnni_available():
+        return "torch._int_mm here has no VNNI (CPU or ONEDNN_MAX_CPU_ISA): it saturates int16 sums of int8 pairs"
+    return None
 
 
 def unsupported_reason(backend: str, query: torch.Tensor, key: torch.Tensor) -> str | None:
     """Why Q K^T of these (..., L, D) / (..., S, D) tensors cannot run on the int8 GEMM (None: it can)."""
     device = query.device.type
-    if backend not in BACKENDS.get(device, ()):
-        return f"backend {backend!r} on {device} computes attention simulated"
-    if not hasattr(torch, "_int_mm"):
-        return "this torch has no torch._int_mm"
+    reason = backend_reason(backend, device)
+    if reason is not None:
+        return reason
     if query.shape[:-2] != key.shape[:-2]:
         return "Q and K have different head counts (grouped-query attention)"
     if query.requires_grad or key.requires_grad:

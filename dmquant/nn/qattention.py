@@ -113,8 +113,10 @@ class AttentionQuantizers(nn.Module):
             return "reordered tokens are quantized in another layout"
         if self.searching or not (self.q.enabled and self.k.enabled):
             return "quantization is off or being searched"
-        if query is None or key is None:
-            return None if self.backend != "fake" else "the fake backend computes attention simulated"
+        if query is None or key is None:  # a report: the backend's device (auto: the CPU)
+            if self.backend == "fake":
+                return "the fake backend computes attention simulated"
+            return int8_attention.backend_reason(self.backend, "cuda" if self.backend == "cuda" else "cpu")
         return int8_attention.unsupported_reason(self.backend, query, key)
 
     def kernel_name(self) -> str:
