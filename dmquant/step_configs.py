@@ -124,6 +124,7 @@ class DistillConfig:
     batch_size: int = 4  # trajectory calls per optimizer step
     lsq_lr: float = 1e-3  # step sizes: relative to each scale tensor's mean
     branch_lr: float = 1e-3  # low-rank branch factors (efficientdm `branch`): relative to each one's mean
+    smooth_lr: float = 5e-3  # log smoothing scales (efficientdm `smooth`): absolute, in log units
     feature_weight: float = 0.0  # block-wise feature loss weight (0: output loss only)
     blocks: tuple[str, ...] | None = None  # None: the default block patterns
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
@@ -159,6 +160,7 @@ class EfficientDMConfig(DistillConfig):
     scale_aware: bool = True
     skip: str | None = None
     branch: bool = False  # also train the 16-bit low-rank branch of the layers that have one (SVDQuant)
+    smooth: bool = False  # also train a per-input-channel smoothing scale of every layer (folded into x / s)
 
 
 @dataclass(frozen=True)

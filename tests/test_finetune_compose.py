@@ -13,6 +13,7 @@ from dmquant.config import Step
 from dmquant.finetune import LowRankDelta
 from dmquant.finetune import distill as distill_module
 from dmquant.pipelines import load
+from dmquant.primitives import sqnr_db
 from dmquant.state import quant_layers
 from dmquant.steps import STEPS
 
@@ -174,3 +175,51 @@ def test_efficientdm_trains_the_svd_branch_in_place_while_the_teacher_stays_floa
         r = dmquant.get_recipe("efficientdm-w4a4")
         dmquant.quantize(pipeline(), r.replace(steps=(r.steps[0], Step("efficientdm", {"iters": 1, "branch": True}))),
                          calibration=CALIB)
+
+
+@pytest.mark.parametrize("name,args", [("svdquant-efficientdm-w4a4", {"rank": 0, "smooth_lr": 1e-3}),
+                                       ("svdquant-efficientdm-w4a4", {"branch": True, "branch_lr": 1e-4}),
+                                       ("efficientdm-w4a4", {"rank": 0, "lsq_lr": 1e-3})])
+def test_learned_smoothing_is_an_equivalence_folded_into_weight_branch_and_transform(monkeypatch, tmp_path, name,
+                                                                                        args):
+    """smooth: true trains e^v per input channel (x / e^v, weight and branch down factor times e^v). The
+    teacher stays float while it trains; after the merge the model *with quantization off* is still the
+    float model when only the scales trained (rank 0: they went into weight, branch and online smoothing
+    alike; a LoRA or a trained branch changes the float weights by design), the
+    quantized model computes what was trained (up to the rounding of x / (s e^v) against (x / s) / e^v),
+    and it saves and loads bit for bit with its new smoothing vectors."""
+    from dmquant.nn.switch import quantization_disabled
+
+    run_fp = probe(pipeline())()
+    pipe = pipeline()
+    run = probe(pipe)
+    seen = {}
+    merge = distill_module.merge_adapters
+
+    def checked_merge(adapters):
+        seen["smoothed"] = {a.layer: a.smoothing.log_scale.detach().clone() for a in adapters.values()
+                            if a.smoothing is not None}
+        with quantization_disabled(pipe.transformer):
+            seen["teacher"] = run()
+        with distill_module.serving_adapters(adapters):
+            seen["trained"] = run()
+        merge(adapters)
+    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
+    results = []
+    original = STEPS["efficientdm"]
+    monkeypatch.setitem(STEPS, "efficientdm", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    dmquant.quantize(pipe, composed(name, iters=12, batch_size=2, smooth=True, **{"smooth_lr": 1e-2, **args}),
+                     calibration=CALIB, pack=False)  # float masters kept for the float check after the merge
+    (res,) = results
+    assert res.notes["smoothed"] == len(seen["smoothed"]) > 0 and res.mse_after < res.mse_before
+    assert all(v.abs().max() > 0 for v in seen["smoothed"].values())  # every scale moved
+    assert torch.allclose(seen["teacher"], run_fp, rtol=1e-4, atol=1e-5)
+    for layer in seen["smoothed"]:
+        assert layer.transform.smooth == "online" and layer.transform.rotation is None
+    if args.get("rank") == 0 and not args.get("branch"):
+        with quantization_disabled(pipe.transformer):
+            assert torch.allclose(run(), run_fp, rtol=1e-4, atol=1e-5)  # still an equivalence of the float model
+    out, trained = run(), seen["trained"]
+    assert sqnr_db(trained, out) > 40, sqnr_db(trained, out)
+    dmquant.save_quantized(pipe, tmp_path / "ft")
+    assert torch.equal(run(dmquant.load_quantized(tmp_path / "ft").transformer), out)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..nn.qmodule import QuantModule
 from ..nn.switch import serving
-from ..transforms.layer import replace_weight
+from ..transforms.layer import replace_weight, transform_of
 
 
 class LowRankDelta(nn.Module):
@@ -62,29 +62,77 @@ def grid_step(layer: QuantModule) -> torch.Tensor:
     return step if step.numel() == rows else step.expand(rows)  # per tensor: one step for every row
 
 
-class BranchTwin(nn.Module):
-    """Trainable copies of a layer's 16-bit low-rank branch (SVDQuant's L1 L2), used while quantization
-    is on: the quantized model trains its branch, while the same modules with quantization off keep the
-    original branch and so stay the float teacher. `merge` copies the factors into the branch (same
-    rank, shapes and dtype: the deployed model keeps its size and format, and computes exactly what
-    was trained)."""
+class SmoothingTwin(nn.Module):
+    """A trainable per-input-channel scale e^v on top of a layer's input transform, active while
+    quantization is on: the layer computes with x' = T(x) / e^v and its weight (and low-rank branch)
+    times e^v, so the float product is unchanged while both quantizers see rebalanced ranges
+    (SmoothQuant's migration, learned against the teacher as in OmniQuant's equivalent transformation).
+    With quantization off it is the layer's own transform, so the teacher stays float. `merge` folds
+    e^v into the layer's online smoothing scale (x / (s e^v)), which the saved plan records."""
 
     def __init__(self, layer: QuantModule) -> None:
         super().__init__()
+        self.base = layer.transform
+        self.axis = layer.INPUT_AXIS
+        self.enabled = lambda: layer.weight_quantizer.enabled
+        self.log_scale = nn.Parameter(torch.zeros(layer.weight.shape[1], device=layer.weight.device))
+
+    def scale_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """t (a weight or branch down factor: input channels on dim 1) times e^v."""
+        return t * self.log_scale.exp().to(t.dtype).reshape(1, -1, *[1] * (t.dim() - 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base is not None:
+            x = self.base(x)
+        if not self.enabled():
+            return x
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return x / self.log_scale.exp().to(x.dtype).reshape(shape)
+
+    @torch.no_grad()
+    def merge(self, layer: QuantModule) -> None:
+        layer.transform = self.base
+        t = transform_of(layer)
+        factor = self.log_scale.exp().to(layer.weight.dtype)
+        t.set_smoothing(factor if t.in_scale is None else t.in_scale * factor.to(t.in_scale.dtype), folded=False)
+
+
+def smoothable(layer: QuantModule) -> bool:
+    """A learned scale folds into the layer's own online smoothing: not behind a rotation (the scale
+    would act on rotated channels) nor where the previous op divides (folded smoothing)."""
+    t = layer.transform
+    return t is None or (t.rotation is None and t.smooth != "folded")
+
+
+class BranchTwin(nn.Module):
+    """Copies of a layer's 16-bit low-rank branch (SVDQuant's L1 L2), used while quantization is on:
+    trainable with `train`, and/or taking a learned smoothing scale on their down factor (the branch
+    reads the smoothed input x' too). The same modules with quantization off keep the original branch
+    and so stay the float teacher. `merge` copies the factors into the branch (same rank, shapes and
+    dtype: the deployed model keeps its size and format, and computes what was trained)."""
+
+    def __init__(self, layer: QuantModule, train: bool = True, smoothing: SmoothingTwin | None = None) -> None:
+        super().__init__()
         self.base = layer.lowrank
         self.enabled = lambda: layer.weight_quantizer.enabled
-        self.down = nn.Parameter(self.base.down.weight.detach().clone())
-        self.up = nn.Parameter(self.base.up.weight.detach().clone())
+        down, up = self.base.down.weight.detach(), self.base.up.weight.detach()
+        self.down, self.up = (nn.Parameter(down.clone()), nn.Parameter(up.clone())) if train else (down, up)
+        self.columns = smoothing.scale_columns if smoothing is not None else None  # not a submodule
+
+    def _down(self) -> torch.Tensor:
+        return self.down if self.columns is None else self.columns(self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled():
             return self.base(x)
-        return torch.func.functional_call(self.base, {"down.weight": self.down, "up.weight": self.up}, (x,))
+        return torch.func.functional_call(self.base, {"down.weight": self._down(), "up.weight": self.up}, (x,))
 
     @torch.no_grad()
     def merge(self) -> None:
-        self.base.down.weight.copy_(self.down)
-        self.base.up.weight.copy_(self.up)
+        down, up = self._down(), self.up.clone()  # computed before the copies: `down` may alias the base's
+        self.base.down.weight.copy_(down)
+        self.base.up.weight.copy_(up)
 
 
 @dataclass
@@ -96,11 +144,13 @@ class LayerAdapters:
     lora: LowRankDelta | None = None
     aux: LowRankDelta | None = None
     branch: BranchTwin | None = None
+    smoothing: SmoothingTwin | None = None
 
     def merged_weight(self) -> torch.Tensor:
-        """W + lora in the weight's dtype: what the quantizer sees now and what the merge stores."""
+        """(W + lora) e^v in the weight's dtype: what the quantizer sees now and what the merge stores."""
         w = self.layer.weight
-        return w if self.lora is None else w + self.lora().to(w.dtype)
+        w = w if self.lora is None else w + self.lora().to(w.dtype)
+        return w if self.smoothing is None else self.smoothing.scale_columns(w)
 
     def served(self) -> torch.Tensor:
         out = self.layer.weight_quantizer(self.merged_weight())
@@ -108,17 +158,20 @@ class LayerAdapters:
 
 
 def make_adapters(layers: dict[str, QuantModule], rank: int, aux_rank: int = 0, seed: int = 0,
-                  scale_aware: bool = True, branch: bool = False) -> dict[str, LayerAdapters]:
+                  scale_aware: bool = True, branch: bool = False, smooth: bool = False) -> dict[str, LayerAdapters]:
     """Adapters for the weight-quantized `layers` (LoRA of `rank` inside, aux of `aux_rank` beside; with
-    `branch`, the factors of every existing low-rank branch train too)."""
+    `branch`, the factors of every existing low-rank branch train too; with `smooth`, a smoothing scale
+    of every layer where one folds, see `smoothable`)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, layer in layers.items():
         unit = grid_step(layer) if scale_aware else torch.ones(layer.weight.shape[0])
         lora = LowRankDelta(layer, rank, unit, gen) if rank > 0 else None
         aux = LowRankDelta(layer, aux_rank, unit, gen) if aux_rank > 0 else None
-        twin = BranchTwin(layer) if branch and layer.lowrank is not None else None
-        out[name] = LayerAdapters(layer, lora, aux, twin)
+        smoothing = SmoothingTwin(layer) if smooth and smoothable(layer) else None
+        twin = BranchTwin(layer, branch, smoothing) \
+            if layer.lowrank is not None and (branch or smoothing is not None) else None
+        out[name] = LayerAdapters(layer, lora, aux, twin, smoothing)
     return out
 
 
@@ -127,7 +180,7 @@ def adapter_parameters(adapters: dict[str, LayerAdapters]) -> dict[str, torch.Te
     branch factors as `<layer>.branch.down` / `.up`."""
     found = {}
     for name, a in adapters.items():
-        for kind, mod in (("lora", a.lora), ("aux", a.aux), ("branch", a.branch)):
+        for kind, mod in (("lora", a.lora), ("aux", a.aux), ("branch", a.branch), ("smooth", a.smoothing)):
             if mod is not None:
                 found.update({f"{name}.{kind}.{k}": v for k, v in mod.named_parameters()})
     return found
@@ -141,28 +194,36 @@ def adapter_buffers(adapters: dict[str, LayerAdapters]) -> dict[str, torch.Tenso
 def serving_adapters(adapters: dict[str, LayerAdapters]) -> Iterator[None]:
     """Inside, each layer computes with its adapters; on exit (also on error) the layers are restored."""
     twins = [a for a in adapters.values() if a.branch is not None]
+    smoothed = [a for a in adapters.values() if a.smoothing is not None]
     with serving([a.layer for a in adapters.values()]):
         try:
             for a in adapters.values():
                 a.layer.serve(a.served)
             for a in twins:
                 a.layer.lowrank = a.branch
+            for a in smoothed:
+                a.layer.transform = a.smoothing
             yield
         finally:
             for a in twins:
                 a.layer.lowrank = a.branch.base
+            for a in smoothed:
+                a.layer.transform = a.smoothing.base
 
 
 @torch.no_grad()
 def merge_adapters(adapters: dict[str, LayerAdapters]) -> None:
-    """Fold every LoRA into its float weight (the weight scales stay those trained with) and every
-    trained branch into its layer's branch; auxiliary branches must have decayed to rank 0 (they have
+    """Fold every LoRA and learned smoothing scale into its float weight (the weight scales stay those
+    trained with), every trained branch into its layer's branch, every smoothing scale into the layer's
+    input transform; auxiliary branches must have decayed to rank 0 (they have
     no place in a plain quantized layer)."""
     live = [n for n, a in adapters.items() if a.aux is not None and a.aux.rank > 0]
     if live:
         raise RuntimeError(f"auxiliary branches still have rank > 0: {live[:3]}")
     for a in adapters.values():
-        if a.lora is not None:
+        if a.lora is not None or a.smoothing is not None:
             replace_weight(a.layer, a.merged_weight())
         if a.branch is not None:
             a.branch.merge()
+        if a.smoothing is not None:
+            a.smoothing.merge(a.layer)

@@ -170,7 +170,9 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     params = {**adapter_parameters(adapters), **{f"scale/{k}": v for k, v in scales.items()}}
     buffers = adapter_buffers(adapters)
     relative = {k: t for k, t in params.items() if k.startswith("scale/") or ".branch." in k}  # own scale
-    groups = [{"params": [p for k, p in params.items() if k not in relative], "lr": cfg.lr},
+    smooth = {k: t for k, t in params.items() if ".smooth." in k}  # log scales: absolute steps
+    groups = [{"params": [p for k, p in params.items() if k not in relative and k not in smooth], "lr": cfg.lr},
+              {"params": list(smooth.values()), "lr": cfg.smooth_lr},
               *({"params": [t], "lr": (cfg.lsq_lr if k.startswith("scale/") else cfg.branch_lr)
                  * float(t.detach().abs().mean())} for k, t in relative.items())]
     optimizer = torch.optim.Adam([g for g in groups if g["params"]])

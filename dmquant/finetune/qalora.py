@@ -34,7 +34,7 @@ Select = Callable[[nn.Module, list], dict[str, QuantModule]]
 
 def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: Select, rank: int, lsq: bool,
                     scale_aware: bool, aux_rank: int = 0, schedule_for: Any = None, branch: bool = False,
-                    **loop: Any) -> DistillResult:
+                    smooth: bool = False, **loop: Any) -> DistillResult:
     """The common body of the fine-tuning steps: adapters on the layers `select(denoiser, calls)` picks,
     their step sizes if `lsq` (all of them when every weight-quantized layer trains), the distillation
     loop, the merge."""
@@ -43,7 +43,7 @@ def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: S
     layers = select(denoiser, calls)
     every = len(layers) == len(weight_quantized_layers(denoiser))
     scales = lsq_scales(denoiser, name, None if every else list(layers.values())) if lsq else {}
-    adapters = make_adapters(layers, rank, aux_rank, cfg.seed, scale_aware, branch)
+    adapters = make_adapters(layers, rank, aux_rank, cfg.seed, scale_aware, branch, smooth)
     if branch and not any(a.branch is not None for a in adapters.values()):
         raise ValueError(f"{name}: branch: true trains low-rank branches, and no layer has one: put an svd "
                          "step before this one")
@@ -60,20 +60,22 @@ def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: S
     result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule,
                               resample if recorder is not None else None)
     result.notes.update(layers=len(layers), rank=rank, lsq_scales=len(scales),
-                        branches=sum(a.branch is not None for a in adapters.values()))
+                        branches=sum(a.branch is not None for a in adapters.values()),
+                        smoothed=sum(a.smoothing is not None for a in adapters.values()))
     return result
 
 
 def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bool = True,
                       scale_aware: bool = True, skip: str | None = None, branch: bool = False,
-                      **loop: Any) -> DistillResult:
+                      smooth: bool = False, **loop: Any) -> DistillResult:
     """Recipe step `efficientdm`: QALoRA of `rank` on every weight-quantized denoiser layer (not those
-    matching `skip`), temporal LSQ of the activation step sizes if `lsq`, and with `branch` the factors
-    of their SVD low-rank branches (learning rate `branch_lr`). Loop arguments (`iters`, `lr`,
-    `batch_size`, `lsq_lr`, `branch_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
+    matching `skip`), temporal LSQ of the activation step sizes if `lsq`, with `branch` the factors
+    of their SVD low-rank branches (learning rate `branch_lr`), with `smooth` a per-input-channel
+    smoothing scale per layer (`smooth_lr`; see `SmoothingTwin`). Loop arguments (`iters`, `lr`,
+    `batch_size`, `lsq_lr`, `branch_lr`, `smooth_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
     `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`): `DistillConfig`.
 
     >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
     """
     return finetune_layers(modules, run, "efficientdm", lambda d, _: weight_quantized_layers(d, skip), rank, lsq,
-                           scale_aware, branch=branch, **loop)
+                           scale_aware, branch=branch, smooth=smooth, **loop)
