@@ -1,10 +1,15 @@
 """Shared fixtures: tiny denoisers of each family with random weights, built offline from configs."""
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One intra-op thread: on a shared 2-core machine OpenMP threads stall whenever another process holds
 # a core (a 3 us elementwise op took 12 ms with two threads); results do not depend on it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch's inductor cache is not keyed by ATEN_CPU_CAPABILITY: kernels compiled on the default path came
+# back with garbage outputs under ATEN_CPU_CAPABILITY=avx2 (tests/test_compile.py); one cache per path.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_dmquant_{os.environ.get('ATEN_CPU_CAPABILITY') or 'native'}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
