@@ -12,6 +12,7 @@ import dmquant
 from dmquant.config import Step
 from dmquant.finetune import LowRankDelta
 from dmquant.finetune import distill as distill_module
+from dmquant.nn.switch import quantization_disabled
 from dmquant.pipelines import load
 from dmquant.primitives import sqnr_db
 from dmquant.state import quant_layers
@@ -42,6 +43,27 @@ def probe(pipe):
         with torch.no_grad():
             return model(**kw, return_dict=False)[0]
     return run
+
+
+def quantize_watching_the_merge(monkeypatch, pipe, recipe, **kwargs):
+    """Quantize with an efficientdm step; returns its result and, from just before the merge, the
+    adapters and the probe's outputs of the teacher (quantization off) and of the trained model."""
+    run, seen, merge = probe(pipe), {}, distill_module.merge_adapters
+
+    def checked_merge(adapters):
+        seen["adapters"] = adapters
+        with quantization_disabled(pipe.transformer):
+            seen["teacher"] = run()
+        with distill_module.serving_adapters(adapters):
+            seen["trained"] = run()
+        merge(adapters)
+    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
+    results = []
+    original = STEPS["efficientdm"]
+    monkeypatch.setitem(STEPS, "efficientdm", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
+    dmquant.quantize(pipe, recipe, calibration=CALIB, **kwargs)
+    (res,) = results
+    return res, seen
 
 
 @pytest.mark.parametrize("name,steps,base", [
@@ -138,28 +160,13 @@ def test_efficientdm_trains_the_svd_branch_in_place_while_the_teacher_stays_floa
     """branch: true: the quantized model trains its 16-bit branch factors; with quantization off the
     same modules still compute the float model until the merge, which copies the factors in place
     (same ranks and shapes) and computes exactly what was trained."""
-    from dmquant.nn.switch import quantization_disabled
-
     fp = pipeline()
     run_fp = probe(fp)()
     pipe, ptq = pipeline(), pipeline()
     dmquant.quantize(ptq, "svdquant-w4a4", calibration=CALIB)
     run = probe(pipe)
-    seen = {}
-    merge = distill_module.merge_adapters
-
-    def checked_merge(adapters):
-        with quantization_disabled(pipe.transformer):
-            seen["teacher"] = run()
-        with distill_module.serving_adapters(adapters):
-            seen["trained"] = run()
-        merge(adapters)
-    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
-    results = []
-    original = STEPS["efficientdm"]
-    monkeypatch.setitem(STEPS, "efficientdm", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
-    dmquant.quantize(pipe, composed(iters=12, batch_size=2, branch=True, branch_lr=1e-4), calibration=CALIB)
-    (res,) = results
+    res, seen = quantize_watching_the_merge(monkeypatch, pipe, composed(iters=12, batch_size=2, branch=True,
+                                                                        branch_lr=1e-4))
     assert res.notes["branches"] > 0 and res.mse_after < res.mse_before
     assert torch.allclose(seen["teacher"], run_fp, rtol=1e-4, atol=1e-5)  # the float model, branch untouched
     assert torch.equal(run(), seen["trained"])
@@ -188,29 +195,14 @@ def test_learned_smoothing_is_an_equivalence_folded_into_weight_branch_and_trans
     alike; a LoRA or a trained branch changes the float weights by design), the
     quantized model computes what was trained (up to the rounding of x / (s e^v) against (x / s) / e^v),
     and it saves and loads bit for bit with its new smoothing vectors."""
-    from dmquant.nn.switch import quantization_disabled
-
     run_fp = probe(pipeline())()
     pipe = pipeline()
     run = probe(pipe)
-    seen = {}
-    merge = distill_module.merge_adapters
-
-    def checked_merge(adapters):
-        seen["smoothed"] = {a.layer: a.smoothing.log_scale.detach().clone() for a in adapters.values()
-                            if a.smoothing is not None}
-        with quantization_disabled(pipe.transformer):
-            seen["teacher"] = run()
-        with distill_module.serving_adapters(adapters):
-            seen["trained"] = run()
-        merge(adapters)
-    monkeypatch.setattr(distill_module, "merge_adapters", checked_merge)
-    results = []
-    original = STEPS["efficientdm"]
-    monkeypatch.setitem(STEPS, "efficientdm", lambda *a, **k: results.append(original(*a, **k)) or results[-1])
-    dmquant.quantize(pipe, composed(name, iters=12, batch_size=2, smooth=True, **{"smooth_lr": 1e-2, **args}),
-                     calibration=CALIB, pack=False)  # float masters kept for the float check after the merge
-    (res,) = results
+    res, seen = quantize_watching_the_merge(
+        monkeypatch, pipe, composed(name, iters=12, batch_size=2, smooth=True, **{"smooth_lr": 1e-2, **args}),
+        pack=False)  # float masters kept for the float check after the merge
+    seen["smoothed"] = {a.layer: a.smoothing.log_scale.detach() for a in seen["adapters"].values()
+                        if a.smoothing is not None}
     assert res.notes["smoothed"] == len(seen["smoothed"]) > 0 and res.mse_after < res.mse_before
     assert all(v.abs().max() > 0 for v in seen["smoothed"].values())  # every scale moved
     assert torch.allclose(seen["teacher"], run_fp, rtol=1e-4, atol=1e-5)
