@@ -2,6 +2,7 @@
 import json
 
 from dmquant.cli import main
+from dmquant.kernels.cpu import onednn_available
 
 
 def test_quantize_info_recipes(tmp_path, capsys):
@@ -11,8 +12,9 @@ def test_quantize_info_recipes(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "recipe=w4a8" in text and "W int4 / A int8" in text and "MB on disk" in text
-    assert main(["info", str(out), "--kernels"]) == 0  # group-wise int4 has no int8 GEMM: simulated, says why
-    assert "x simulated (weights must be quantized per channel" in capsys.readouterr().out
+    assert main(["info", str(out), "--kernels"]) == 0  # group-wise int4: one int8 GEMM per group (oneDNN)
+    expected = "x W4A8 int8 GEMM (oneDNN) one GEMM per 64 inputs" if onednn_available() else "x simulated (group-wise"
+    assert expected in capsys.readouterr().out
     assert main(["recipes"]) == 0 and "nvfp4" in capsys.readouterr().out
 
 

@@ -34,8 +34,8 @@ class Net(nn.Module):
         return self.out(torch.relu(self.lin(h)))
 
 
-def _recipe(wbits: int, gran: str = "tensor") -> Recipe:
-    return Recipe(name=f"w{wbits}a8", weight=QuantSpec(f"int{wbits}", "channel"),
+def _recipe(wbits: int, gran: str = "tensor", wgran: str = "channel") -> Recipe:
+    return Recipe(name=f"w{wbits}a8", weight=QuantSpec(f"int{wbits}", wgran),
                   input=QuantSpec("int8", gran, dynamic=True))
 
 
@@ -43,9 +43,12 @@ def _held(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: layer._buffers["weight_packed"].clone() for n, layer in quant_layers(model).items()}
 
 
-@pytest.fixture(params=[(8, "tensor"), (4, "tensor"), (8, "token")], ids=["w8-tensor", "w4-tensor", "w8-token"])
+@pytest.fixture(params=[(8, "tensor"), (4, "tensor"), (8, "token"), (4, "token", "group:16")],
+                ids=["w8-tensor", "w4-tensor", "w8-token", "w4-group"])
 def served(request):
-    """Per-token activations put the 2-D conv on the per-tap layout (and leave the grouped conv1d simulated)."""
+    """Per-token activations put the 2-D conv on the per-tap layout (and leave the grouped conv1d simulated);
+    group-wise weights put the linears on one GEMM per group (48 inputs: 3 groups; 8 inputs: one short
+    group) and leave both convolutions simulated."""
     torch.manual_seed(0)
     model = dmquant.quantize(Net().eval(), _recipe(*request.param), backend="cpu")
     before = _held(model)
@@ -62,6 +65,8 @@ def test_first_call_leaves_the_kernel_as_the_only_copy(served):
         assert torch.equal(y, kept(x)) and torch.equal(model(x), y)
     on_kernel = {n: layer._kcache[1] is not None for n, layer in quant_layers(model).items()}
     simulated = {"conv1"} if spec[1] == "token" else set()  # a grouped conv has no per-tap layout
+    if spec[2:] == ("group:16",):
+        simulated = {"conv", "conv1"}  # group-wise convolutions have no integer kernel
     assert {n for n, on in on_kernel.items() if not on} == simulated
     for name, layer in quant_layers(model).items():
         if not on_kernel[name]:

@@ -128,6 +128,56 @@ def test_fbgemm_own_dynamic_path_is_close_to_fp32():
         cpu.int8_linear_fbgemm_dynamic(x, cpu.prepack_linear(codes, scale, impl="onednn"))
 
 
+def group_weight(out_f: int, in_f: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int4 codes (out, in), scales (out, groups) of a random weight, and the float64 weight
+    they stand for (the last group may be shorter)."""
+    n = -(-in_f // group)
+    codes = torch.randint(-8, 8, (out_f, in_f), dtype=torch.int8)
+    scale = torch.rand(out_f, n) + 0.05
+    per_input = scale.double().repeat_interleave(group, dim=1)[:, :in_f]
+    return codes, scale, codes.double() * per_input
+
+
+def act_q64_bits(x: torch.Tensor, gran: str, bits: int, scale: float | None = None) -> torch.Tensor:
+    """float64 symmetric `bits`-wide fake-quantized activations (dynamic amax / qmax, or a static scale)."""
+    qmax = 2 ** (bits - 1) - 1
+    if scale is None:
+        amax = x.abs().amax(-1, keepdim=True) if gran == "token" else x.abs().max()
+        s = torch.where(amax == 0, torch.ones_like(amax), amax.float() / qmax)
+    else:
+        s = torch.tensor(scale)
+    return torch.clamp(torch.round(x.float() / s), -qmax - 1, qmax).double() * s.double()
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("in_f,group", [(128, 64), (96, 32), (40, 24), (64, 64)])
+@pytest.mark.parametrize("mode", ["token", "tensor", "static"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_group_wise_linear_equals_float64_reference(in_f, group, mode, bits):
+    """One GEMM per group of inputs, summed by oneDNN: every group's own scales, ragged last group."""
+    torch.manual_seed(3)
+    codes, scale, w64 = group_weight(40, in_f, group)
+    b = torch.randn(40)
+    packed = cpu.prepack_linear(codes, scale, b, group=group)
+    x = torch.randn(3, 5, in_f) * 2
+    s = 0.7 * x.abs().max().item() / (2 ** (bits - 1) - 1) if mode == "static" else None
+    step = GRID_STEP if bits == 8 else 1  # 4-bit weights never saturate int16 pair sums
+    y = cpu.int8_linear(x, packed, s, "tensor" if mode != "token" else "token", act_bits=bits,
+                        reduce_range=step == 2)
+    ref = (act_q64_bits(x, mode, bits, s) if step == 1 else act_q64(x, mode, s, step=2)) @ w64.T + b.double()
+    assert close(y, ref)
+    assert torch.equal(cpu.unpack_linear(packed), codes)  # the layer may drop its own copy
+
+
+@needs_cpu_kernels
+def test_cpu_group_wise_refusals():
+    codes, scale, _ = group_weight(8, 64, 32)
+    with pytest.raises(ValueError, match="2 groups of 32"):
+        cpu.prepack_linear(codes, scale[:, :1], group=32)
+    with pytest.raises(ValueError, match="finite and positive"):
+        cpu.prepack_linear(codes, -scale, group=32)
+
+
 def test_cpu_bad_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="torch.int8"):
         cpu.prepack_linear(torch.zeros(4, 4), torch.ones(4))
@@ -250,12 +300,31 @@ def test_modules_on_fbgemm_equal_fake_quant(kind, spec, full_grid_kernels):
 
 
 @needs_cpu_kernels
-def test_unsupported_layers_and_training_stay_on_fake():
-    q4 = QuantLinear.from_float(nn.Linear(16, 16), QuantSpec("int4", "group:8"), DYN_TOKEN, backend="fbgemm")
-    x = torch.randn(2, 16)
+@pytest.mark.parametrize("act", [QuantSpec("int4", "token", dynamic=True), STATIC], ids=["int4-token", "static"])
+def test_group_wise_linear_module_on_the_kernel_equals_fake_quant(act):
+    """SVDQuant's layout (int4 weights in groups of 64, int4 per-token activations) on the int8 GEMM."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 7, 192)
+    q = QuantLinear.from_float(nn.Linear(192, 48), QuantSpec("int4", "group:64"), act, backend="fbgemm", name="l")
+    if not act.dynamic:
+        q.input_quantizer.set_qparams(QParams(x.abs().max().reshape(1, 1) * 0.6 / 127))
+    ref = _fake(q, x)
     with torch.no_grad():
-        assert torch.equal(q4(x), _fake(q4, x))
-    assert q4._kcache[1] is None and "per channel" in get_kernel("fbgemm").unsupported_reason(q4)
+        y = q(x)
+    assert q._kcache[1] is not None, "the kernel was not used"
+    assert close(y, ref)
+    assert "one GEMM per 64 inputs" in get_kernel("fbgemm").describe(q)
+
+
+@needs_cpu_kernels
+def test_unsupported_layers_and_training_stay_on_fake():
+    conv = QuantConv2d.from_float(nn.Conv2d(16, 8, 1), QuantSpec("int4", "group:8"), DYN_TOKEN, backend="fbgemm")
+    x = torch.randn(1, 16, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(conv(x), _fake(conv, x))
+    assert conv._kcache[1] is None and "for linears" in get_kernel("fbgemm").unsupported_reason(conv)
+    q8 = QuantLinear.from_float(nn.Linear(16, 16), QuantSpec("int8", "group:8"), DYN_TOKEN, backend="cuda")
+    assert "group-wise weights run on the cuda kernels for no layer" in get_kernel("cuda").unsupported_reason(q8)
     q = QuantLinear.from_float(nn.Linear(16, 8), W8, DYN_TOKEN, backend="fbgemm")
     assert q(torch.randn(2, 16)).requires_grad and q._kcache is None  # gradients: fake path
 

@@ -28,6 +28,16 @@ class IntFormat(Format):
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
+    # Plain arithmetic, not the base class's cached grid scan: `unsigned()` builds a new format per call,
+    # and a first cached_property access inside torch.compile takes a lock dynamo cannot trace.
+    @property
+    def min_value(self) -> float:
+        return float(self.qmin)
+
+    @property
+    def max_value(self) -> float:
+        return float(self.qmax)
+
     def decode_table(self) -> torch.Tensor:
         p = torch.arange(2**self.bits, dtype=torch.float64)
         if self.signed:  # two's complement

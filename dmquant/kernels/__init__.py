@@ -8,7 +8,8 @@ it. Layers no kernel accepts run simulated (fake quantization of packed codes de
 | backend  | kernels, best first                                                                         |
 |----------|---------------------------------------------------------------------------------------------|
 | fake     | none: the simulated reference                                                               |
-| fbgemm   | cpu-int: int2-8 weights x int2-8 activations on the CPU int8 GEMM (oneDNN, else fbgemm)      |
+| fbgemm   | cpu-int: int2-8 weights x int2-8 activations on the CPU int8 GEMM (oneDNN, else fbgemm);     |
+|          | group-wise weights as one GEMM per group (oneDNN)                                           |
 | cpu      | cpu-int, then cpu-weight-only: int4 / int8 weights with bf16/fp16 activations (+ conv)   |
 | cuda     | cuda-int8 (`torch._int_mm`), cuda-fp8 (`torch._scaled_mm`)                                   |
 | auto     | the kernels of the device the weights are on                                                |
@@ -27,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..granularity import PerChannel, PerTensor, PerToken
+from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from . import cpu, cuda, weight_only
 
 
@@ -52,6 +53,7 @@ class Kernel:
     label: str = ""
     unpack_linear: Callable[[Any], torch.Tensor] | None = None  # packed -> int8 codes, exactly
     unpack_conv: Callable[[Any], torch.Tensor] | None = None
+    group_wise: bool = False  # linears with weight scales per group of inputs (`supports_linear(..., group=)`)
 
     def unsupported_reason(self, layer: Any, dtype: torch.dtype | None = None) -> str | None:
         """Why `layer` cannot run on this kernel (None when it can)."""
@@ -62,8 +64,12 @@ class Kernel:
         same_family = w.format == a.format or (w.format.startswith("int") and a.format.startswith("int"))
         if not (w.symmetric and a.symmetric and same_family and w.format in self.formats and a.format in self.formats):
             return f"needs symmetric {'/'.join(self.formats)} weights and activations"
-        if not isinstance(w.gran, (PerChannel, PerTensor)):
-            return f"weights must be quantized per channel or per tensor, not {w.granularity}"
+        group = w.gran.size if isinstance(w.gran, PerGroup) else None
+        if group is not None and not (self.group_wise and _is_linear(layer)):
+            what = "linears" if self.group_wise else "no layer"
+            return f"group-wise weights run on the {self.name} kernels for {what}, not {type(layer).__name__}"
+        if group is None and not isinstance(w.gran, (PerChannel, PerTensor)):
+            return f"weights must be quantized per channel, per tensor or per group, not {w.granularity}"
         if not isinstance(a.gran, (PerToken, PerTensor)):
             return f"activations must be quantized per token or per tensor, not {a.granularity}"
         if iq.split_at is not None:
@@ -72,6 +78,8 @@ class Kernel:
             return f"the {self.name} kernels are not available here"
         if layer.weight_device.type != self.device:
             return f"the layer's weights are on {layer.weight_device.type}, the kernel runs on {self.device}"
+        if group is not None:
+            return self.supports_linear(layer.in_features, layer.out_features, w.format, group)
         if _is_linear(layer):
             return self.supports_linear(layer.in_features, layer.out_features, w.format)
         if self.supports_conv is None:
@@ -87,6 +95,8 @@ class Kernel:
         else:
             codes = layer.weight_codes().reshape(layer.weight_shape)
         scale = wq.scale.detach().float().reshape(-1)
+        if isinstance(wq.spec.gran, PerGroup):
+            return self.prepack_linear(codes, scale, layer.bias, group=wq.spec.gran.size)
         if _is_linear(layer):
             return self.prepack_linear(codes, scale, layer.bias)
         assert self.prepack_conv is not None
@@ -125,6 +135,8 @@ class Kernel:
     def describe(self, layer: Any, packed: Any = None) -> str:
         w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
         text = f"W{w.bits}A{a.bits} {self.label}"
+        if isinstance(w.gran, PerGroup):
+            text += f" one GEMM per {w.gran.size} inputs (group-wise scales)"
         if not _is_linear(layer) and isinstance(a.gran, PerToken):
             text += " per kernel tap (per-pixel scales)"
         if self.device == "cpu" and cpu.needs_reduce_range(w.bits, a.bits):
@@ -180,7 +192,7 @@ KERNELS: dict[str, Any] = {
     "fbgemm": Kernel("fbgemm", "cpu", cpu.INT_FORMATS, lambda: cpu.onednn_available() or cpu.fbgemm_available(),
                      cpu.supports_linear, cpu.prepack_linear, cpu.int8_linear,
                      cpu.supports_conv, cpu.prepack_conv, cpu.int8_conv, label=_CPU_LABEL,
-                     unpack_linear=cpu.unpack_linear, unpack_conv=cpu.unpack_conv),
+                     unpack_linear=cpu.unpack_linear, unpack_conv=cpu.unpack_conv, group_wise=True),
     "cpu-weight-only": WeightOnlyKernel(),
     cuda.NAME: Kernel(cuda.NAME, "cuda", ("int8", "fp8_e4m3"), cuda.cuda_available,
                       cuda.supports_linear, cuda.prepack_linear, cuda.linear, label="GPU int8/fp8 GEMM"),
