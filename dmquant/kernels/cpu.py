@@ -246,7 +246,8 @@ def _prepack_groups(codes: torch.Tensor, scale: torch.Tensor | float, bias: torc
     if not (torch.isfinite(s).all() and (s > 0).all()):
         raise ValueError("weight scales must be finite and positive")
     w = codes.detach().cpu()
-    weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None) for i in range(0, in_f, group))
+    weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None)
+                   for i in range(0, in_f, group))
     return PackedLinear(weight, s.reshape(out_f, n).t().contiguous(), _check_bias(bias, out_f), in_f, out_f,
                         "onednn", group)
 
