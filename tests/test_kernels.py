@@ -317,14 +317,36 @@ def test_group_wise_linear_module_on_the_kernel_equals_fake_quant(act):
 
 
 @needs_cpu_kernels
-def test_unsupported_layers_and_training_stay_on_fake():
-    conv = QuantConv2d.from_float(nn.Conv2d(16, 8, 1), QuantSpec("int4", "group:8"), DYN_TOKEN, backend="fbgemm")
-    x = torch.randn(1, 16, 3, 3)
+@pytest.mark.parametrize("act", [QuantSpec("int4", "token", dynamic=True), STATIC], ids=["int4-token", "static"])
+def test_group_wise_convolution_runs_its_weight_requantized_to_int8(act):
+    """Group-wise scales do not factor out of a window: the kernel multiplies the weight re-quantized
+    per output channel. Exact against float64 with that weight; against the recipe's own (fake) output
+    within the bound half an int8 step per weight gives: sum |x_q| * amax_row / 254."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 16, 6, 6)
+    q = QuantConv2d.from_float(nn.Conv2d(16, 8, 3, padding=1), QuantSpec("int4", "group:16"), act,
+                               backend="fbgemm", name="c")
+    if not act.dynamic:
+        q.input_quantizer.set_qparams(QParams(x.abs().max().reshape(1, 1) * 0.6 / 127))
+    ref = _fake(q, x)
     with torch.no_grad():
-        assert torch.equal(conv(x), _fake(conv, x))
-    assert conv._kcache[1] is None and "for linears" in get_kernel("fbgemm").unsupported_reason(conv)
+        y = q(x)
+        xq = q.input_quantizer(x).double()
+    assert q._kcache[1] is not None and not get_kernel("fbgemm").gives_codes(q, q._kcache[1])  # keeps its codes
+    w = q.decoded_weight(torch.float64)
+    codes, scale = common.requantize_int8(w)
+    assert (codes.double() * scale.double().view(-1, 1, 1, 1) - w).abs().max() <= scale.max() / 2 + 1e-12
+    exact = F.conv2d(xq, codes.double() * scale.double().view(-1, 1, 1, 1), q.bias.double(), padding=1)
+    assert close(y, exact)
+    bound = F.conv2d(xq.abs(), torch.ones_like(w), padding=1) * (scale.double().view(1, -1, 1, 1) / 2)
+    assert ((y.double() - ref.double()).abs() <= bound + 1e-5 * ref.abs().max()).all()
+    assert "re-quantized to int8 per channel" in get_kernel("fbgemm").describe(q)
+
+
+@needs_cpu_kernels
+def test_unsupported_layers_and_training_stay_on_fake():
     q8 = QuantLinear.from_float(nn.Linear(16, 16), QuantSpec("int8", "group:8"), DYN_TOKEN, backend="cuda")
-    assert "group-wise weights run on the cuda kernels for no layer" in get_kernel("cuda").unsupported_reason(q8)
+    assert "the cuda kernels take no group-wise weights" in get_kernel("cuda").unsupported_reason(q8)
     q = QuantLinear.from_float(nn.Linear(16, 8), W8, DYN_TOKEN, backend="fbgemm")
     assert q(torch.randn(2, 16)).requires_grad and q._kcache is None  # gradients: fake path
 

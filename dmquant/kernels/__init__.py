@@ -9,7 +9,7 @@ it. Layers no kernel accepts run simulated (fake quantization of packed codes de
 |----------|---------------------------------------------------------------------------------------------|
 | fake     | none: the simulated reference                                                               |
 | fbgemm   | cpu-int: int2-8 weights x int2-8 activations on the CPU int8 GEMM (oneDNN, else fbgemm);     |
-|          | group-wise weights as one GEMM per group (oneDNN)                                           |
+|          | group-wise weights: linears one GEMM per group (oneDNN), convolutions re-quantized to int8   |
 | cpu      | cpu-int, then cpu-weight-only: int4 / int8 weights with bf16/fp16 activations (+ conv)   |
 | cuda     | cuda-int8 (`torch._int_mm`), cuda-fp8 (`torch._scaled_mm`)                                   |
 | auto     | the kernels of the device the weights are on                                                |
@@ -30,10 +30,22 @@ import torch
 
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 from . import cpu, cuda, weight_only
+from .common import requantize_int8
 
 
 def _is_linear(layer: Any) -> bool:
     return hasattr(layer, "in_features")
+
+
+def _requantized(layer: Any) -> bool:
+    """A group-wise convolution: its kernel multiplies the weight re-quantized per output channel
+    (`common.requantize_int8`), which is within half an int8 step of the recipe's, not bit-exact."""
+    return not _is_linear(layer) and isinstance(layer.weight_quantizer.spec.gran, PerGroup)
+
+
+def _kernel_bits(layer: Any) -> int:
+    """Width of the weight codes the kernel multiplies."""
+    return 8 if _requantized(layer) else layer.weight_quantizer.spec.bits
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class Kernel:
     label: str = ""
     unpack_linear: Callable[[Any], torch.Tensor] | None = None  # packed -> int8 codes, exactly
     unpack_conv: Callable[[Any], torch.Tensor] | None = None
-    group_wise: bool = False  # linears with weight scales per group of inputs (`supports_linear(..., group=)`)
+    group_wise: bool = False  # weight scales per group of inputs: linears exactly, convolutions re-quantized
 
     def unsupported_reason(self, layer: Any, dtype: torch.dtype | None = None) -> str | None:
         """Why `layer` cannot run on this kernel (None when it can)."""
@@ -65,9 +77,8 @@ class Kernel:
         if not (w.symmetric and a.symmetric and same_family and w.format in self.formats and a.format in self.formats):
             return f"needs symmetric {'/'.join(self.formats)} weights and activations"
         group = w.gran.size if isinstance(w.gran, PerGroup) else None
-        if group is not None and not (self.group_wise and _is_linear(layer)):
-            what = "linears" if self.group_wise else "no layer"
-            return f"group-wise weights run on the {self.name} kernels for {what}, not {type(layer).__name__}"
+        if group is not None and not self.group_wise:
+            return f"the {self.name} kernels take no group-wise weights"
         if group is None and not isinstance(w.gran, (PerChannel, PerTensor)):
             return f"weights must be quantized per channel, per tensor or per group, not {w.granularity}"
         if not isinstance(a.gran, (PerToken, PerTensor)):
@@ -78,7 +89,7 @@ class Kernel:
             return f"the {self.name} kernels are not available here"
         if layer.weight_device.type != self.device:
             return f"the layer's weights are on {layer.weight_device.type}, the kernel runs on {self.device}"
-        if group is not None:
+        if group is not None and _is_linear(layer):
             return self.supports_linear(layer.in_features, layer.out_features, w.format, group)
         if _is_linear(layer):
             return self.supports_linear(layer.in_features, layer.out_features, w.format)
@@ -96,7 +107,9 @@ class Kernel:
             codes = layer.weight_codes().reshape(layer.weight_shape)
         scale = wq.scale.detach().float().reshape(-1)
         if isinstance(wq.spec.gran, PerGroup):
-            return self.prepack_linear(codes, scale, layer.bias, group=wq.spec.gran.size)
+            if _is_linear(layer):
+                return self.prepack_linear(codes, scale, layer.bias, group=wq.spec.gran.size)
+            codes, scale = requantize_int8(layer.decoded_weight(torch.float64))
         if _is_linear(layer):
             return self.prepack_linear(codes, scale, layer.bias)
         assert self.prepack_conv is not None
@@ -108,8 +121,10 @@ class Kernel:
         return self.unpack_linear if _is_linear(layer) else self.unpack_conv
 
     def gives_codes(self, layer: Any, packed: Any) -> bool:
-        """Whether `codes` can read the layer's integer codes back from `packed`, bit for bit."""
-        return self._unpack(layer) is not None and layer.weight_quantizer.spec.format.startswith("int")
+        """Whether `codes` can read the layer's integer codes back from `packed`, bit for bit (not
+        where the kernel holds a re-quantized weight)."""
+        spec = layer.weight_quantizer.spec
+        return self._unpack(layer) is not None and spec.format.startswith("int") and not _requantized(layer)
 
     def codes(self, layer: Any, packed: Any) -> torch.Tensor:
         """The layer's integer weight codes (out, in * kernel) as int8, read back from `packed`."""
@@ -121,7 +136,7 @@ class Kernel:
         w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
         if self.device != "cpu":
             return {}
-        return {"act_bits": a.bits, "reduce_range": cpu.needs_reduce_range(w.bits, a.bits)}
+        return {"act_bits": a.bits, "reduce_range": cpu.needs_reduce_range(_kernel_bits(layer), a.bits)}
 
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
         iq = layer.input_quantizer
@@ -135,11 +150,13 @@ class Kernel:
     def describe(self, layer: Any, packed: Any = None) -> str:
         w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
         text = f"W{w.bits}A{a.bits} {self.label}"
-        if isinstance(w.gran, PerGroup):
+        if _requantized(layer):
+            text += " on its weight re-quantized to int8 per channel (group-wise scales do not factor out of a window)"
+        elif isinstance(w.gran, PerGroup):
             text += f" one GEMM per {w.gran.size} inputs (group-wise scales)"
         if not _is_linear(layer) and isinstance(a.gran, PerToken):
             text += " per kernel tap (per-pixel scales)"
-        if self.device == "cpu" and cpu.needs_reduce_range(w.bits, a.bits):
+        if self.device == "cpu" and cpu.needs_reduce_range(_kernel_bits(layer), a.bits):
             text += " (7-bit activations: no VNNI)"
         return text
 

@@ -46,6 +46,19 @@ def int_codes(x: torch.Tensor, scale: torch.Tensor | float, qmin: int, qmax: int
     return torch.div(x.float(), scale).round_().clamp_(qmin, qmax)
 
 
+def requantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes (out, ...) and per-output-channel scales of an already-quantized weight.
+
+    For group-wise weights of convolutions, whose per-group scales do not factor out of a window: each
+    weight moves by at most half an int8 step of its row (amax / 254), against the group's own
+    quantization step (amax_group / 7 for int4)."""
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    amax = w.abs().amax(1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    codes = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(weight.shape), scale.reshape(-1).float()
+
+
 def fp8_codes(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """x / scale saturated to e4m3's range and rounded to float8_e4m3fn (nearest, ties to even)."""
     return torch.div(x.float(), scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
