@@ -133,7 +133,7 @@ class Kernel:
         return self._unpack(layer)(packed).reshape(layer.weight_shape[0], -1)
 
     def _int_options(self, layer: Any) -> dict[str, Any]:
-        w, a = layer.weight_quantizer.spec, layer.input_quantizer.spec
+        a = layer.input_quantizer.spec
         if self.device != "cpu":
             return {}
         return {"act_bits": a.bits, "reduce_range": cpu.needs_reduce_range(_kernel_bits(layer), a.bits)}
