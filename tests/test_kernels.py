@@ -19,7 +19,7 @@ from torch import nn
 
 from dmquant.config import QuantSpec
 from dmquant.granularity import PerTensor, PerToken
-from dmquant.kernels import available_backends, common, cpu, cuda, get_kernel
+from dmquant.kernels import available_backends, common, cpu, cuda, get_kernel, group_gemm
 from dmquant.nn import QuantConv2d, QuantLinear
 from dmquant.primitives import QParams, choose_qparams
 
@@ -149,16 +149,22 @@ def act_q64_bits(x: torch.Tensor, gran: str, bits: int, scale: float | None = No
     return torch.clamp(torch.round(x.float() / s), -qmax - 1, qmax).double() * s.double()
 
 
-@needs_cpu_kernels
+GROUP_IMPLS = [i for i, ok in (("onednn", cpu.onednn_available()), ("vnni", group_gemm.unsupported_reason(4) is None))
+               if ok]
+
+
+@pytest.mark.parametrize("impl", GROUP_IMPLS)
 @pytest.mark.parametrize("in_f,group", [(128, 64), (96, 32), (40, 24), (64, 64)])
 @pytest.mark.parametrize("mode", ["token", "tensor", "static"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_cpu_group_wise_linear_equals_float64_reference(in_f, group, mode, bits):
-    """One GEMM per group of inputs, summed by oneDNN: every group's own scales, ragged last group."""
+def test_cpu_group_wise_linear_equals_float64_reference(impl, in_f, group, mode, bits):
+    """dmquant's VNNI kernel and one oneDNN GEMM per group: every group's own scales, a ragged last group,
+    40 outputs (the VNNI layout pads to 32-column panels)."""
     torch.manual_seed(3)
     codes, scale, w64 = group_weight(40, in_f, group)
     b = torch.randn(40)
-    packed = cpu.prepack_linear(codes, scale, b, group=group)
+    packed = cpu.prepack_linear(codes, scale, b, group=group, impl=impl)
+    assert packed.impl == impl
     x = torch.randn(3, 5, in_f) * 2
     s = 0.7 * x.abs().max().item() / (2 ** (bits - 1) - 1) if mode == "static" else None
     step = GRID_STEP if bits == 8 else 1  # 4-bit weights never saturate int16 pair sums
@@ -169,13 +175,20 @@ def test_cpu_group_wise_linear_equals_float64_reference(in_f, group, mode, bits)
     assert torch.equal(cpu.unpack_linear(packed), codes)  # the layer may drop its own copy
 
 
-@needs_cpu_kernels
-def test_cpu_group_wise_refusals():
+@pytest.mark.skipif(not GROUP_IMPLS, reason="no group-wise CPU kernel here")
+def test_cpu_group_wise_refusals(monkeypatch):
     codes, scale, _ = group_weight(8, 64, 32)
     with pytest.raises(ValueError, match="2 groups of 32"):
         cpu.prepack_linear(codes, scale[:, :1], group=32)
     with pytest.raises(ValueError, match="finite and positive"):
         cpu.prepack_linear(codes, -scale, group=32)
+    with pytest.raises(ValueError, match="unknown group-wise implementation"):
+        cpu.prepack_linear(codes, scale, group=32, impl="fbgemm")
+    assert "not a multiple of 4" in group_gemm.unsupported_reason(6)
+    with pytest.raises(ValueError, match="cannot run here: group size 6"):
+        cpu.prepack_linear(torch.zeros(8, 12, dtype=torch.int8), torch.ones(8, 2), group=6, impl="vnni")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # a reviewer's AVX2-only run: the kernel stands down
+    assert group_gemm.cpu_reason() is not None and cpu.group_impl(64) == "onednn"
 
 
 def test_cpu_bad_inputs_are_refused_clearly():
@@ -313,7 +326,8 @@ def test_group_wise_linear_module_on_the_kernel_equals_fake_quant(act):
         y = q(x)
     assert q._kcache[1] is not None, "the kernel was not used"
     assert close(y, ref)
-    assert "one GEMM per 64 inputs" in get_kernel("fbgemm").describe(q)
+    expected = "AVX512-VNNI kernel, groups of 64" if cpu.group_impl(64) == "vnni" else "one GEMM per 64 inputs"
+    assert expected in get_kernel("fbgemm").describe(q, q._kcache[1][1])
 
 
 @needs_cpu_kernels
@@ -336,10 +350,12 @@ def test_group_wise_convolution_runs_its_weight_requantized_to_int8(act):
     w = q.decoded_weight(torch.float64)
     codes, scale = common.requantize_int8(w)
     assert (codes.double() * scale.double().view(-1, 1, 1, 1) - w).abs().max() <= scale.max() / 2 + 1e-12
-    exact = F.conv2d(xq, codes.double() * scale.double().view(-1, 1, 1, 1), q.bias.double(), padding=1)
+    reduced = cpu.needs_reduce_range(8, act.bits)  # int8 x int8 without VNNI: the kernel's 7-bit grid
+    xk = act_q64(x, "tensor", q.input_quantizer.qparams.scale.item(), step=2) if reduced else xq
+    exact = F.conv2d(xk, codes.double() * scale.double().view(-1, 1, 1, 1), q.bias.double(), padding=1)
     assert close(y, exact)
     bound = F.conv2d(xq.abs(), torch.ones_like(w), padding=1) * (scale.double().view(1, -1, 1, 1) / 2)
-    assert ((y.double() - ref.double()).abs() <= bound + 1e-5 * ref.abs().max()).all()
+    assert reduced or ((y.double() - ref.double()).abs() <= bound + 1e-5 * ref.abs().max()).all()
     assert "re-quantized to int8 per channel" in get_kernel("fbgemm").describe(q)
 
 

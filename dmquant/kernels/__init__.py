@@ -9,7 +9,8 @@ it. Layers no kernel accepts run simulated (fake quantization of packed codes de
 |----------|---------------------------------------------------------------------------------------------|
 | fake     | none: the simulated reference                                                               |
 | fbgemm   | cpu-int: int2-8 weights x int2-8 activations on the CPU int8 GEMM (oneDNN, else fbgemm);     |
-|          | group-wise weights: linears one GEMM per group (oneDNN), convolutions re-quantized to int8   |
+|          | group-wise weights: linears on dmquant's VNNI kernel (else one oneDNN GEMM per group),      |
+|          | convolutions re-quantized to int8 per channel                                               |
 | cpu      | cpu-int, then cpu-weight-only: int4 / int8 weights with bf16/fp16 activations (+ conv)   |
 | cuda     | cuda-int8 (`torch._int_mm`), cuda-fp8 (`torch._scaled_mm`)                                   |
 | auto     | the kernels of the device the weights are on                                                |
@@ -153,7 +154,9 @@ class Kernel:
         if _requantized(layer):
             text += " on its weight re-quantized to int8 per channel (group-wise scales do not factor out of a window)"
         elif isinstance(w.gran, PerGroup):
-            text += f" one GEMM per {w.gran.size} inputs (group-wise scales)"
+            impl = packed.impl if packed is not None else cpu.group_impl(w.gran.size)
+            text = (f"W{w.bits}A{a.bits} group-wise int8 GEMM (dmquant's AVX512-VNNI kernel, groups of {w.gran.size})"
+                    if impl == "vnni" else f"{text} one GEMM per {w.gran.size} inputs (group-wise scales)")
         if not _is_linear(layer) and isinstance(a.gran, PerToken):
             text += " per kernel tap (per-pixel scales)"
         if self.device == "cpu" and cpu.needs_reduce_range(_kernel_bits(layer), a.bits):

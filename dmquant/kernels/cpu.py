@@ -26,10 +26,11 @@ Numerics, compared with dmquant's fake quantization (the reference):
   codes only by fp32 rounding of the rescaling (relative ~1e-7).
 - Narrower integers (W4A8, W4A4, any int2-int8 weights and activations) run on the same GEMM: their
   codes are int8 values, and activations use the zero point 2**(bits-1) so uint8 codes stay small.
-- Group-wise weights (SVDQuant's int4 in groups of 64) on oneDNN: one int8 GEMM per group of inputs
-  with that group's per-channel scales, each added into the fp32 output by the sum post-op. Exact
-  like the rest (int32 inside a group); measured 1.9-2.0x fp32 at PixArt's 512 x 1152 x 1152/4608
-  (one thread, against 4.2-4.5x for one per-channel GEMM: 18 short-K GEMMs cost twice one long one).
+- Group-wise weights (SVDQuant's int4 in groups of 64): on AVX512-VNNI CPUs dmquant's own kernel
+  (`group_gemm`: each group's exact int32 sum scaled into a register-held fp32 accumulator; measured
+  2.0-3.5x fp32 at PixArt / SD shapes, one thread), elsewhere one oneDNN int8 GEMM per group with that
+  group's per-channel scales, each added into the fp32 output by the sum post-op (1.1-2x fp32: every
+  group re-reads and re-writes the output). Both exact like the rest (int32 inside a group).
 - reduce_range: without VNNI, AVX2 int8 kernels sum pairs of u8*s8 products in int16 (vpmaddubsw),
   which saturates for large uint8 values (255*127*2 > 32767). There activations use a 7-bit grid
   (step 2s, zero point 64, uint8 codes <= 128, so pair sums fit int16 for any int8 weight), as
@@ -57,6 +58,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import group_gemm
 from .common import ActGranularity, channel_scale, dynamic_scale
 
 NAME = "fbgemm"
@@ -95,8 +97,9 @@ def supports_linear(in_features: int, out_features: int, fmt: str = "int8", grou
         return f"the CPU kernels multiply int2-int8 codes, not {fmt}"
     if not (onednn_available() or fbgemm_available()):
         return "this torch build has neither oneDNN nor fbgemm int8 kernels"
-    if group is not None and not onednn_available():
-        return "group-wise weights need oneDNN's accumulating int8 GEMM, which this torch build lacks"
+    if group is not None and not onednn_available() and group_gemm.unsupported_reason(group):
+        return (f"group-wise weights need oneDNN's accumulating int8 GEMM, which this torch build lacks, or "
+                f"dmquant's AVX512-VNNI kernel ({group_gemm.unsupported_reason(group)})")
     if in_features < 1 or out_features < 1:
         return f"empty linear ({in_features} -> {out_features})"
     if in_features > MAX_IN_FEATURES:
@@ -173,7 +176,8 @@ class PackedLinear:
     each with its own per-channel scales: a group's scale is constant inside its GEMM, so it factors
     out of that group's exact int32 sum, and oneDNN's sum post-op adds the groups up in fp32."""
 
-    weight: object  # opaque oneDNN tensor, fbgemm LinearPackedParamsBase, or a tuple of oneDNN tensors per group
+    weight: object  # opaque oneDNN tensor, fbgemm LinearPackedParamsBase; group-wise: a tuple of oneDNN
+    # tensors (one per group) or dmquant's VNNI layout (`group_gemm.PackedGroupGemm`, impl "vnni")
     scale: torch.Tensor  # (out,) float32 weight scales; group-wise: (groups, out)
     bias: torch.Tensor | None
     in_features: int
@@ -215,7 +219,7 @@ def prepack_linear(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch
     if reason:
         raise ValueError(f"no CPU int8 kernel for this linear: {reason} (keep the layer on the fake backend)")
     if group is not None:
-        return _prepack_groups(codes, scale, bias, group)
+        return _prepack_groups(codes, scale, bias, group, impl or group_impl(group))
     impl = impl or ("onednn" if onednn_available() else "fbgemm")
     s, w = channel_scale(scale, out_f).cpu(), codes.detach().cpu().contiguous()
     if impl == "onednn":
@@ -234,8 +238,14 @@ def prepack_linear(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch
     return PackedLinear(weight, s, _check_bias(bias, out_f), in_f, out_f, impl)
 
 
+def group_impl(group: int) -> str:
+    """The group-wise kernel that runs here: dmquant's AVX512-VNNI one ("vnni", 2-3.5x fp32 measured at
+    PixArt / SD shapes) where it builds, else one oneDNN GEMM per group ("onednn", 1.1-2x)."""
+    return "vnni" if group_gemm.unsupported_reason(group) is None else "onednn"
+
+
 def _prepack_groups(codes: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None,
-                    group: int) -> PackedLinear:
+                    group: int, impl: str) -> PackedLinear:
     out_f, in_f = codes.shape
     if group < 1:
         raise ValueError(f"group size must be positive, got {group}")
@@ -245,15 +255,24 @@ def _prepack_groups(codes: torch.Tensor, scale: torch.Tensor | float, bias: torc
         raise ValueError(f"group-wise weight scale has {s.numel()} values, expected {out_f} x {n} groups of {group}")
     if not (torch.isfinite(s).all() and (s > 0).all()):
         raise ValueError("weight scales must be finite and positive")
-    w = codes.detach().cpu()
-    weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None)
-                   for i in range(0, in_f, group))
-    return PackedLinear(weight, s.reshape(out_f, n).t().contiguous(), _check_bias(bias, out_f), in_f, out_f,
-                        "onednn", group)
+    w, s = codes.detach().cpu(), s.reshape(out_f, n)
+    if impl == "vnni":
+        reason = group_gemm.unsupported_reason(group)
+        if reason:
+            raise ValueError(f"the AVX512-VNNI group-wise kernel cannot run here: {reason}")
+        weight: object = group_gemm.pack(w, s, group)
+    elif impl == "onednn":
+        weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None)
+                       for i in range(0, in_f, group))
+    else:
+        raise ValueError(f"unknown group-wise implementation {impl!r}; use 'vnni' or 'onednn'")
+    return PackedLinear(weight, s.t().contiguous(), _check_bias(bias, out_f), in_f, out_f, impl, group)
 
 
 def unpack_linear(packed: PackedLinear) -> torch.Tensor:
     """The int8 codes (out, in) a linear was packed from, read back from the kernel's layout."""
+    if packed.impl == "vnni":
+        return group_gemm.unpack(packed.weight)
     if packed.group:
         return torch.cat([w.to_dense().t() for w in packed.weight], dim=1).contiguous()
     if packed.impl == "onednn":
@@ -284,8 +303,12 @@ def _gemm(q: torch.Tensor, packed: PackedLinear, x_scale: float, zp: int, bias: 
 
 def _gemm_groups(q: torch.Tensor, packed: PackedLinear, x_scale: float, zp: int,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """The group-wise `_gemm`: group i's int8 GEMM scaled by its weight scales, summed into the fp32
-    output of the groups before it (oneDNN's sum post-op: no extra pass over the output)."""
+    """The group-wise `_gemm`: dmquant's VNNI kernel, or group i's oneDNN int8 GEMM scaled by its weight
+    scales and summed into the fp32 output of the groups before it (oneDNN's sum post-op)."""
+    if packed.impl == "vnni":
+        y = group_gemm.gemm(q, zp, packed.weight)
+        y = y if x_scale == 1.0 else y.mul_(x_scale)
+        return y if bias is None else y.add_(bias)
     zeros = torch.zeros(packed.out_features, dtype=torch.long)
     g = packed.group
     y = None

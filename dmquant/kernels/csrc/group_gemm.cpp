@@ -1,0 +1,104 @@
+// Group-wise int8 GEMM on AVX512-VNNI: y[m, n] = sum_g scale[g, n] * sum_{k in g} (a[m, k] - zp) * w[n, k].
+//
+// a: uint8 activation codes (M, K) with zero point zp; w: int8 weight codes packed (N / 16, K / 4, 16, 4),
+// so one 64-byte load holds 4 consecutive inputs of 16 output columns (vpdpbusd's operand layout);
+// wsum[g, n] = sum_{k in g} w[n, k] turns the unsigned product into the signed one. Each group is
+// summed exactly in int32, then converted and scaled into an fp32 accumulator that stays in registers:
+// the group scale is applied where it is constant, and the output is written once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kRowChunk = 128;  // rows whose codes stay in L2 while every column panel passes
+
+inline __m512i broadcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// MR rows x 32 columns (two 16-column blocks `b0`, `b0 + block`) over all K.
+template <int MR>
+void tile(const uint8_t* a, int64_t lda, const int8_t* b0, int64_t block, const int32_t* wsum,
+          const float* scale, int64_t ldn, int64_t K, int64_t group, int32_t zp, float* c, int64_t ldc) {
+  __m512 f[MR][2];
+  for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += group, ++g) {
+    __m512i acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k0 + group; k += 4) {
+      const __m512i w0 = _mm512_loadu_si512(b0 + k * 16);
+      const __m512i w1 = _mm512_loadu_si512(b0 + block + k * 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i x = broadcast4(a + r * lda + k);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, w0);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, w1);
+      }
+    }
+    const __m512i z0 = _mm512_mullo_epi32(_mm512_loadu_si512(wsum + g * ldn), vzp);
+    const __m512i z1 = _mm512_mullo_epi32(_mm512_loadu_si512(wsum + g * ldn + 16), vzp);
+    const __m512 s0 = _mm512_loadu_ps(scale + g * ldn);
+    const __m512 s1 = _mm512_loadu_ps(scale + g * ldn + 16);
+    for (int r = 0; r < MR; ++r) {
+      f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], z0)), s0, f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], z1)), s1, f[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(c + r * ldc, f[r][0]);
+    _mm512_storeu_ps(c + r * ldc + 16, f[r][1]);
+  }
+}
+
+template <int MR>
+void rows(const uint8_t* a, int64_t lda, int64_t m, const int8_t* b0, int64_t block, const int32_t* wsum,
+          const float* scale, int64_t ldn, int64_t K, int64_t group, int32_t zp, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR)
+    tile<MR>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc);
+  switch (m - i) {  // the last 1-3 rows
+    case 3: tile<3>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc); break;
+    case 2: tile<2>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc); break;
+    case 1: tile<1>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+torch::Tensor group_gemm(torch::Tensor a, int64_t zp, torch::Tensor w, torch::Tensor wsum, torch::Tensor scale,
+                         int64_t group) {
+  TORCH_CHECK(a.dtype() == torch::kUInt8 && a.dim() == 2 && a.is_contiguous(), "a: contiguous uint8 (M, K)");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
+              "w: contiguous int8 (N / 16, K / 4, 16, 4)");
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0) * 16;
+  TORCH_CHECK(w.size(1) * 4 == K && N % 32 == 0, "w does not match a's K, or N is not a multiple of 32");
+  TORCH_CHECK(group > 0 && group % 4 == 0 && K % group == 0, "group must be a multiple of 4 dividing K");
+  const int64_t G = K / group;
+  TORCH_CHECK(wsum.dtype() == torch::kInt32 && wsum.is_contiguous() && wsum.size(0) == G && wsum.size(1) == N,
+              "wsum: contiguous int32 (K / group, N)");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.size(0) == G && scale.size(1) == N,
+              "scale: contiguous float32 (K / group, N)");
+  auto out = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
+  const uint8_t* pa = a.data_ptr<uint8_t>();
+  const int8_t* pw = w.data_ptr<int8_t>();
+  const int32_t* ps = wsum.data_ptr<int32_t>();
+  const float* pc = scale.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t block = K * 16;  // bytes of one 16-column block
+  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
+    const int64_t m = std::min(kRowChunk, M - m0);
+    at::parallel_for(0, N / 32, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t nb = n0; nb < n1; ++nb)
+        rows<4>(pa + m0 * K, K, m, pw + nb * 2 * block, block, ps + nb * 32, pc + nb * 32, N, K, group,
+                static_cast<int32_t>(zp), po + m0 * N + nb * 32, N);
+    });
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("group_gemm", &group_gemm, "group-wise int8 GEMM (AVX512-VNNI)"); }

@@ -1,0 +1,111 @@
+"""Group-wise int8 GEMM on AVX512-VNNI (`csrc/group_gemm.cpp`), compiled on first use.
+
+oneDNN's int8 GEMM takes one scale per output channel, so group-wise weights (SVDQuant's int4 in groups
+of 64) otherwise run as one oneDNN GEMM per group, each re-reading and re-writing the fp32 output
+(`cpu._gemm_groups`): 1.1-1.8x fp32 at PixArt's shapes. This kernel keeps each group's exact int32 sum
+and the fp32 accumulator in registers and applies the group's scales between the two, the way
+SVDQuant's GPU kernels do: the output is written once. Built by torch's C++ extension loader (needs a
+C++ compiler; the build is cached); where it cannot build or the CPU (or `ATEN_CPU_CAPABILITY` /
+`ONEDNN_MAX_CPU_ISA`) lacks AVX512-VNNI, layers take the oneDNN path and `report` says which ran.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "group_gemm.cpp"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
+
+
+@functools.cache
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def cpu_reason() -> str | None:
+    """Why this CPU (or the ISA caps set in the environment) cannot run the kernel."""
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+        return "the CPU has no AVX512-VNNI"
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if aten and not aten.startswith("avx512"):
+        return f"ATEN_CPU_CAPABILITY={aten} caps the CPU below AVX-512"
+    from .cpu import vnni_available  # honours ONEDNN_MAX_CPU_ISA
+    if not vnni_available():
+        return "ONEDNN_MAX_CPU_ISA caps the CPU below VNNI"
+    return None
+
+
+@functools.cache
+def _build() -> tuple[object | None, str | None]:
+    """(the compiled module, None) or (None, why not); built once per process, cached on disk by torch."""
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        return None, "no C++ compiler to build it (set CXX)"
+    try:
+        from torch.utils.cpp_extension import load
+        log.info("building dmquant's group-wise int8 kernel (once; cached by torch)")
+        return load(name="dmquant_group_gemm", sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False), None
+    except Exception as exc:  # noqa: BLE001 - any build failure means the oneDNN path runs instead
+        return None, f"its build failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+def unsupported_reason(group: int) -> str | None:
+    """Why group-wise weights with this group size cannot take the kernel here (None when they can)."""
+    if group % 4:
+        return f"group size {group} is not a multiple of 4"
+    return cpu_reason() or _build()[1]
+
+
+@dataclass(frozen=True)
+class PackedGroupGemm:
+    """Weight codes in vpdpbusd's layout, padded to 32 columns and whole groups, with per-group sums."""
+
+    weight: torch.Tensor  # int8 (N' / 16, K' / 4, 16, 4)
+    wsum: torch.Tensor  # int32 (K' / group, N'): each group's code sum, for the activations' zero point
+    scale: torch.Tensor  # float32 (K' / group, N')
+    group: int
+    in_features: int
+    out_features: int
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, group: int) -> PackedGroupGemm:
+    """Int8 codes (out, in) and scales (out, groups) -> the kernel's layout (zero padding is inert)."""
+    n, k = codes.shape
+    groups = -(-k // group)
+    n_pad, k_pad = -(-n // 32) * 32, groups * group
+    w = torch.nn.functional.pad(codes.to(torch.int8), (0, k_pad - k, 0, n_pad - n))
+    s = torch.nn.functional.pad(scale.float().reshape(n, groups), (0, 0, 0, n_pad - n))
+    wsum = w.view(n_pad, groups, group).sum(-1, dtype=torch.int32).t().contiguous()
+    packed = w.view(n_pad // 16, 16, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return PackedGroupGemm(packed, wsum, s.t().contiguous(), group, k, n)
+
+
+def unpack(packed: PackedGroupGemm) -> torch.Tensor:
+    """The int8 codes (out, in) that `pack` was given."""
+    w = packed.weight
+    full = w.permute(0, 2, 1, 3).reshape(w.shape[0] * 16, w.shape[1] * 4)
+    return full[:packed.out_features, :packed.in_features].contiguous()
+
+
+def gemm(q: torch.Tensor, zp: int, packed: PackedGroupGemm) -> torch.Tensor:
+    """fp32 sum_g scale[g] * ((q - zp) @ codes.T over group g) for uint8 activation codes q (M, in)."""
+    module, reason = _build()
+    reason = cpu_reason() or reason
+    if module is None or reason:
+        raise RuntimeError(f"the group-wise int8 kernel cannot run here: {reason}")
+    k_pad = packed.weight.shape[1] * 4
+    if k_pad != packed.in_features:
+        q = torch.nn.functional.pad(q, (0, k_pad - packed.in_features), value=zp)
+    y = module.group_gemm(q.contiguous(), zp, packed.weight, packed.wsum, packed.scale, packed.group)
+    return y if y.shape[1] == packed.out_features else y[:, :packed.out_features]
