@@ -175,6 +175,20 @@ def test_cpu_group_wise_linear_equals_float64_reference(impl, in_f, group, mode,
     assert torch.equal(cpu.unpack_linear(packed), codes)  # the layer may drop its own copy
 
 
+@pytest.mark.skipif("vnni" not in GROUP_IMPLS, reason="dmquant's AVX512-VNNI kernel cannot run here")
+@pytest.mark.parametrize("m,k", [(7, 37), (33, 1152), (3, 16), (5, 1)])
+@pytest.mark.parametrize("zp,hi", [(8, 15), (128, 255), (64, 128)])
+def test_vnni_activation_codes_are_the_references(m, k, zp, hi):
+    """One-pass codes vs `_uint8_codes` (division, ties to even, clamp), per row and one scale; ties planted."""
+    torch.manual_seed(6)
+    x = torch.randn(m, k) * 3
+    x[0, :3] = torch.tensor([0.5, 1.5, -2.5])[:min(3, k)]
+    s = x.abs().amax(1, keepdim=True) / 7
+    s[0] = 1.0
+    assert torch.equal(group_gemm.codes(x, s, zp, hi), cpu._uint8_codes(x, s, zp, hi))
+    assert torch.equal(group_gemm.codes(x, 0.37, zp, hi), cpu._uint8_codes(x, 0.37, zp, hi))
+
+
 @pytest.mark.skipif(not GROUP_IMPLS, reason="no group-wise CPU kernel here")
 def test_cpu_group_wise_refusals(monkeypatch):
     codes, scale, _ = group_weight(8, 64, 32)

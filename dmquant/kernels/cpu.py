@@ -306,9 +306,7 @@ def _gemm_groups(q: torch.Tensor, packed: PackedLinear, x_scale: float, zp: int,
     """The group-wise `_gemm`: dmquant's VNNI kernel, or group i's oneDNN int8 GEMM scaled by its weight
     scales and summed into the fp32 output of the groups before it (oneDNN's sum post-op)."""
     if packed.impl == "vnni":
-        y = group_gemm.gemm(q, zp, packed.weight)
-        y = y if x_scale == 1.0 else y.mul_(x_scale)
-        return y if bias is None else y.add_(bias)
+        return group_gemm.gemm(q, zp, packed.weight, torch.full((q.shape[0],), x_scale), bias)
     zeros = torch.zeros(packed.out_features, dtype=torch.long)
     g = packed.group
     y = None
@@ -333,7 +331,10 @@ def int8_linear(x: torch.Tensor, packed: PackedLinear, input_scale: torch.Tensor
     step, zp, hi = _grid(reduce_range, act_bits)
     x2 = x.detach().reshape(-1, packed.in_features)
     scale = _input_scale(x2, input_scale, granularity, act_bits)
-    if isinstance(scale, torch.Tensor):  # per token: GEMM with scale 1, then rescale the output rows
+    if isinstance(scale, torch.Tensor) and packed.impl == "vnni":  # row scales applied as the output is written
+        row = scale * step
+        y = group_gemm.gemm(group_gemm.codes(x2, row, zp, hi), zp, packed.weight, row, packed.bias)
+    elif isinstance(scale, torch.Tensor):  # per token: GEMM with scale 1, then rescale the output rows
         row = scale * step
         y = _linear_int(x2, packed, row, 1.0, zp, hi, with_bias=False)
         y = y.mul_(row) if packed.bias is None else torch.addcmul(packed.bias, y, row)

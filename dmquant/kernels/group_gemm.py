@@ -98,14 +98,34 @@ def unpack(packed: PackedGroupGemm) -> torch.Tensor:
     return full[:packed.out_features, :packed.in_features].contiguous()
 
 
-def gemm(q: torch.Tensor, zp: int, packed: PackedGroupGemm) -> torch.Tensor:
-    """fp32 sum_g scale[g] * ((q - zp) @ codes.T over group g) for uint8 activation codes q (M, in)."""
+def codes(x: torch.Tensor, scale: torch.Tensor | float, zp: int, hi: int) -> torch.Tensor:
+    """uint8 clamp(round(x / scale) + zp, 0, hi) of float rows x (M, in), scale per row (M, 1) or one:
+    bit for bit `cpu._uint8_codes` in one pass."""
+    module = _module()
+    s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).contiguous()
+    return module.codes(x.float().contiguous(), s, zp, hi)
+
+
+def _module() -> object:
     module, reason = _build()
     reason = cpu_reason() or reason
     if module is None or reason:
         raise RuntimeError(f"the group-wise int8 kernel cannot run here: {reason}")
+    return module
+
+
+def gemm(q: torch.Tensor, zp: int, packed: PackedGroupGemm, row: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 row[m] * sum_g scale[g] * ((q - zp) @ codes.T over group g) + bias for uint8 activation codes
+    q (M, in); `row` (M,) and `bias` (out,) are optional and applied as the output is written."""
+    module = _module()
     k_pad = packed.weight.shape[1] * 4
     if k_pad != packed.in_features:
         q = torch.nn.functional.pad(q, (0, k_pad - packed.in_features), value=zp)
-    y = module.group_gemm(q.contiguous(), zp, packed.weight, packed.wsum, packed.scale, packed.group)
+    n_pad = packed.weight.shape[0] * 16
+    if bias is not None:
+        bias = torch.nn.functional.pad(bias.float(), (0, n_pad - packed.out_features)).contiguous()
+    if row is not None:
+        row = row.float().reshape(-1).contiguous()
+    y = module.group_gemm(q.contiguous(), zp, packed.weight, packed.wsum, packed.scale, packed.group, row, bias)
     return y if y.shape[1] == packed.out_features else y[:, :packed.out_features]

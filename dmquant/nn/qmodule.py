@@ -280,11 +280,13 @@ class QuantModule:
         if self.transform is not None:  # kernel, fake quantization and low-rank branch all see (x / s) Q
             x = self.transform(x)
         out = self.kernel_forward(x)
-        if out is None:
+        if out is not None and self.lowrank is not None:  # a kernel's fresh output, no autograd
+            out = self.lowrank.add_to(out, x)
+        elif out is None:
             xq = self.input_quantizer(x) if self.input_quantizer is not None else x
             out = self.float_forward(xq, self.quantized_weight())
-        if self.lowrank is not None:
-            out = out + self.lowrank(x)
+            if self.lowrank is not None:
+                out = out + self.lowrank(x)
         if not self.cache_weight and not self.is_packed:  # calibrating: this call's fake-quantized copy
             # would stay on glibc's heap, layer after layer (see dmquant.memory)
             release_freed_memory(self.weight.numel() * self.weight.element_size())

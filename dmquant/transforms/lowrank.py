@@ -89,6 +89,15 @@ class LowRankBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + up(down(x)) for a kernel's output: a linear branch's second GEMM accumulates into `out`
+        in place (no (tokens, out) temporary and no extra pass over it)."""
+        if not isinstance(self.up, nn.Linear) or out.dtype != self.up.weight.dtype:
+            return out + self(x)
+        h = self.down(x)
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.weight.t())
+        return out
+
     @classmethod
     def build(cls, layer: QuantModule, down: torch.Tensor, up: torch.Tensor, svd_rank: int = 0,
               adapters: Any = ()) -> "LowRankBranch":

@@ -1,4 +1,6 @@
-// Group-wise int8 GEMM on AVX512-VNNI: y[m, n] = sum_g scale[g, n] * sum_{k in g} (a[m, k] - zp) * w[n, k].
+// Group-wise int8 GEMM on AVX512-VNNI:
+//   y[m, n] = row[m] * sum_g scale[g, n] * sum_{k in g} (a[m, k] - zp) * w[n, k] + bias[n]
+// (row: the activations' per-token scales, optional like bias).
 //
 // a: uint8 activation codes (M, K) with zero point zp; w: int8 weight codes packed (N / 16, K / 4, 16, 4),
 // so one 64-byte load holds 4 consecutive inputs of 16 output columns (vpdpbusd's operand layout);
@@ -21,9 +23,15 @@ inline __m512i broadcast4(const uint8_t* p) {
 }
 
 // MR rows x 32 columns (two 16-column blocks `b0`, `b0 + block`) over all K.
+struct Epilogue {
+  const float* row;   // per-row output scale, or nullptr
+  const float* bias;  // per-column bias (already offset to the panel), or nullptr
+};
+
 template <int MR>
 void tile(const uint8_t* a, int64_t lda, const int8_t* b0, int64_t block, const int32_t* wsum,
-          const float* scale, int64_t ldn, int64_t K, int64_t group, int32_t zp, float* c, int64_t ldc) {
+          const float* scale, int64_t ldn, int64_t K, int64_t group, int32_t zp, float* c, int64_t ldc,
+          Epilogue e) {
   __m512 f[MR][2];
   for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
   const __m512i vzp = _mm512_set1_epi32(zp);
@@ -48,22 +56,27 @@ void tile(const uint8_t* a, int64_t lda, const int8_t* b0, int64_t block, const 
       f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], z1)), s1, f[r][1]);
     }
   }
+  const __m512 b0v = e.bias ? _mm512_loadu_ps(e.bias) : _mm512_setzero_ps();
+  const __m512 b1v = e.bias ? _mm512_loadu_ps(e.bias + 16) : _mm512_setzero_ps();
   for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(c + r * ldc, f[r][0]);
-    _mm512_storeu_ps(c + r * ldc + 16, f[r][1]);
+    const __m512 rs = _mm512_set1_ps(e.row ? e.row[r] : 1.0f);
+    _mm512_storeu_ps(c + r * ldc, _mm512_fmadd_ps(f[r][0], rs, b0v));
+    _mm512_storeu_ps(c + r * ldc + 16, _mm512_fmadd_ps(f[r][1], rs, b1v));
   }
 }
 
 template <int MR>
 void rows(const uint8_t* a, int64_t lda, int64_t m, const int8_t* b0, int64_t block, const int32_t* wsum,
-          const float* scale, int64_t ldn, int64_t K, int64_t group, int32_t zp, float* c, int64_t ldc) {
+          const float* scale, int64_t ldn, int64_t K, int64_t group, int32_t zp, float* c, int64_t ldc,
+          Epilogue e) {
+  auto at = [&](int64_t i) { return Epilogue{e.row ? e.row + i : nullptr, e.bias}; };
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
-    tile<MR>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc);
+    tile<MR>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc, at(i));
   switch (m - i) {  // the last 1-3 rows
-    case 3: tile<3>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc); break;
-    case 2: tile<2>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc); break;
-    case 1: tile<1>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc); break;
+    case 3: tile<3>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc, at(i)); break;
+    case 2: tile<2>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc, at(i)); break;
+    case 1: tile<1>(a + i * lda, lda, b0, block, wsum, scale, ldn, K, group, zp, c + i * ldc, ldc, at(i)); break;
     default: break;
   }
 }
@@ -71,7 +84,7 @@ void rows(const uint8_t* a, int64_t lda, int64_t m, const int8_t* b0, int64_t bl
 }  // namespace
 
 torch::Tensor group_gemm(torch::Tensor a, int64_t zp, torch::Tensor w, torch::Tensor wsum, torch::Tensor scale,
-                         int64_t group) {
+                         int64_t group, c10::optional<torch::Tensor> row, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(a.dtype() == torch::kUInt8 && a.dim() == 2 && a.is_contiguous(), "a: contiguous uint8 (M, K)");
   TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
               "w: contiguous int8 (N / 16, K / 4, 16, 4)");
@@ -83,6 +96,10 @@ torch::Tensor group_gemm(torch::Tensor a, int64_t zp, torch::Tensor w, torch::Te
               "wsum: contiguous int32 (K / group, N)");
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.size(0) == G && scale.size(1) == N,
               "scale: contiguous float32 (K / group, N)");
+  if (row) TORCH_CHECK(row->dtype() == torch::kFloat32 && row->is_contiguous() && row->numel() == M, "row: float32 (M,)");
+  if (bias) TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N, "bias: float32 (N,)");
+  const float* pr = row ? row->data_ptr<float>() : nullptr;
+  const float* pb = bias ? bias->data_ptr<float>() : nullptr;
   auto out = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
   const uint8_t* pa = a.data_ptr<uint8_t>();
   const int8_t* pw = w.data_ptr<int8_t>();
@@ -95,10 +112,41 @@ torch::Tensor group_gemm(torch::Tensor a, int64_t zp, torch::Tensor w, torch::Te
     at::parallel_for(0, N / 32, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t nb = n0; nb < n1; ++nb)
         rows<4>(pa + m0 * K, K, m, pw + nb * 2 * block, block, ps + nb * 32, pc + nb * 32, N, K, group,
-                static_cast<int32_t>(zp), po + m0 * N + nb * 32, N);
+                static_cast<int32_t>(zp), po + m0 * N + nb * 32, N,
+                Epilogue{pr ? pr + m0 : nullptr, pb ? pb + nb * 32 : nullptr});
     });
   }
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("group_gemm", &group_gemm, "group-wise int8 GEMM (AVX512-VNNI)"); }
+// uint8 codes clamp(round(x / scale[m]) + zp, 0, hi): the reference's rounding (IEEE division, ties to
+// even) in one pass instead of five; `scale` holds one value per row, or one for all.
+torch::Tensor codes(torch::Tensor x, torch::Tensor scale, int64_t zp, int64_t hi) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 (M, K)");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() &&
+              (scale.numel() == 1 || scale.numel() == x.size(0)), "scale: float32, one per row or one");
+  const int64_t M = x.size(0), K = x.size(1), step = scale.numel() == 1 ? 0 : 1;
+  auto out = torch::empty({M, K}, x.options().dtype(torch::kUInt8));
+  const float* px = x.data_ptr<float>();
+  const float* ps = scale.data_ptr<float>();
+  uint8_t* po = out.data_ptr<uint8_t>();
+  const __m512 vzp = _mm512_set1_ps(static_cast<float>(zp)), vhi = _mm512_set1_ps(static_cast<float>(hi));
+  const __m512 vlo = _mm512_setzero_ps();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const __m512 s = _mm512_set1_ps(ps[m * step]);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, px + m * K + k), s);
+        v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vzp);
+        v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+        _mm_mask_storeu_epi8(po + m * K + k, mask, _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(v)));
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("codes", &codes, "uint8 activation codes, the reference's rounding"); m.def("group_gemm", &group_gemm, "group-wise int8 GEMM (AVX512-VNNI)", py::arg("a"), py::arg("zp"), py::arg("w"),
+        py::arg("wsum"), py::arg("scale"), py::arg("group"), py::arg("row") = py::none(), py::arg("bias") = py::none()); }
