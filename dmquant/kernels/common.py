@@ -6,12 +6,26 @@ round half to even, clamp to the grid), so a kernel fed these codes sees the ref
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
 
 ActGranularity = Literal["token", "tensor"]
 E4M3_MAX = 448.0
+
+
+_VNNI_ISAS = ("VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL", "DEFAULT")
+
+
+def vnni_available() -> bool:
+    """AVX512-VNNI / AVX-VNNI: int8 kernels then accumulate u8*s8 without int16 saturation. A oneDNN
+    capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2, SSE41, AVX512_CORE) saturates like a CPU without it."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap and not any(isa in cap for isa in _VNNI_ISAS):
+        return False
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe is not None and probe())
 
 
 def dynamic_scale(x2: torch.Tensor, granularity: ActGranularity, qmax: float, dim: int = -1) -> torch.Tensor:

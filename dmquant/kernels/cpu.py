@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -59,7 +58,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import group_gemm
-from .common import ActGranularity, channel_scale, dynamic_scale
+from .common import ActGranularity, channel_scale, dynamic_scale, vnni_available
 
 NAME = "fbgemm"
 MAX_IN_FEATURES = 131072  # K * 128 * 127 must fit the int32 accumulator
@@ -74,19 +73,6 @@ def fbgemm_available() -> bool:
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")
-
-
-_VNNI_ISAS = ("VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL", "DEFAULT")
-
-
-def vnni_available() -> bool:
-    """AVX512-VNNI / AVX-VNNI: int8 kernels then accumulate u8*s8 without int16 saturation. A oneDNN
-    capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2, SSE41, AVX512_CORE) saturates like a CPU without it."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap and not any(isa in cap for isa in _VNNI_ISAS):
-        return False
-    probe = getattr(torch.cpu, "_is_vnni_supported", None)
-    return bool(probe is not None and probe())
 
 
 def supports_linear(in_features: int, out_features: int, fmt: str = "int8", group: int | None = None) -> str | None:

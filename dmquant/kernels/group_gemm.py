@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .common import vnni_available
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "group_gemm.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
@@ -41,8 +43,7 @@ def cpu_reason() -> str | None:
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
     if aten and not aten.startswith("avx512"):
         return f"ATEN_CPU_CAPABILITY={aten} caps the CPU below AVX-512"
-    from .cpu import vnni_available  # honours ONEDNN_MAX_CPU_ISA
-    if not vnni_available():
+    if not vnni_available():  # honours ONEDNN_MAX_CPU_ISA
         return "ONEDNN_MAX_CPU_ISA caps the CPU below VNNI"
     return None
 
