@@ -64,8 +64,8 @@ def requantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes (out, ...) and per-output-channel scales of an already-quantized weight.
 
     For group-wise weights of convolutions, whose per-group scales do not factor out of a window: each
-    weight moves by at most half an int8 step of its row (amax / 254), against the group's own
-    quantization step (amax_group / 7 for int4)."""
+    weight moves by at most half an int8 step of its row (amax / 254), against up to half the group's
+    own int4 step (amax_group / 14) for the rounding that made it."""
     w = weight.detach().double().reshape(weight.shape[0], -1)
     amax = w.abs().amax(1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))

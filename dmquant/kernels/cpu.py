@@ -78,14 +78,15 @@ def onednn_available() -> bool:
 def supports_linear(in_features: int, out_features: int, fmt: str = "int8", group: int | None = None) -> str | None:
     """Why a linear of this size and format cannot run here (None when it can); `fmt` is the
     integer format of both operands (any int2-int8 code fits the int8 GEMM); `group`: weight scales
-    per `group` inputs (one GEMM per group, accumulated by oneDNN)."""
+    per `group` inputs (dmquant's AVX512-VNNI kernel, else one oneDNN GEMM per group)."""
     if fmt not in INT_FORMATS:
         return f"the CPU kernels multiply int2-int8 codes, not {fmt}"
     if not (onednn_available() or fbgemm_available()):
         return "this torch build has neither oneDNN nor fbgemm int8 kernels"
-    if group is not None and not onednn_available() and group_gemm.unsupported_reason(group):
+    vnni_reason = group_gemm.unsupported_reason(group) if group is not None else None
+    if vnni_reason and not onednn_available():
         return (f"group-wise weights need oneDNN's accumulating int8 GEMM, which this torch build lacks, or "
-                f"dmquant's AVX512-VNNI kernel ({group_gemm.unsupported_reason(group)})")
+                f"dmquant's AVX512-VNNI kernel ({vnni_reason})")
     if in_features < 1 or out_features < 1:
         return f"empty linear ({in_features} -> {out_features})"
     if in_features > MAX_IN_FEATURES:
@@ -246,7 +247,7 @@ def _prepack_groups(codes: torch.Tensor, scale: torch.Tensor | float, bias: torc
         reason = group_gemm.unsupported_reason(group)
         if reason:
             raise ValueError(f"the AVX512-VNNI group-wise kernel cannot run here: {reason}")
-        weight: object = group_gemm.pack(w, s, group)
+        weight: object = group_gemm.pack(w, s, group, None if bias is None else bias.detach().cpu())
     elif impl == "onednn":
         weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None)
                        for i in range(0, in_f, group))
@@ -289,10 +290,8 @@ def _gemm(q: torch.Tensor, packed: PackedLinear, x_scale: float, zp: int, bias: 
 
 def _gemm_groups(q: torch.Tensor, packed: PackedLinear, x_scale: float, zp: int,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """The group-wise `_gemm`: dmquant's VNNI kernel, or group i's oneDNN int8 GEMM scaled by its weight
-    scales and summed into the fp32 output of the groups before it (oneDNN's sum post-op)."""
-    if packed.impl == "vnni":
-        return group_gemm.gemm(q, zp, packed.weight, torch.full((q.shape[0],), x_scale), bias)
+    """The oneDNN group-wise `_gemm`: group i's int8 GEMM scaled by its weight scales and summed into the
+    fp32 output of the groups before it (oneDNN's sum post-op)."""
     zeros = torch.zeros(packed.out_features, dtype=torch.long)
     g = packed.group
     y = None
@@ -317,9 +316,8 @@ def int8_linear(x: torch.Tensor, packed: PackedLinear, input_scale: torch.Tensor
     step, zp, hi = _grid(reduce_range, act_bits)
     x2 = x.detach().reshape(-1, packed.in_features)
     scale = _input_scale(x2, input_scale, granularity, act_bits)
-    if isinstance(scale, torch.Tensor) and packed.impl == "vnni":  # row scales applied as the output is written
-        row = scale * step
-        y = group_gemm.gemm(group_gemm.codes(x2, row, zp, hi), zp, packed.weight, row, packed.bias)
+    if packed.impl == "vnni":  # scales and bias applied as the output is written
+        y = group_gemm.linear(x2, scale * step, zp, hi, packed.weight)
     elif isinstance(scale, torch.Tensor):  # per token: GEMM with scale 1, then rescale the output rows
         row = scale * step
         y = _linear_int(x2, packed, row, 1.0, zp, hi, with_bias=False)

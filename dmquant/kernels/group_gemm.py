@@ -23,6 +23,7 @@ from .common import vnni_available
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "group_gemm.cpp"
+_AVX512_ISAS = ("AVX512", "AVX10", "ALL", "DEFAULT")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
 
 
@@ -40,11 +41,14 @@ def cpu_reason() -> str | None:
     """Why this CPU (or the ISA caps set in the environment) cannot run the kernel."""
     if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
         return "the CPU has no AVX512-VNNI"
-    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    if aten and not aten.startswith("avx512"):
-        return f"ATEN_CPU_CAPABILITY={aten} caps the CPU below AVX-512"
-    if not vnni_available():  # honours ONEDNN_MAX_CPU_ISA
-        return "ONEDNN_MAX_CPU_ISA caps the CPU below VNNI"
+    aten = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
+    if not aten.upper().startswith("AVX512"):
+        return f"torch's CPU capability is {aten} (ATEN_CPU_CAPABILITY), not AVX-512"
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap and not any(isa in cap for isa in _AVX512_ISAS):  # AVX2_VNNI has VNNI, not AVX-512
+        return f"ONEDNN_MAX_CPU_ISA={cap} caps the CPU below AVX-512"
+    if not vnni_available():
+        return "oneDNN reports no VNNI"
     return None
 
 
@@ -75,13 +79,14 @@ class PackedGroupGemm:
     weight: torch.Tensor  # int8 (N' / 16, K' / 4, 16, 4)
     wsum: torch.Tensor  # int32 (K' / group, N'): each group's code sum, for the activations' zero point
     scale: torch.Tensor  # float32 (K' / group, N')
+    bias: torch.Tensor | None  # float32 (N',)
     group: int
     in_features: int
     out_features: int
 
 
-def pack(codes: torch.Tensor, scale: torch.Tensor, group: int) -> PackedGroupGemm:
-    """Int8 codes (out, in) and scales (out, groups) -> the kernel's layout (zero padding is inert)."""
+def pack(codes: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None = None) -> PackedGroupGemm:
+    """Int8 codes (out, in), scales (out, groups) and bias -> the kernel's layout (zero padding is inert)."""
     n, k = codes.shape
     groups = -(-k // group)
     n_pad, k_pad = -(-n // 32) * 32, groups * group
@@ -89,7 +94,8 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, group: int) -> PackedGroupGem
     s = torch.nn.functional.pad(scale.float().reshape(n, groups), (0, 0, 0, n_pad - n))
     wsum = w.view(n_pad, groups, group).sum(-1, dtype=torch.int32).t().contiguous()
     packed = w.view(n_pad // 16, 16, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
-    return PackedGroupGemm(packed, wsum, s.t().contiguous(), group, k, n)
+    b = None if bias is None else torch.nn.functional.pad(bias.float().reshape(n), (0, n_pad - n)).contiguous()
+    return PackedGroupGemm(packed, wsum, s.t().contiguous(), b, group, k, n)
 
 
 def unpack(packed: PackedGroupGemm) -> torch.Tensor:
@@ -102,31 +108,33 @@ def unpack(packed: PackedGroupGemm) -> torch.Tensor:
 def codes(x: torch.Tensor, scale: torch.Tensor | float, zp: int, hi: int) -> torch.Tensor:
     """uint8 clamp(round(x / scale) + zp, 0, hi) of float rows x (M, in), scale per row (M, 1) or one:
     bit for bit `cpu._uint8_codes` in one pass."""
-    module = _module()
     s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).contiguous()
-    return module.codes(x.float().contiguous(), s, zp, hi)
+    return _module().codes(x.float().contiguous(), s, zp, hi)
 
 
 def _module() -> object:
-    module, reason = _build()
-    reason = cpu_reason() or reason
-    if module is None or reason:
-        raise RuntimeError(f"the group-wise int8 kernel cannot run here: {reason}")
+    reason = cpu_reason()
+    module, build_reason = (None, None) if reason else _build()
+    if module is None:
+        raise RuntimeError(f"the group-wise int8 kernel cannot run here: {reason or build_reason}")
     return module
 
 
-def gemm(q: torch.Tensor, zp: int, packed: PackedGroupGemm, row: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x2: torch.Tensor, scale: torch.Tensor | float, zp: int, hi: int, packed: PackedGroupGemm) -> torch.Tensor:
+    """fp32 x2 (M, in) -> (M, out): activation codes with `scale` per row (M, 1) or one, the group-wise
+    product, each row times its scale, plus the bias, written once."""
+    q = codes(x2, scale, zp, hi)
+    row = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).expand(q.shape[0]).contiguous()
+    return gemm(q, zp, packed, row)
+
+
+def gemm(q: torch.Tensor, zp: int, packed: PackedGroupGemm, row: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 row[m] * sum_g scale[g] * ((q - zp) @ codes.T over group g) + bias for uint8 activation codes
-    q (M, in); `row` (M,) and `bias` (out,) are optional and applied as the output is written."""
+    q (M, in); `row` (M,) is optional; both are applied as the output is written."""
     module = _module()
     k_pad = packed.weight.shape[1] * 4
     if k_pad != packed.in_features:
         q = torch.nn.functional.pad(q, (0, k_pad - packed.in_features), value=zp)
-    n_pad = packed.weight.shape[0] * 16
-    if bias is not None:
-        bias = torch.nn.functional.pad(bias.float(), (0, n_pad - packed.out_features)).contiguous()
-    if row is not None:
-        row = row.float().reshape(-1).contiguous()
-    y = module.group_gemm(q.contiguous(), zp, packed.weight, packed.wsum, packed.scale, packed.group, row, bias)
-    return y if y.shape[1] == packed.out_features else y[:, :packed.out_features]
+    y = module.group_gemm(q.contiguous(), zp, packed.weight, packed.wsum, packed.scale, packed.group, row,
+                          packed.bias)
+    return y if y.shape[1] == packed.out_features else y[:, :packed.out_features].contiguous()

@@ -73,6 +73,11 @@ def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRankSplit:
     return LowRankSplit(down, up, residual, tail)
 
 
+def _plain(module: nn.Module) -> bool:
+    """No hooks (user, accelerate offload) that calling the module would run and a fused path would skip."""
+    return not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
 class LowRankBranch(nn.Module):
     """up(down(x)) in the model's float dtype: the SVD ranks first, then each merged adapter's."""
 
@@ -92,7 +97,8 @@ class LowRankBranch(nn.Module):
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + up(down(x)) for a kernel's output: a linear branch's second GEMM accumulates into `out`
         in place (no (tokens, out) temporary and no extra pass over it)."""
-        if not isinstance(self.up, nn.Linear) or out.dtype != self.up.weight.dtype:
+        if not (_plain(self) and _plain(self.up) and type(self.up) is nn.Linear and self.up.bias is None
+                and out.dtype == self.up.weight.dtype):
             return out + self(x)
         h = self.down(x)
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up.weight.t())

@@ -148,5 +148,9 @@ torch::Tensor codes(torch::Tensor x, torch::Tensor scale, int64_t zp, int64_t hi
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("codes", &codes, "uint8 activation codes, the reference's rounding"); m.def("group_gemm", &group_gemm, "group-wise int8 GEMM (AVX512-VNNI)", py::arg("a"), py::arg("zp"), py::arg("w"),
-        py::arg("wsum"), py::arg("scale"), py::arg("group"), py::arg("row") = py::none(), py::arg("bias") = py::none()); }
+  m.def("codes", &codes, "uint8 activation codes, the reference's rounding",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("group_gemm", &group_gemm, "group-wise int8 GEMM (AVX512-VNNI)", py::arg("a"), py::arg("zp"), py::arg("w"),
+        py::arg("wsum"), py::arg("scale"), py::arg("group"), py::arg("row") = py::none(), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+}
