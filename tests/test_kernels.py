@@ -311,6 +311,17 @@ def _fake(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
         q.backend = backend
 
 
+def _kernel_and_fake(q: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, simulated output) of a layer; static activations get a scale that clips (0.6 amax)."""
+    if not q.input_quantizer.spec.dynamic:
+        q.input_quantizer.set_qparams(QParams(x.abs().max().reshape(1, 1) * 0.6 / 127))
+    ref = _fake(q, x)
+    with torch.no_grad():
+        y = q(x)
+    assert q._kcache[1] is not None, "the kernel was not used"
+    return y, ref
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("spec", [DYN_TOKEN, DYN_TENSOR, STATIC], ids=["token", "tensor", "static"])
 def test_modules_on_fbgemm_equal_fake_quant(kind, spec, full_grid_kernels):
@@ -322,12 +333,7 @@ def test_modules_on_fbgemm_equal_fake_quant(kind, spec, full_grid_kernels):
     else:
         float_mod, x = nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6)
         q = QuantConv2d.from_float(float_mod, W8, spec, backend="fbgemm", name="c")
-    if not spec.dynamic:
-        q.input_quantizer.set_qparams(QParams(x.abs().max().reshape(1, 1) * 0.6 / 127))
-    ref = _fake(q, x)
-    with torch.no_grad():
-        y = q(x)
-    assert q._kcache[1] is not None, "the kernel was not used"
+    y, ref = _kernel_and_fake(q, x)
     assert y.shape == ref.shape and close(y, ref)
     if kind == "conv":  # an unbatched input is a batch of one on both paths (axis 0 is its channels)
         with torch.no_grad():
@@ -343,12 +349,7 @@ def test_group_wise_linear_module_on_the_kernel_equals_fake_quant(act):
     torch.manual_seed(4)
     x = torch.randn(2, 7, 192)
     q = QuantLinear.from_float(nn.Linear(192, 48), QuantSpec("int4", "group:64"), act, backend="fbgemm", name="l")
-    if not act.dynamic:
-        q.input_quantizer.set_qparams(QParams(x.abs().max().reshape(1, 1) * 0.6 / 127))
-    ref = _fake(q, x)
-    with torch.no_grad():
-        y = q(x)
-    assert q._kcache[1] is not None, "the kernel was not used"
+    y, ref = _kernel_and_fake(q, x)
     assert close(y, ref)
     expected = "AVX512-VNNI kernel, groups of 64" if cpu.group_impl(64) == "vnni" else "one GEMM per 64 inputs"
     assert expected in get_kernel("fbgemm").describe(q, q._kcache[1][1])
@@ -364,13 +365,10 @@ def test_group_wise_convolution_runs_its_weight_requantized_to_int8(act):
     x = torch.randn(2, 16, 6, 6)
     q = QuantConv2d.from_float(nn.Conv2d(16, 8, 3, padding=1), QuantSpec("int4", "group:16"), act,
                                backend="fbgemm", name="c")
-    if not act.dynamic:
-        q.input_quantizer.set_qparams(QParams(x.abs().max().reshape(1, 1) * 0.6 / 127))
-    ref = _fake(q, x)
+    y, ref = _kernel_and_fake(q, x)
     with torch.no_grad():
-        y = q(x)
         xq = q.input_quantizer(x).double()
-    assert q._kcache[1] is not None and not get_kernel("fbgemm").gives_codes(q, q._kcache[1])  # keeps its codes
+    assert not get_kernel("fbgemm").gives_codes(q, q._kcache[1][1])  # the layer keeps its own codes
     w = q.decoded_weight(torch.float64)
     codes, scale = common.requantize_int8(w)
     step = scale.double().view(-1, 1, 1, 1)
