@@ -128,11 +128,11 @@ def test_fbgemm_own_dynamic_path_is_close_to_fp32():
         cpu.int8_linear_fbgemm_dynamic(x, cpu.prepack_linear(codes, scale, impl="onednn"))
 
 
-def group_weight(out_f: int, in_f: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int4 codes (out, in), scales (out, groups) of a random weight, and the float64 weight
+def group_weight(out_f: int, in_f: int, group: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric `bits`-wide codes (out, in), scales (out, groups) of a random weight, and the float64 weight
     they stand for (the last group may be shorter)."""
     n = -(-in_f // group)
-    codes = torch.randint(-8, 8, (out_f, in_f), dtype=torch.int8)
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (out_f, in_f), dtype=torch.int8)
     scale = torch.rand(out_f, n) + 0.05
     per_input = scale.double().repeat_interleave(group, dim=1)[:, :in_f]
     return codes, scale, codes.double() * per_input
@@ -157,20 +157,21 @@ GROUP_IMPLS = [i for i, ok in (("onednn", cpu.onednn_available()), ("vnni", grou
 @pytest.mark.parametrize("in_f,group", [(128, 64), (96, 32), (40, 24), (64, 64)])
 @pytest.mark.parametrize("mode", ["token", "tensor", "static"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_cpu_group_wise_linear_equals_float64_reference(impl, in_f, group, mode, bits):
-    """dmquant's VNNI kernel and one oneDNN GEMM per group: every group's own scales, a ragged last group,
-    40 outputs (the VNNI layout pads to 32-column panels)."""
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_cpu_group_wise_linear_equals_float64_reference(impl, in_f, group, mode, bits, wbits):
+    """dmquant's VNNI kernel (int4 codes as nibbles, int8 as bytes) and one oneDNN GEMM per group: every
+    group's own scales, a ragged last group, 40 outputs (the VNNI layout pads to 32-column panels)."""
     torch.manual_seed(3)
-    codes, scale, w64 = group_weight(40, in_f, group)
+    codes, scale, w64 = group_weight(40, in_f, group, wbits)
     b = torch.randn(40)
     packed = cpu.prepack_linear(codes, scale, b, group=group, impl=impl)
     assert packed.impl == impl
     x = torch.randn(3, 5, in_f) * 2
     s = 0.7 * x.abs().max().item() / (2 ** (bits - 1) - 1) if mode == "static" else None
-    # int4 weights never saturate int16 pair sums: layers pass this (False), so the full grid runs everywhere
-    y = cpu.int8_linear(x, packed, s, "tensor" if mode != "token" else "token", act_bits=bits,
-                        reduce_range=cpu.needs_reduce_range(4, bits))
-    ref = act_q64_bits(x, mode, bits, s) @ w64.T + b.double()
+    reduced = cpu.needs_reduce_range(wbits, bits)  # what layers pass: int8 x int8 without VNNI only
+    y = cpu.int8_linear(x, packed, s, "tensor" if mode != "token" else "token", act_bits=bits, reduce_range=reduced)
+    xq = act_q64(x, mode, s, step=2) if reduced else act_q64_bits(x, mode, bits, s)
+    ref = xq @ w64.T + b.double()
     assert close(y, ref)
     assert torch.equal(cpu.unpack_linear(packed), codes)  # the layer may drop its own copy
 

@@ -76,7 +76,7 @@ def unsupported_reason(group: int) -> str | None:
 class PackedGroupGemm:
     """Weight codes in vpdpbusd's layout, padded to 32 columns and whole groups, with per-group sums."""
 
-    weight: torch.Tensor  # int8 (N' / 16, K' / 4, 16, 4)
+    weight: torch.Tensor  # int8 (N' / 16, K' / 4, 16, 4), or for codes in [-8, 7] uint8 nibbles (N' / 32, K' / 4, 64)
     wsum: torch.Tensor  # int32 (K' / group, N'): each group's code sum, for the activations' zero point
     scale: torch.Tensor  # float32 (K' / group, N')
     bias: torch.Tensor | None  # float32 (N',)
@@ -94,6 +94,9 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tenso
     s = torch.nn.functional.pad(scale.float().reshape(n, groups), (0, 0, 0, n_pad - n))
     wsum = w.view(n_pad, groups, group).sum(-1, dtype=torch.int32).t().contiguous()
     packed = w.view(n_pad // 16, 16, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
+    if n and k and -8 <= int(codes.min()) and int(codes.max()) <= 7:  # 4 bits or fewer: two codes a byte
+        u = packed.view(n_pad // 32, 2, k_pad // 4, 64).add(8).to(torch.uint8)
+        packed = (u[:, 0] | (u[:, 1] << 4)).contiguous()
     b = None if bias is None else torch.nn.functional.pad(bias.float().reshape(n), (0, n_pad - n)).contiguous()
     return PackedGroupGemm(packed, wsum, s.t().contiguous(), b, group, k, n)
 
@@ -101,6 +104,9 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tenso
 def unpack(packed: PackedGroupGemm) -> torch.Tensor:
     """The int8 codes (out, in) that `pack` was given."""
     w = packed.weight
+    if w.dtype == torch.uint8:  # nibbles: low = the panel's first 16 columns, high = the next 16, each code + 8
+        halves = torch.stack([w & 15, w >> 4], dim=1).to(torch.int8) - 8  # (N' / 32, 2, K' / 4, 64)
+        w = halves.view(w.shape[0] * 2, w.shape[1], 16, 4)
     full = w.permute(0, 2, 1, 3).reshape(w.shape[0] * 16, w.shape[1] * 4)
     return full[:packed.out_features, :packed.in_features].contiguous()
 

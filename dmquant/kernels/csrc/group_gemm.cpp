@@ -3,7 +3,8 @@
 // (row: the activations' per-token scales, optional like bias).
 //
 // a: uint8 activation codes (M, K) with zero point zp; w: int8 weight codes packed (N / 16, K / 4, 16, 4),
-// so one 64-byte load holds 4 consecutive inputs of 16 output columns (vpdpbusd's operand layout);
+// so one 64-byte load holds 4 consecutive inputs of 16 output columns (vpdpbusd's operand layout), or
+// codes of 4 bits or fewer as nibbles (N / 32, K / 4, 64), half the bytes, decoded a panel at a time;
 // wsum[g, n] = sum_{k in g} w[n, k] turns the unsigned product into the signed one. Each group is
 // summed exactly in int32, then converted and scaled into an fp32 accumulator that stays in registers:
 // the group scale is applied where it is constant, and the output is written once.
@@ -11,10 +12,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kRowChunk = 128;  // rows whose codes stay in L2 while every column panel passes
+constexpr int64_t kNibbleRowBytes = 2 << 20;  // codes of the rows one decoded nibble panel serves
 
 inline __m512i broadcast4(const uint8_t* p) {
   int32_t v;
@@ -81,14 +84,30 @@ void rows(const uint8_t* a, int64_t lda, int64_t m, const int8_t* b0, int64_t bl
   }
 }
 
+// A panel of 4-bit codes, low nibble = the first 16 columns' byte, high nibble = the next 16's, each
+// stored as code + 8: decoded to the int8 layout (two 16-column blocks of K * 16 bytes) in `out`. Once
+// per panel and row chunk, against 128 rows of products per weight.
+const int8_t* unpack_panel(const uint8_t* src, int64_t K, int8_t* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  const int64_t block = K * 16;
+  for (int64_t i = 0; i < block; i += 64) {
+    const __m512i v = _mm512_loadu_si512(src + i);
+    _mm512_storeu_si512(out + i, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+    _mm512_storeu_si512(out + block + i, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
+  }
+  return out;
+}
+
 }  // namespace
 
 torch::Tensor group_gemm(torch::Tensor a, int64_t zp, torch::Tensor w, torch::Tensor wsum, torch::Tensor scale,
                          int64_t group, c10::optional<torch::Tensor> row, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(a.dtype() == torch::kUInt8 && a.dim() == 2 && a.is_contiguous(), "a: contiguous uint8 (M, K)");
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
-              "w: contiguous int8 (N / 16, K / 4, 16, 4)");
-  const int64_t M = a.size(0), K = a.size(1), N = w.size(0) * 16;
+  const bool nibbles = w.dtype() == torch::kUInt8;
+  TORCH_CHECK(w.is_contiguous() && (nibbles ? w.dim() == 3 && w.size(2) == 64
+                                            : w.dtype() == torch::kInt8 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4),
+              "w: contiguous int8 (N / 16, K / 4, 16, 4), or uint8 nibbles (N / 32, K / 4, 64)");
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0) * (nibbles ? 32 : 16);
   TORCH_CHECK(w.size(1) * 4 == K && N % 32 == 0, "w does not match a's K, or N is not a multiple of 32");
   TORCH_CHECK(group > 0 && group % 4 == 0 && K % group == 0, "group must be a multiple of 4 dividing K");
   const int64_t G = K / group;
@@ -102,18 +121,26 @@ torch::Tensor group_gemm(torch::Tensor a, int64_t zp, torch::Tensor w, torch::Te
   const float* pb = bias ? bias->data_ptr<float>() : nullptr;
   auto out = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
   const uint8_t* pa = a.data_ptr<uint8_t>();
-  const int8_t* pw = w.data_ptr<int8_t>();
+  const int8_t* pw = nibbles ? nullptr : w.data_ptr<int8_t>();
+  const uint8_t* pn = nibbles ? w.data_ptr<uint8_t>() : nullptr;
   const int32_t* ps = wsum.data_ptr<int32_t>();
   const float* pc = scale.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const int64_t block = K * 16;  // bytes of one 16-column block
-  for (int64_t m0 = 0; m0 < M; m0 += kRowChunk) {
-    const int64_t m = std::min(kRowChunk, M - m0);
+  // int8 panels: row chunks outside, so a chunk's codes stay in L2 while every panel passes; nibble
+  // panels: each decoded once (into an L2-sized buffer) and then run over all rows
+  const int64_t chunk = nibbles ? std::max(kRowChunk, (kNibbleRowBytes / K) / kRowChunk * kRowChunk) : kRowChunk;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t m = std::min(chunk, M - m0);
     at::parallel_for(0, N / 32, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t nb = n0; nb < n1; ++nb)
-        rows<4>(pa + m0 * K, K, m, pw + nb * 2 * block, block, ps + nb * 32, pc + nb * 32, N, K, group,
-                static_cast<int32_t>(zp), po + m0 * N + nb * 32, N,
-                Epilogue{pr ? pr + m0 : nullptr, pb ? pb + nb * 32 : nullptr});
+      std::vector<int8_t> panel(nibbles ? 2 * block : 0);
+      for (int64_t nb = n0; nb < n1; ++nb) {
+        const int8_t* b0 = nibbles ? unpack_panel(pn + nb * K * 16, K, panel.data()) : pw + nb * 2 * block;
+        for (int64_t r0 = 0; r0 < m; r0 += kRowChunk)
+          rows<4>(pa + (m0 + r0) * K, K, std::min(kRowChunk, m - r0), b0, block, ps + nb * 32, pc + nb * 32, N, K,
+                  group, static_cast<int32_t>(zp), po + (m0 + r0) * N + nb * 32, N,
+                  Epilogue{pr ? pr + m0 + r0 : nullptr, pb ? pb + nb * 32 : nullptr});
+      }
     });
   }
   return out;
