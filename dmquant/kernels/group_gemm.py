@@ -6,9 +6,10 @@ of 64) otherwise run as one oneDNN GEMM per group, each re-reading and re-writin
 and the fp32 accumulator in registers and applies the group's scales between the two, the way
 SVDQuant's GPU kernels do: the output is written once. Codes of 4 bits or fewer are held as nibbles
 (half a byte a weight, like the layer's own packing) and decoded one 32-column panel at a time into an
-L2-sized buffer: measured 1.00-1.02x the byte layout's time at K = 1152, 1.22x at K = 4608. Built by torch's C++ extension loader (needs a
-C++ compiler; the build is cached); where it cannot build or the CPU (or `ATEN_CPU_CAPABILITY` /
-`ONEDNN_MAX_CPU_ISA`) lacks AVX512-VNNI, layers take the oneDNN path and `report` says which ran.
+L2-sized buffer: measured 1.00-1.02x the byte layout's time at K = 1152, 1.22x at K = 4608.
+Built by torch's C++ extension loader (needs a C++ compiler; the build is cached); where it cannot build
+or the CPU (or `ATEN_CPU_CAPABILITY` / `ONEDNN_MAX_CPU_ISA`) lacks AVX512-VNNI, layers take the oneDNN
+path and `report` says which ran.
 """
 from __future__ import annotations
 
