@@ -102,15 +102,13 @@ class Kernel:
     def prepare(self, layer: Any, x: torch.Tensor | None = None) -> Any:
         """Pack the layer's weight codes and scales (exactly what fake quantization uses)."""
         wq = layer.weight_quantizer
-        if wq.spec.format.startswith("int"):
-            codes = layer.int_weight_codes().reshape(layer.weight_shape)
-        else:
-            codes = layer.weight_codes().reshape(layer.weight_shape)
-        scale = wq.scale.detach().float().reshape(-1)
-        if isinstance(wq.spec.gran, PerGroup):
-            if _is_linear(layer):
-                return self.prepack_linear(codes, scale, layer.bias, group=wq.spec.gran.size)
+        if _requantized(layer):
             codes, scale = requantize_int8(layer.decoded_weight(torch.float64))
+        else:
+            codes = (layer.int_weight_codes() if wq.spec.format.startswith("int") else layer.weight_codes())
+            codes, scale = codes.reshape(layer.weight_shape), wq.scale.detach().float().reshape(-1)
+        if isinstance(wq.spec.gran, PerGroup) and _is_linear(layer):
+            return self.prepack_linear(codes, scale, layer.bias, group=wq.spec.gran.size)
         if _is_linear(layer):
             return self.prepack_linear(codes, scale, layer.bias)
         assert self.prepack_conv is not None

@@ -159,9 +159,10 @@ def _input_scale(x: torch.Tensor, input_scale: torch.Tensor | float | None,
 class PackedLinear:
     """Prepacked int8 weight for one kernel ("onednn" or "fbgemm"); the bias stays fp32.
 
-    Group-wise weights (`group` > 0, oneDNN) are packed as one weight per group of `group` inputs,
-    each with its own per-channel scales: a group's scale is constant inside its GEMM, so it factors
-    out of that group's exact int32 sum, and oneDNN's sum post-op adds the groups up in fp32."""
+    Group-wise weights (`group` > 0): dmquant's VNNI layout (impl "vnni"; `scale` and `bias` are views of
+    its padded ones), or one oneDNN weight per group of `group` inputs with its own per-channel scales
+    (impl "onednn"): a group's scale is constant inside its GEMM, so it factors out of that group's exact
+    int32 sum, and oneDNN's sum post-op adds the groups up in fp32."""
 
     weight: object  # opaque oneDNN tensor, fbgemm LinearPackedParamsBase; group-wise: a tuple of oneDNN
     # tensors (one per group) or dmquant's VNNI layout (`group_gemm.PackedGroupGemm`, impl "vnni")
@@ -247,12 +248,14 @@ def _prepack_groups(codes: torch.Tensor, scale: torch.Tensor | float, bias: torc
         reason = group_gemm.unsupported_reason(group)
         if reason:
             raise ValueError(f"the AVX512-VNNI group-wise kernel cannot run here: {reason}")
-        weight: object = group_gemm.pack(w, s, group, None if bias is None else bias.detach().cpu())
-    elif impl == "onednn":
-        weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None)
-                       for i in range(0, in_f, group))
-    else:
+        vnni = group_gemm.pack(w, s, group, _check_bias(bias, out_f))
+        # views of the kernel's padded scales and bias: one copy of each
+        b = None if vnni.bias is None else vnni.bias[:out_f]
+        return PackedLinear(vnni, vnni.scale[:, :out_f], b, in_f, out_f, impl, group)
+    if impl != "onednn":
         raise ValueError(f"unknown group-wise implementation {impl!r}; use 'vnni' or 'onednn'")
+    weight = tuple(torch.ops.onednn.qlinear_prepack(w[:, i:i + group].contiguous(), None)
+                   for i in range(0, in_f, group))
     return PackedLinear(weight, s.t().contiguous(), _check_bias(bias, out_f), in_f, out_f, impl, group)
 
 

@@ -30,19 +30,10 @@ _AVX512_ISAS = ("AVX512", "AVX10", "ALL", "DEFAULT")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
 
 
-@functools.cache
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def cpu_reason() -> str | None:
     """Why this CPU (or the ISA caps set in the environment) cannot run the kernel."""
-    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+    flags = torch.cpu.get_capabilities()
+    if not all(flags.get(f, False) for f in ("avx512_f", "avx512_bw", "avx512_vnni")):
         return "the CPU has no AVX512-VNNI"
     aten = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
     if not aten.upper().startswith("AVX512"):
