@@ -57,6 +57,13 @@ def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).to(torch.int8), scale
 
 
+def int4_group_weight(w: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 codes and (out, in / group) scales, SVDQuant's weight layout."""
+    g = w.reshape(w.shape[0], -1, group)
+    scale = g.abs().amax(-1, keepdim=True) / 7
+    return torch.round(g / scale).clamp(-8, 7).to(torch.int8).reshape(w.shape), scale.squeeze(-1)
+
+
 def fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(1) / 448
     return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
@@ -78,6 +85,11 @@ def linear_paths(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str,
             paths["onednn int8 dynamic/token"] = lambda: cpu.int8_linear(x, pd)
             paths["onednn int8 dynamic/tensor"] = lambda: cpu.int8_linear(x, pd, granularity="tensor")
             paths["onednn int8 static"] = lambda: cpu.int8_linear(x, pd, s_static)
+            if w.shape[1] % 64 == 0:  # W4A4 with int4 weights in groups of 64, int4 per-token activations
+                c4, s4 = int4_group_weight(w)
+                for impl in ("onednn", "vnni") if cpu.group_impl(64) == "vnni" else ("onednn",):
+                    pg = cpu.prepack_linear(c4, s4, b, impl=impl, group=64)
+                    paths[f"W4A4 group:64 ({impl})"] = lambda pg=pg: cpu.int8_linear(x, pg, act_bits=4)
         if cpu.fbgemm_available():
             pf = cpu.prepack_linear(codes, scale, b, impl="fbgemm")
             paths["fbgemm int8 dynamic/token"] = lambda: cpu.int8_linear(x, pf)
