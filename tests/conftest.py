@@ -103,3 +103,12 @@ def full_grid_kernels():
 
     if "fbgemm" not in available_backends() or not vnni_available():
         pytest.skip("needs CPU int8 kernels on the full 8-bit grid (VNNI)")
+
+
+@pytest.fixture
+def decode_gemm(monkeypatch):
+    """Weight-only layers on torch's packed kernels or the decode-GEMM, as on CPUs without AVX512-FP16
+    (where dmquant's fp16 kernel would otherwise take their 4-bit linears)."""
+    from dmquant.kernels import weight_only
+
+    monkeypatch.setattr(weight_only, "f16_fits", lambda layer: False)

@@ -120,7 +120,7 @@ def test_w4a8_convolution_on_the_int8_kernel_matches_fake():
 @pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:32", True), ("uint4", "group:64", False),
                                            ("int8", "channel", True)])
 @pytest.mark.parametrize("tokens,kernel", [(5, "aten int"), (weight_only.DECODE_MIN_TOKENS, "decoded per call")])
-def test_weight_only_kernels_match_the_decoded_weight(wfmt, gran, sym, tokens, kernel):
+def test_weight_only_kernels_match_the_decoded_weight(wfmt, gran, sym, tokens, kernel, decode_gemm):
     """bf16 activations times the exact decoded weight, in float64: the kernel differs only by bf16
     rounding of its scales and accumulation (relative 1e-2 of the output's peak). Few tokens run
     torch's packed kernels, many the decode-GEMM."""
@@ -140,7 +140,7 @@ def test_weight_only_kernels_match_the_decoded_weight(wfmt, gran, sym, tokens, k
 
 
 @pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:32", True), ("int4", "group:64", False), ("int8", "channel", True)])
-def test_fp32_inputs_of_packed_weight_only_layers_decode_exactly_as_simulated(wfmt, gran, sym):
+def test_fp32_inputs_of_packed_weight_only_layers_decode_exactly_as_simulated(wfmt, gran, sym, decode_gemm):
     """fp32 activations: a packed layer takes the fp32 decode-GEMM, bit for bit the simulated path; a
     float-master layer stays simulated (its cached fake weight is faster) and says why."""
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_fp32_inputs_of_packed_weight_only_layers_decode_exactly_as_simulated(wf
                                                 ("int4", "tensor", False, True), ("int8", "channel", True, True),
                                                 ("int4", "group:32", True, False), ("int4", "group:64", True, True),
                                                 ("int4", "group:64", False, False)])
-def test_decode_gemm_weight_is_the_exactly_rounded_dequantized_weight(wfmt, gran, sym, pack):
+def test_decode_gemm_weight_is_the_exactly_rounded_dequantized_weight(wfmt, gran, sym, pack, decode_gemm):
     """The decode-GEMM's weight against float64, element by element: (code - zero of its group) *
     bf16(scale of its group), rounded once to bf16, bit for bit (96 inputs: groups of 64 are ragged);
     a packed int4 layer lends its own codes (same storage, no second copy)."""

@@ -6,7 +6,11 @@ round half to even, clamp to the grid), so a kernel fed these codes sees the ref
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -15,6 +19,8 @@ ActGranularity = Literal["token", "tensor"]
 E4M3_MAX = 448.0
 
 
+log = logging.getLogger(__name__)
+_AVX512_ISAS = ("AVX512", "AVX10", "ALL", "DEFAULT")
 _VNNI_ISAS = ("VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL", "DEFAULT")
 
 
@@ -26,6 +32,32 @@ def vnni_available() -> bool:
         return False
     probe = getattr(torch.cpu, "_is_vnni_supported", None)
     return bool(probe is not None and probe())
+
+
+def avx512_capped() -> str | None:
+    """Why torch or oneDNN is told not to use AVX-512 here (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`),
+    else None: dmquant's own AVX-512 kernels then stand down too, so a capped run is a capped run."""
+    aten = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
+    if not aten.upper().startswith("AVX512"):
+        return f"torch's CPU capability is {aten} (ATEN_CPU_CAPABILITY), not AVX-512"
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap and not any(isa in cap for isa in _AVX512_ISAS):  # AVX2_VNNI has VNNI, not AVX-512
+        return f"ONEDNN_MAX_CPU_ISA={cap} caps the CPU below AVX-512"
+    return None
+
+
+@functools.cache
+def build_extension(name: str, source: Path, flags: tuple[str, ...]) -> tuple[object | None, str | None]:
+    """(dmquant's compiled C++ kernel module, None) or (None, why not): built by torch's extension
+    loader once per process (cached on disk by torch); any failure leaves the caller's fallback path."""
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        return None, "no C++ compiler to build it (set CXX)"
+    try:
+        from torch.utils.cpp_extension import load
+        log.info("building dmquant's %s kernel (once; cached by torch)", name)
+        return load(name=name, sources=[str(source)], extra_cflags=list(flags), verbose=False), None
+    except Exception as exc:  # noqa: BLE001 - any build failure means the fallback path runs instead
+        return None, f"its build failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
 def dynamic_scale(x2: torch.Tensor, granularity: ActGranularity, qmax: float, dim: int = -1) -> torch.Tensor:

@@ -13,21 +13,15 @@ path and `report` says which ran.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .common import vnni_available
+from .common import avx512_capped, build_extension, vnni_available
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "group_gemm.cpp"
-_AVX512_ISAS = ("AVX512", "AVX10", "ALL", "DEFAULT")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni")
 
 
 def cpu_reason() -> str | None:
@@ -35,28 +29,17 @@ def cpu_reason() -> str | None:
     flags = torch.cpu.get_capabilities()
     if not all(flags.get(f, False) for f in ("avx512_f", "avx512_bw", "avx512_vnni")):
         return "the CPU has no AVX512-VNNI"
-    aten = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY
-    if not aten.upper().startswith("AVX512"):
-        return f"torch's CPU capability is {aten} (ATEN_CPU_CAPABILITY), not AVX-512"
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap and not any(isa in cap for isa in _AVX512_ISAS):  # AVX2_VNNI has VNNI, not AVX-512
-        return f"ONEDNN_MAX_CPU_ISA={cap} caps the CPU below AVX-512"
+    capped = avx512_capped()
+    if capped:
+        return capped
     if not vnni_available():
         return "oneDNN reports no VNNI"
     return None
 
 
-@functools.cache
 def _build() -> tuple[object | None, str | None]:
     """(the compiled module, None) or (None, why not); built once per process, cached on disk by torch."""
-    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
-        return None, "no C++ compiler to build it (set CXX)"
-    try:
-        from torch.utils.cpp_extension import load
-        log.info("building dmquant's group-wise int8 kernel (once; cached by torch)")
-        return load(name="dmquant_group_gemm", sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False), None
-    except Exception as exc:  # noqa: BLE001 - any build failure means the oneDNN path runs instead
-        return None, f"its build failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return build_extension("dmquant_group_gemm", SOURCE, FLAGS)
 
 
 def unsupported_reason(group: int) -> str | None:

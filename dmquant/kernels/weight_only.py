@@ -18,7 +18,11 @@ Two ways to multiply, picked per layer from the token count of its first call:
   Both layouts give the codes back (`unpack_int4`: torch's CPU int4 layout stores, per block of 64
   output rows and per input, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63;
   checked against the op itself at first use), so a layer keeps only the kernel's copy.
-Both ways are for bf16 / fp16 activations, a W4A16 / W8A16 recipe's own definition; outputs carry
+On CPUs with AVX512-FP16, 4-bit linears take a third way at any token count (small bf16 / fp16
+batches excepted, which torch's packed kernels serve): *dmquant's fp16 kernel* (`f16_gemm`), products
+in fp16 at twice fp32's rate, activations of any float dtype rounded to fp16 per token, the codes its
+own nibble panels (read back exactly, so the layer holds one copy).
+The first two ways are for bf16 / fp16 activations, a W4A16 / W8A16 recipe's own definition; outputs carry
 their rounding (bf16: relative ~4e-3 against the float reference). fp32 activations on a packed layer
 take the decode-GEMM in fp32: bit for bit the simulated path's weight, decoded 6x faster than the
 generic decoder, but no faster than an fp32 model (torch's packed kernels run ~50x slower than fp32
@@ -34,6 +38,7 @@ import torch
 
 from ..granularity import PerChannel, PerGroup, PerTensor
 from ..primitives import element_format
+from . import f16_gemm
 from .common import channel_scale
 
 HALF = (torch.bfloat16, torch.float16)
@@ -101,10 +106,23 @@ def _aten_fits(layer) -> bool:  # noqa: ANN001
         and layer.out_features % 32 == 0
 
 
-def prepare(layer, dtype: torch.dtype, tokens: int | None = None) -> PackedWeightOnly:  # noqa: ANN001
-    """The layer's weight for the kernel its calls want: the decode-GEMM from `tokens` rows on
-    (None: unknown, decode), torch's packed kernels below when they take the layer."""
-    if tokens is None or tokens >= DECODE_MIN_TOKENS or dtype not in HALF or not _aten_fits(layer):
+def f16_fits(layer) -> bool:  # noqa: ANN001
+    """Whether dmquant's fp16 kernel takes the layer here: a linear with 4-bit integer codes on a CPU
+    with AVX512-FP16 (and a compiler)."""
+    spec = layer.weight_quantizer.spec
+    if not (hasattr(layer, "in_features") and spec.format in ("int4", "uint4")):
+        return False
+    return f16_gemm.unsupported_reason(spec.gran.size if isinstance(spec.gran, PerGroup) else None) is None
+
+
+def prepare(layer, dtype: torch.dtype, tokens: int | None = None) -> PackedWeightOnly | f16_gemm.PackedF16Gemm:  # noqa: ANN001
+    """The layer's weight for the kernel its calls want: torch's packed kernels for fewer than
+    `DECODE_MIN_TOKENS` 16-bit rows when they take the layer, else dmquant's fp16 kernel where it
+    runs, else the decode-GEMM (`tokens` None: not known yet)."""
+    few = tokens is not None and tokens < DECODE_MIN_TOKENS and dtype in HALF and _aten_fits(layer)
+    if not few and f16_fits(layer):
+        return _prepare_f16(layer)
+    if not few:
         return _prepare_decode(layer, dtype)
     wq = layer.weight_quantizer
     codes = layer.weight_codes()  # (out, in) grid values: signed int4 / uint4 / int8
@@ -123,6 +141,19 @@ def prepare(layer, dtype: torch.dtype, tokens: int | None = None) -> PackedWeigh
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.to(torch.int32).contiguous(), 1)
     pairs = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (groups, out, 2)
     return PackedWeightOnly(4, weight, pairs, group, bias, layer.out_features)
+
+
+def _prepare_f16(layer) -> f16_gemm.PackedF16Gemm:  # noqa: ANN001
+    """The layer's codes as 0..15 (a signed code c is c + 8, its zero point 8) in the fp16 kernel's panels."""
+    wq = layer.weight_quantizer
+    spec, qp = wq.spec, wq.qparams
+    out = layer.weight_shape[0]
+    low = element_format(spec.fmt, spec.symmetric).min_value
+    scale = _rows(qp.effective_scale(), out)
+    zero = torch.zeros_like(scale) if qp.zero_point is None else _rows(qp.zero_point, out)
+    group = spec.gran.size if isinstance(spec.gran, PerGroup) else None
+    codes = layer.weight_codes().reshape(out, -1)
+    return f16_gemm.pack((codes - low).to(torch.uint8), scale, zero - low, group, layer.bias)
 
 
 def _prepare_decode(layer, dtype: torch.dtype) -> PackedWeightOnly:  # noqa: ANN001
@@ -200,21 +231,25 @@ def int4_unpack_exact() -> bool:
         return False
 
 
-def gives_codes(packed: PackedWeightOnly) -> bool:
-    """torch's int8 always; its int4 when out_features fills whole 64-row blocks of a layout this torch
-    matches. The decode-GEMM holds the layer's own codes, so there is nothing to give back."""
+def gives_codes(packed: PackedWeightOnly | f16_gemm.PackedF16Gemm) -> bool:
+    """The fp16 kernel and torch's int8 always; torch's int4 when out_features fills whole 64-row blocks
+    of a layout this torch matches. The decode-GEMM holds the layer's own codes: nothing to give back."""
+    if isinstance(packed, f16_gemm.PackedF16Gemm):
+        return True
     if packed.decode:
         return False
     return packed.bits == 8 or (packed.out_features % INT4_BLOCK_N == 0 and int4_unpack_exact())
 
 
-def packed_codes(layer, packed: PackedWeightOnly) -> torch.Tensor:  # noqa: ANN001 - a QuantLinear
+def packed_codes(layer, packed: PackedWeightOnly | f16_gemm.PackedF16Gemm) -> torch.Tensor:  # noqa: ANN001
     """The layer's weight codes (out, in) as int8 grid values, read back from `packed`."""
     if not gives_codes(packed):
         raise ValueError(f"the int4 weight-only layout cannot give {layer.qname}'s codes back")
+    low = element_format(layer.weight_quantizer.spec.fmt, layer.weight_quantizer.spec.symmetric).min_value
+    if isinstance(packed, f16_gemm.PackedF16Gemm):
+        return f16_gemm.unpack(packed).to(torch.int8) + int(low)
     if packed.bits == 8:
         return packed.weight
-    low = element_format(layer.weight_quantizer.spec.fmt, layer.weight_quantizer.spec.symmetric).min_value
     return unpack_int4(packed.weight, packed.out_features, layer.in_features).to(torch.int8) + int(low)
 
 
