@@ -12,7 +12,7 @@ from torch import nn
 
 from dmquant.config import QuantSpec
 from dmquant.kernels import f16_gemm, weight_only
-from dmquant.nn import QuantLinear
+from dmquant.nn import QuantConv2d, QuantLinear
 
 needs_f16 = pytest.mark.skipif(f16_gemm.unsupported_reason() is not None,
                                reason=f"no fp16 kernel here: {f16_gemm.unsupported_reason()}")
@@ -29,9 +29,12 @@ def _weights(n: int, k: int, group: int | None, asym: bool, seed: int = 0):
     return q, scale, zero, (q.double() - per_input(zero)) * per_input(scale)
 
 
-def _check(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, bias: torch.Tensor | None) -> None:
-    ref = x.double() @ w64.T + (0 if bias is None else bias.double())
-    bound = 2.0 ** -5 * (x.double().abs() @ w64.abs().T) + 1e-6 * ref.abs().max()
+def _check(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, bias: torch.Tensor | None, conv: dict | None = None):
+    """`y` against float64, within the bound above; `conv`: F.conv2d's arguments (x, w64 then 4-D)."""
+    product = (lambda a, b: torch.nn.functional.conv2d(a, b, **conv)) if conv is not None else (lambda a, b: a @ b.T)
+    b64 = 0 if bias is None else bias.double().reshape(-1, *([1, 1] if conv is not None else []))
+    ref = product(x.double(), w64) + b64
+    bound = 2.0 ** -5 * product(x.double().abs(), w64.abs()) + 1e-6 * ref.abs().max()
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), float((err / bound).max())
     assert err.max() <= 2e-3 * ref.abs().max()
@@ -53,6 +56,25 @@ def test_f16_kernel_equals_float64_reference(m, k, n, group, asym, bias):
     y = f16_gemm.linear(x.reshape(1, m, k), packed)
     assert y.shape == (1, m, n) and y.dtype == torch.float32
     _check(y[0], x, w64, b)
+
+
+@needs_f16
+@pytest.mark.parametrize("n,c,h,w,out,kernel,stride,padding,dilation,group", [
+    (2, 8, 6, 6, 64, (3, 3), (1, 1), (1, 1), (1, 1), 24),      # ragged groups of the (c, i, j) inputs
+    (1, 6, 9, 20, 70, (3, 3), (2, 2), (0, 1), (1, 1), None),   # stride 2 (gathers), 20 columns (a ragged vector)
+    (3, 4, 11, 37, 64, (2, 3), (1, 2), (1, 0), (2, 1), 8),     # uneven kernel, dilation, padding and stride
+    (2, 16, 5, 5, 32, (1, 1), (1, 1), (0, 0), (1, 1), 16)])    # a 1x1 convolution
+def test_f16_convolution_equals_float64_reference(n, c, h, w, out, kernel, stride, padding, dilation, group):
+    k = c * kernel[0] * kernel[1]
+    q, scale, zero, w64 = _weights(out, k, group, asym=True)
+    b = torch.randn(out)
+    packed = f16_gemm.pack(q, scale, zero, group, b)
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(2)) * 3
+    x[0, :, :2] *= 1e-3  # windows with a wide range
+    y = f16_gemm.conv2d(x, packed, kernel, stride, padding, dilation)
+    conv = {"stride": stride, "padding": padding, "dilation": dilation}
+    assert y.dtype == torch.float32
+    _check(y, x, w64.reshape(out, c, *kernel), b, conv)
 
 
 @needs_f16
@@ -116,3 +138,21 @@ def test_w4a16_layers_run_on_the_f16_kernel_and_hold_one_copy(wfmt, gran, sym, d
     else:  # the output is rounded to bf16 too
         ref = x.double() @ w64.T + lin.bias.double()
         assert torch.allclose(y.double(), ref, rtol=0, atol=1e-2 * ref.abs().max().item())
+
+
+@needs_f16
+@pytest.mark.parametrize("gran,sym", [("group:24", True), ("channel", False)])
+def test_w4a16_convolutions_run_on_the_f16_kernel(gran, sym):
+    """A packed W4A16 Conv2d takes the fp16 kernel for fp32 inputs, holds one copy of its codes and
+    matches the float64 convolution of its decoded weight."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    q = QuantConv2d.from_float(conv, QuantSpec("int4", gran, symmetric=sym), None, backend="cpu", name="c")
+    q.pack_weight()
+    codes, w64 = q.packed_codes().clone(), q.decoded_weight(torch.float64)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        y = q(x)
+    assert "AVX512-FP16 kernel: activations in fp16 per pixel's window" in q.kernel_name()
+    assert q._buffers["weight_packed"] is None and torch.equal(q.packed_codes(), codes)
+    _check(y, x, w64, conv.bias.detach(), {"padding": (1, 1)})

@@ -186,7 +186,7 @@ def test_decode_gemm_weight_is_the_exactly_rounded_dequantized_weight(wfmt, gran
 
 @pytest.mark.parametrize("wfmt,gran,sym", [("int4", "group:24", True), ("int4", "group:64", True),
                                            ("int4", "channel", False), ("int8", "channel", True)])
-def test_weight_only_convolution_matches_the_decoded_weight(wfmt, gran, sym):
+def test_weight_only_convolution_matches_the_decoded_weight(wfmt, gran, sym, decode_gemm):
     """A W4A16 / W8A16 convolution runs its decoded 16-bit weight on the bf16 convolution: against the
     float64 convolution of the exact decoded weight, bf16 rounding only (relative 1e-2 of the peak)."""
     torch.manual_seed(0)

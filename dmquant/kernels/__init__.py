@@ -12,7 +12,7 @@ it. Layers no kernel accepts run simulated (fake quantization of packed codes de
 |          | group-wise weights: linears on dmquant's VNNI kernel (else one oneDNN GEMM per group),      |
 |          | convolutions re-quantized to int8 per channel                                               |
 | cpu      | cpu-int, then cpu-weight-only: int4 / int8 weights with bf16/fp16 activations (+ conv);  |
-|          | 4-bit linears on dmquant's AVX512-FP16 kernel where the CPU has it (any float input)        |
+|          | 4-bit linears and 2-D convs on dmquant's AVX512-FP16 kernel where the CPU has it            |
 | cuda     | cuda-int8 (`torch._int_mm`), cuda-fp8 (`torch._scaled_mm`)                                   |
 | auto     | the kernels of the device the weights are on                                                |
 
@@ -190,9 +190,7 @@ class WeightOnlyKernel:
         return weight_only.packed_codes(layer, packed)
 
     def run(self, layer: Any, packed: Any, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(packed, f16_gemm.PackedF16Gemm):
-            return f16_gemm.linear(x, packed).to(x.dtype)
-        x16 = x.to(packed.scales.dtype)
+        x16 = x if isinstance(packed, f16_gemm.PackedF16Gemm) else x.to(packed.scales.dtype)
         y = weight_only.linear(x16, packed) if _is_linear(layer) else weight_only.conv(layer, x16, packed)
         return y.to(x.dtype)
 
@@ -201,7 +199,8 @@ class WeightOnlyKernel:
         if isinstance(packed, f16_gemm.PackedF16Gemm) or (packed is None and weight_only.f16_fits(layer)):
             aten = f"; aten int{bits}pack below {weight_only.DECODE_MIN_TOKENS} bf16/fp16 tokens" \
                 if packed is None and weight_only._aten_fits(layer) else ""
-            return (f"W{bits}A16 weight-only (dmquant's AVX512-FP16 kernel: activations in fp16 per token, "
+            rows = "token" if _is_linear(layer) else "pixel's window"
+            return (f"W{bits}A16 weight-only (dmquant's AVX512-FP16 kernel: activations in fp16 per {rows}, "
                     f"int{bits} codes decoded per panel{aten})")
         width = "fp32" if packed is not None and packed.scales.dtype == torch.float32 else "16-bit"
         decode = f"{width} {'GEMM' if _is_linear(layer) else 'convolution'} on codes decoded per call"

@@ -123,3 +123,23 @@ def linear(x: torch.Tensor, packed: PackedF16Gemm) -> torch.Tensor:
     if y.shape[1] != packed.out_features:
         y = y[:, :packed.out_features]
     return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+
+def conv2d(x: torch.Tensor, packed: PackedF16Gemm, kernel: tuple[int, int], stride: tuple[int, int],
+           padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """A 2-D convolution (groups 1, zero padding) as one GEMM over its windows, one row a pixel, each
+    scaled to fp16 by its own power of two (the windows are written in fp16 directly, input pairs
+    outermost). Returns float32 (N, out, H', W'), a channels-last view."""
+    module = _module()
+    a, row = module.conv_rows(x.float().contiguous(), list(kernel), list(stride), list(padding), list(dilation),
+                              packed.weight.shape[1] * 2)
+    y = module.f16_gemm(a, row, packed.weight, packed.scale, packed.zero, packed.group, packed.col, packed.bias)
+    n, h, w = x.shape[0], *_out_size(x.shape[2:], kernel, stride, padding, dilation)
+    return y[:, :packed.out_features].view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _out_size(size: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int]) -> tuple[int, int]:
+    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1  # type: ignore[return-value]
+                 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))

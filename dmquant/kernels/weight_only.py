@@ -18,10 +18,11 @@ Two ways to multiply, picked per layer from the token count of its first call:
   Both layouts give the codes back (`unpack_int4`: torch's CPU int4 layout stores, per block of 64
   output rows and per input, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows 32-63;
   checked against the op itself at first use), so a layer keeps only the kernel's copy.
-On CPUs with AVX512-FP16, 4-bit linears take a third way at any token count (small bf16 / fp16
+On CPUs with AVX512-FP16, 4-bit linears and 2-D convolutions take a third way at any token count (small bf16 / fp16
 batches excepted, which torch's packed kernels serve): *dmquant's fp16 kernel* (`f16_gemm`), products
 in fp16 at twice fp32's rate, activations of any float dtype rounded to fp16 per token, the codes its
-own nibble panels (read back exactly, so the layer holds one copy).
+own nibble panels (read back exactly, so the layer holds one copy); a convolution multiplies its
+windows, written in fp16 one row a pixel, on the same GEMM.
 The first two ways are for bf16 / fp16 activations, a W4A16 / W8A16 recipe's own definition; outputs carry
 their rounding (bf16: relative ~4e-3 against the float reference). fp32 activations on a packed layer
 take the decode-GEMM in fp32: bit for bit the simulated path's weight, decoded 6x faster than the
@@ -107,10 +108,14 @@ def _aten_fits(layer) -> bool:  # noqa: ANN001
 
 
 def f16_fits(layer) -> bool:  # noqa: ANN001
-    """Whether dmquant's fp16 kernel takes the layer here: a linear with 4-bit integer codes on a CPU
-    with AVX512-FP16 (and a compiler)."""
+    """Whether dmquant's fp16 kernel takes the layer here: a linear, or a 2-D convolution (groups 1,
+    zero padding given as numbers), with 4-bit integer codes, on a CPU with AVX512-FP16 (and a compiler)."""
     spec = layer.weight_quantizer.spec
-    if not (hasattr(layer, "in_features") and spec.format in ("int4", "uint4")):
+    if spec.format not in ("int4", "uint4"):
+        return False
+    conv = isinstance(layer, torch.nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros" \
+        and not isinstance(layer.padding, str)
+    if not (hasattr(layer, "in_features") or conv):
         return False
     return f16_gemm.unsupported_reason(spec.gran.size if isinstance(spec.gran, PerGroup) else None) is None
 
@@ -253,12 +258,16 @@ def packed_codes(layer, packed: PackedWeightOnly | f16_gemm.PackedF16Gemm) -> to
     return unpack_int4(packed.weight, packed.out_features, layer.in_features).to(torch.int8) + int(low)
 
 
-def conv(layer, x: torch.Tensor, packed: PackedWeightOnly) -> torch.Tensor:  # noqa: ANN001 - a QuantConv
-    """The decode-GEMM of a convolution: its decoded 16-bit weight on the 16-bit convolution."""
+def conv(layer, x: torch.Tensor, packed: PackedWeightOnly | f16_gemm.PackedF16Gemm) -> torch.Tensor:  # noqa: ANN001
+    """A convolution on the fp16 kernel, or its decoded 16-bit weight on the 16-bit convolution."""
+    if isinstance(packed, f16_gemm.PackedF16Gemm):
+        return f16_gemm.conv2d(x, packed, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     return layer._conv_forward(x, decode(packed).reshape(layer.weight_shape), packed.bias)
 
 
-def linear(x: torch.Tensor, packed: PackedWeightOnly) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: PackedWeightOnly | f16_gemm.PackedF16Gemm) -> torch.Tensor:
+    if isinstance(packed, f16_gemm.PackedF16Gemm):
+        return f16_gemm.linear(x, packed)
     if packed.decode:
         return torch.nn.functional.linear(x, decode(packed), packed.bias)
     x2 = x.reshape(-1, x.shape[-1])

@@ -143,6 +143,91 @@ std::vector<torch::Tensor> half_rows(torch::Tensor x, int64_t k_pad) {
   return {out, row};
 }
 
+// The fp16 activations of a 2-D convolution (zero padding), one row per output pixel m = (n, oy, ox) with
+// the inputs k = (c, i, j) of its window (a weight's (C, kh, kw) order): (M, K_pad), each row scaled by the power of two just above its window's largest magnitude (`row`, (M,)). Pixels
+// run along a vector, so every load reads consecutive inputs (stride 1) or gathers (larger strides).
+std::vector<torch::Tensor> conv_rows(torch::Tensor x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                                     std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t k_pad) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(), "x: contiguous float32 (N, C, H, W)");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  const int64_t K = C * kh * kw, M = N * OH * OW, HW = H * W;
+  TORCH_CHECK(OH > 0 && OW > 0 && k_pad >= K && k_pad % 2 == 0, "empty output, or k_pad odd or below K");
+  auto out = torch::empty({M, k_pad}, x.options().dtype(torch::kFloat16));
+  auto row = torch::empty({M}, x.options());
+  auto inv = torch::empty({M}, x.options());
+  auto peak = torch::empty({N, H, W}, x.options());
+  const float* px = x.data_ptr<float>();
+  float* pp = peak.data_ptr<float>();
+  float* pr = row.data_ptr<float>();
+  float* pi = inv.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {  // each pixel's largest |x| over the channels
+    for (int64_t n = n0; n < n1; ++n) {
+      float* pk = pp + n * HW;
+      std::fill(pk, pk + HW, 0.0f);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < HW; ++i) pk[i] = std::max(pk[i], std::fabs(px[(n * C + c) * HW + i]));
+    }
+  });
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {  // ... and over each window
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t n = m / (OH * OW), oy = m / OW % OH, ox = m % OW;
+      float big = 0.0f;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t y = oy * sh - ph + i * dh;
+        if (y < 0 || y >= H) continue;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t xx = ox * sw - pw + j * dw;
+          if (xx >= 0 && xx < W) big = std::max(big, pp[(n * H + y) * W + xx]);
+        }
+      }
+      int e = 0;
+      if (std::isfinite(big) && big > 0) std::frexp(big, &e);
+      pr[m] = std::ldexp(1.0f, e);
+      pi[m] = std::ldexp(1.0f, -e);
+    }
+  });
+  at::Half* po = out.data_ptr<at::Half>();
+  // value of input k at output pixels (n, oy, ox0 .. ox0 + 15), zero outside the image or past K
+  const auto load = [&](int64_t k, int64_t n, int64_t oy, int64_t ox0, __mmask16 lanes) -> __m512 {
+    if (k >= K) return _mm512_setzero_ps();
+    const int64_t c = k / (kh * kw), i = k / kw % kh, j = k % kw;
+    const int64_t y = oy * sh - ph + i * dh;
+    if (y < 0 || y >= H) return _mm512_setzero_ps();
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i xs = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(ox0 * sw - pw + j * dw)),
+                                        _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(sw))));
+    const __mmask16 inside = lanes & _mm512_cmpge_epi32_mask(xs, _mm512_setzero_si512()) &
+                             _mm512_cmplt_epi32_mask(xs, _mm512_set1_epi32(static_cast<int32_t>(W)));
+    const float* base = px + ((n * C + c) * H + y) * W;
+    if (sw == 1) return _mm512_maskz_loadu_ps(inside, base + (ox0 - pw + j * dw));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, xs, base, 4);
+  };
+  // 16 pixels a vector, every pair of their windows, each pair scattered to its 16 rows (a rising
+  // column of each, so the rows' cache lines fill as the pairs pass)
+  const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int32_t>(k_pad / 2)));
+  const int64_t blocks = (OW + 15) / 16;
+  at::parallel_for(0, N * OH * blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n = blk / (OH * blocks), oy = blk / blocks % OH, ox0 = blk % blocks * 16;
+      const __mmask16 lanes = OW - ox0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (OW - ox0)) - 1);
+      const int64_t m = (n * OH + oy) * OW + ox0;
+      const __m512 s = _mm512_maskz_loadu_ps(lanes, pi + m);
+      const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      int32_t* dst = reinterpret_cast<int32_t*>(po + m * k_pad);
+      for (int64_t p = 0; p < k_pad / 2; ++p) {
+        const __m512i a = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(_mm512_mul_ps(load(2 * p, n, oy, ox0, lanes), s), nearest));
+        const __m512i b = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(_mm512_mul_ps(load(2 * p + 1, n, oy, ox0, lanes), s), nearest));
+        _mm512_mask_i32scatter_epi32(dst + p, lanes, rows16, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)), 4);
+      }
+    }
+  });
+  return {out, row};
+}
+
 torch::Tensor f16_gemm(torch::Tensor a, torch::Tensor row, torch::Tensor w, torch::Tensor s, torch::Tensor z,
                        int64_t group, torch::Tensor col, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(a.dtype() == torch::kFloat16 && a.dim() == 2 && a.is_contiguous(), "a: contiguous float16 (M, K)");
@@ -161,7 +246,7 @@ torch::Tensor f16_gemm(torch::Tensor a, torch::Tensor row, torch::Tensor w, torc
   auto out = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
   const at::Half* pa = a.data_ptr<at::Half>();
   const uint8_t* pw = w.data_ptr<uint8_t>();
-  const at::Half* ps = s.data_ptr<at::Half>();
+  const at::Half* pscale = s.data_ptr<at::Half>();
   const at::Half* pz = z.data_ptr<at::Half>();
   const float* pr = row.data_ptr<float>();
   const float* pc = col.data_ptr<float>();
@@ -171,7 +256,7 @@ torch::Tensor f16_gemm(torch::Tensor a, torch::Tensor row, torch::Tensor w, torc
   at::parallel_for(0, N / kPanel, 1, [&](int64_t n0, int64_t n1) {
     std::vector<_Float16> panel(pairs * kPairs);
     for (int64_t nb = n0; nb < n1; ++nb) {
-      decode_panel(pw + nb * pairs * 64, pairs, ps + nb * G * kPairs, pz + nb * G * kPairs, group / 2, panel.data());
+      decode_panel(pw + nb * pairs * 64, pairs, pscale + nb * G * kPairs, pz + nb * G * kPairs, group / 2, panel.data());
       rows<kRows>(pa, K, M, panel.data(), pairs, pr, pc + nb * kPanel, pb ? pb + nb * kPanel : nullptr,
                   po + nb * kPanel, N);
     }
@@ -181,6 +266,9 @@ torch::Tensor f16_gemm(torch::Tensor a, torch::Tensor row, torch::Tensor w, torc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_rows", &half_rows, "fp16 rows scaled per row by a power of two", py::arg("x"), py::arg("k_pad"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("conv_rows", &conv_rows, "fp16 windows of a 2-D convolution, in pairs", py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("k_pad"),
         py::call_guard<py::gil_scoped_release>());
   m.def("f16_gemm", &f16_gemm, "int4 x fp16 GEMM (AVX512-FP16)", py::arg("a"), py::arg("row"), py::arg("w"),
         py::arg("s"), py::arg("z"), py::arg("group"), py::arg("col"), py::arg("bias") = py::none(),
