@@ -108,7 +108,7 @@ def _block_qparams(xb: torch.Tensor, fmt: BlockFormat) -> QParams:
 
 def _scaled(xb: torch.Tensor, qp: QParams) -> torch.Tensor:
     v = xb / qp.effective_scale().unsqueeze(-1)
-    return v if qp.zero_point is None else v + qp.zero_point.unsqueeze(-1)
+    return v if qp.zero_point is None else v.add_(qp.zero_point.unsqueeze(-1))
 
 
 def _check_shapes(xb: torch.Tensor, qp: QParams) -> None:
@@ -124,8 +124,15 @@ def quantize(x: torch.Tensor, fmt: Format, gran: Granularity, qp: QParams) -> to
     return from_blocks(grid.round(_scaled(xb.float(), qp)), x.shape)
 
 
-def dequantize(codes: torch.Tensor, gran: Granularity, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, gran: Granularity, qp: QParams, dtype: torch.dtype = torch.float32,
+               inplace: bool = False) -> torch.Tensor:
+    """(codes - zero) * scale; `inplace`: in the float32 `codes` buffer itself (a weight-sized temporary
+    fewer when the codes are a caller's scratch, as in `fake_quantize`)."""
     cb = to_blocks(codes.float(), gran)
+    if inplace and cb.data_ptr() == codes.data_ptr():  # to_blocks made no padded copy
+        if qp.zero_point is not None:
+            cb.sub_(qp.zero_point.unsqueeze(-1))
+        return from_blocks(cb.mul_(qp.effective_scale().unsqueeze(-1)), codes.shape).to(dtype)
     if qp.zero_point is not None:
         cb = cb - qp.zero_point.unsqueeze(-1)
     return from_blocks(cb * qp.effective_scale().unsqueeze(-1), codes.shape).to(dtype)
@@ -138,7 +145,7 @@ def fake_quantize(x: torch.Tensor, fmt: Format, gran: Granularity, qp: QParams) 
     scale receives LSQ-style gradients because it is used differentiably around the rounding.
     """
     if not (torch.is_grad_enabled() and (x.requires_grad or qp.scale.requires_grad)):
-        return dequantize(quantize(x, fmt, gran, qp), gran, qp, x.dtype)
+        return dequantize(quantize(x, fmt, gran, qp), gran, qp, x.dtype, inplace=True)
     grid = element_format(fmt, qp.zero_point is None)
     xb = to_blocks(x, gran)
     _check_shapes(xb, qp)

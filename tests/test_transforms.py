@@ -89,6 +89,28 @@ def test_activation_stats_per_bucket_and_bounded():
         layer(torch.randn(2, 8))
 
 
+def test_activation_stats_share_the_rows_of_one_input_and_release_them():
+    """q, k and v fed the very same tensor keep one sample of its rows; a call where v sees another
+    input ends v's sharing (it goes on with its own rows); releasing q hands its rows on to k."""
+    q, k, v, o = dmquant.quantize(nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]), "w8a8")
+    torch.manual_seed(0)
+    xs = [torch.randn(40, 8) for _ in range(3)]
+    with ActivationStats({"q": q, "k": k, "v": v, "o": o}, samples=16) as stats:
+        for x in xs[:2]:
+            q(x), k(x), v(x), o(x + 1)
+        q(xs[2]), k(xs[2]), v(xs[2] * 2), o(xs[2])
+    rows = {tuple(r.tolist()) for r in torch.cat(xs)}
+    assert all(tuple(r.tolist()) in rows for r in stats.sample("q")[0]) and stats.sample("q")[0].shape == (16, 8)
+    assert stats.sample("k")[0] is stats.sample("q")[0]  # one copy
+    assert stats.sample("v")[0] is not stats.sample("q")[0] and stats.sample("v")[0].shape == (16, 8)
+    assert not torch.equal(stats.sample("o")[0], stats.sample("q")[0])
+    kept = stats.sample("q")[0]
+    stats.release("q")
+    assert stats.sample("q") == {} and stats.sample("k")[0] is kept
+    stats.release("k")
+    assert stats.sample("k") == {} and "q" in stats.absmax and stats.sample("o")[0].shape == (16, 8)
+
+
 # -- transforms keep the float model ------------------------------------------------------------------
 CASES = {
     "unet": [("smoothquant", {"alpha": 0.5}), ("rotate", {}), ("svd", {"rank": 8})],

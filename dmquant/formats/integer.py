@@ -54,7 +54,7 @@ class IntFormat(Format):
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         # torch.round is round-half-to-even, as the integer grid needs.
-        return torch.round(x).clamp(self.qmin, self.qmax)
+        return torch.round(x).clamp_(self.qmin, self.qmax)  # in place on round's own output
 
     def encode(self, values: torch.Tensor) -> torch.Tensor:
         return (values.to(torch.int16) & (2**self.bits - 1)).to(torch.uint8)

@@ -54,10 +54,12 @@ def _randomized_svd(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return (q @ ub)[:, :k], s[:k], vh[:k]
 
 
-def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRankSplit:
+def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype, overwrite: bool = False) -> LowRankSplit:
     """Top-`rank` SVD factors of a 2-D weight (computed in float64, stored in `dtype`); exact for
-    weights up to EXACT_SVD_MAX on their short side, randomized above (`_randomized_svd`)."""
-    w = w2d.detach().double()
+    weights up to EXACT_SVD_MAX on their short side, randomized above (`_randomized_svd`).
+    `overwrite`: a float64 `w2d` the caller no longer needs becomes the residual (one weight-sized
+    float64 buffer fewer; the smoothing search's trial weights)."""
+    w = w2d.detach() if overwrite and w2d.dtype == torch.float64 else w2d.detach().double()
     r = max(0, min(rank, *w.shape))
     if min(w.shape) <= EXACT_SVD_MAX or r == 0:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -65,11 +67,15 @@ def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRankSplit:
         u, s, vh = u[:, :r], s[:r], vh[:r]
     else:  # U_r S_r V_r^T projects W, so the residual norm is sqrt(||W||^2 - sum s_r^2)
         u, s, vh = _randomized_svd(w, r)
-        tail = float((w.square().sum() - s.square().sum()).clamp_min(0).sqrt())
+        flat = w.reshape(-1)
+        tail = float((torch.dot(flat, flat) - s.square().sum()).clamp_min(0).sqrt())  # no squared copy
     root = s.sqrt()
     up, down = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
-    residual = torch.addmm(w, up.double(), down.double(), alpha=-1)  # L1 L2 + R = W in the stored precision;
-    # addmm: no float64 product temporary (a weight-sized copy, the search's largest transient)
+    # L1 L2 + R = W in the stored precision; addmm: no float64 product temporary (a weight-sized copy),
+    # in place where w is a buffer of this call's own (or the caller's to overwrite)
+    owned = overwrite or w.data_ptr() != w2d.data_ptr()
+    up64, down64 = up.double(), down.double()
+    residual = w.addmm_(up64, down64, alpha=-1) if owned else torch.addmm(w, up64, down64, alpha=-1)
     return LowRankSplit(down, up, residual, tail)
 
 

@@ -43,7 +43,8 @@ def weight_absmax(weight: torch.Tensor) -> torch.Tensor:
 
 
 def scale_columns(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return weight.double() * s.reshape(1, -1, *[1] * (weight.dim() - 2))
+    """W s in float64 (a new tensor; scaled in place of the one float64 copy)."""
+    return weight.detach().to(torch.float64, copy=True).mul_(s.reshape(1, -1, *[1] * (weight.dim() - 2)))
 
 
 @dataclass
@@ -111,6 +112,8 @@ def apply_smoothquant(modules: list[nn.Module], run: Callable[[], Any],
             if best_alpha is not None:
                 _apply(g, mods, s)
             chosen[label] = best_alpha
+            for k in seen.values():  # each layer is in one group: its samples are done with
+                stats.release(k)
             release_freed_memory()  # the search's float64 trial weights, before the next group's
     return chosen
 
@@ -154,7 +157,7 @@ def _smooth_layer(layer: QuantModule, weight: torch.Tensor, s: torch.Tensor, ran
     ws = scale_columns(weight, s)
     transform_of(layer).set_smoothing(s.to(weight), folded=False)
     if rank > 0:
-        split = svd_split(ws.reshape(ws.shape[0], -1), rank, weight.dtype)
+        split = svd_split(ws.reshape(ws.shape[0], -1), rank, weight.dtype, overwrite=True)
         layer.lowrank = LowRankBranch.build(layer, split.down, split.up, split.rank)
         ws = split.residual.reshape(ws.shape)
     set_weight(layer, ws)

@@ -9,6 +9,7 @@ for timestep-aware smoothing.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,10 @@ class ActivationStats:
         self._kept: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {n: {} for n in layers}
         self._gen = torch.Generator().manual_seed(seed)
         self._handles: list[Any] = []
+        # linears fed the very same tensor as the linear hooked just before (q, k and v) share that
+        # layer's kept rows instead of a copy of their own: (input, owner, bucket) of the last hook
+        self._alias: dict[str, str] = {}
+        self._last: tuple[weakref.ref, str, int] | None = None
 
     def _bucket(self) -> int:
         if self.buckets == 1:
@@ -52,6 +57,8 @@ class ActivationStats:
             units = x.reshape(-1, x.shape[-1]) if axis == x.dim() - 1 else self._crop(layer, x)
             cap = self.samples if units.dim() == 2 else max(1, math.ceil(self.samples / math.prod(units.shape[2:])))
             keys = torch.rand(units.shape[0], generator=self._gen)
+            if units.dim() == 2 and self._shares(name, args[0], b):
+                return
             if b in self._kept[name]:
                 old_keys, old_units = self._kept[name][b]
                 keys, units = torch.cat([old_keys, keys]), torch.cat([old_units, units])
@@ -61,6 +68,21 @@ class ActivationStats:
             release_freed_memory()  # the concatenation, which would stay on the heap (dmquant.memory)
 
         return hook
+
+    def _shares(self, name: str, src: torch.Tensor, bucket: int) -> bool:
+        """Whether `name` reads its rows from the layer whose input `src` also was (recording nothing of
+        its own). Decided at a layer's first call; a later call with another input ends the sharing
+        (the layer then keeps a copy of the rows so far, a valid sample of its own inputs, and goes on)."""
+        last, owner = self._last, self._alias.get(name)
+        same = last is not None and last[0]() is src and last[2] == bucket
+        if owner is None and same and not self._kept[name] and last[1] != name:
+            owner = self._alias[name] = last[1]
+        elif owner is not None and not (same and last[1] == owner):
+            self._kept[name] = dict(self._kept[owner])
+            del self._alias[name]
+            owner = None
+        self._last = (weakref.ref(src), owner or name, bucket)
+        return owner is not None
 
     def _crop(self, layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
         """A random spatial window of about `samples` output positions (plus the kernel's reach), so
@@ -75,7 +97,22 @@ class ActivationStats:
 
     def sample(self, name: str) -> dict[int, torch.Tensor]:
         """{bucket: kept inputs} of a layer."""
-        return {b: units for b, (_, units) in sorted(self._kept[name].items())}
+        kept = self._kept[self._alias.get(name, name)]
+        return {b: units for b, (_, units) in sorted(kept.items())}
+
+    def release(self, name: str) -> None:
+        """Drop a layer's kept inputs (its absmax stays): a search frees each group's once it is done,
+        so the largest later transients do not sit on top of every layer's samples. Rows another layer
+        shares stay until that layer is released too."""
+        owner = self._alias.pop(name, None)
+        if owner is None and name in self._alias.values():  # hand the rows to one of the sharers
+            heir = next(n for n, o in self._alias.items() if o == name)
+            self._kept[heir] = self._kept[name]
+            for n, o in list(self._alias.items()):
+                if o == name:
+                    self._alias[n] = heir
+            del self._alias[heir]
+        self._kept[name] = {}
 
     def __enter__(self) -> "ActivationStats":
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
