@@ -128,8 +128,8 @@ def dequantize(codes: torch.Tensor, gran: Granularity, qp: QParams, dtype: torch
                inplace: bool = False) -> torch.Tensor:
     """(codes - zero) * scale; `inplace`: in the float32 `codes` buffer itself (a weight-sized temporary
     fewer when the codes are a caller's scratch, as in `fake_quantize`)."""
-    cb = to_blocks(codes.float(), gran)
-    if inplace and cb.data_ptr() == codes.data_ptr():  # to_blocks made no padded copy
+    cb = to_blocks(codes.float(), gran)  # a view of the codes, or a padded copy: scratch either way
+    if inplace:
         if qp.zero_point is not None:
             cb.sub_(qp.zero_point.unsqueeze(-1))
         return from_blocks(cb.mul_(qp.effective_scale().unsqueeze(-1)), codes.shape).to(dtype)

@@ -73,7 +73,7 @@ def svd_split(w2d: torch.Tensor, rank: int, dtype: torch.dtype, overwrite: bool 
     up, down = (u * root).to(dtype), (root[:, None] * vh).to(dtype)
     # L1 L2 + R = W in the stored precision; addmm: no float64 product temporary (a weight-sized copy),
     # in place where w is a buffer of this call's own (or the caller's to overwrite)
-    owned = overwrite or w.data_ptr() != w2d.data_ptr()
+    owned = overwrite or w2d.dtype != torch.float64  # .double() copied it
     up64, down64 = up.double(), down.double()
     residual = w.addmm_(up64, down64, alpha=-1) if owned else torch.addmm(w, up64, down64, alpha=-1)
     return LowRankSplit(down, up, residual, tail)
