@@ -156,3 +156,28 @@ def test_w4a16_convolutions_run_on_the_f16_kernel(gran, sym):
     assert "AVX512-FP16 kernel: activations in fp16 per pixel's window" in q.kernel_name()
     assert q._buffers["weight_packed"] is None and torch.equal(q.packed_codes(), codes)
     _check(y, x, w64, conv.bias.detach(), {"padding": (1, 1)})
+
+
+@needs_f16
+def test_f16_kernel_extremes_stay_finite():
+    """A group whose codes all sit on the zero point (so its scale bounds nothing) beside tiny weights,
+    rows of denormals and rows near FLT_MAX: finite, within the bound; an empty batch; wrong widths."""
+    q, scale, zero, _ = _weights(64, 128, 32, asym=False)
+    q[0, :32] = 8  # the zero point: a group of zeros with scale 1, as min-max gives it
+    scale[0, 0], scale[0, 1:] = 1.0, 1e-6
+    w64 = (q.double() - 8) * scale.double().repeat_interleave(32, dim=1)
+    packed = f16_gemm.pack(q, scale, zero, 32)
+    x = torch.randn(3, 128)
+    x[1] *= 1e-39  # float32 denormals
+    x[2] *= 1e37
+    y = f16_gemm.linear(x, packed)
+    assert torch.isfinite(y).all()
+    for i in range(3):  # each row against its own scale
+        _check(y[i:i + 1], x[i:i + 1], w64, None)
+    assert f16_gemm.linear(torch.zeros(0, 128), packed).shape == (0, 64)
+    with pytest.raises(ValueError, match="takes 128 inputs"):
+        f16_gemm.linear(torch.zeros(2, 100), packed)
+    conv = f16_gemm.pack(*_weights(16, 8 * 9, None, False)[:3])
+    assert f16_gemm.conv2d(torch.zeros(0, 8, 6, 6), conv, (3, 3), (1, 1), (1, 1), (1, 1)).shape == (0, 16, 6, 6)
+    with pytest.raises(ValueError, match="takes 8 channels"):
+        f16_gemm.conv2d(torch.zeros(1, 4, 6, 6), conv, (3, 3), (1, 1), (1, 1), (1, 1))

@@ -89,26 +89,40 @@ def test_activation_stats_per_bucket_and_bounded():
         layer(torch.randn(2, 8))
 
 
+def _rows_of(sample: torch.Tensor, *inputs: torch.Tensor) -> bool:
+    rows = {tuple(r.tolist()) for r in torch.cat(inputs)}
+    return all(tuple(r.tolist()) in rows for r in sample)
+
+
 def test_activation_stats_share_the_rows_of_one_input_and_release_them():
     """q, k and v fed the very same tensor keep one sample of its rows; a call where v sees another
-    input ends v's sharing (it goes on with its own rows); releasing q hands its rows on to k."""
+    input ends v's sharing: it keeps the rows of the calls it shared and goes on with its own (never
+    q's rows of inputs v did not see); an input modified in place, or an owner called alone, is not
+    shared; releasing q leaves k's rows."""
     q, k, v, o = dmquant.quantize(nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]), "w8a8")
     torch.manual_seed(0)
-    xs = [torch.randn(40, 8) for _ in range(3)]
-    with ActivationStats({"q": q, "k": k, "v": v, "o": o}, samples=16) as stats:
+    xs = [torch.randn(40, 8) for _ in range(4)]
+    with ActivationStats({"q": q, "k": k, "v": v, "o": o}, samples=64) as stats:
         for x in xs[:2]:
             q(x), k(x), v(x), o(x + 1)
         q(xs[2]), k(xs[2]), v(xs[2] * 2), o(xs[2])
-    rows = {tuple(r.tolist()) for r in torch.cat(xs)}
-    assert all(tuple(r.tolist()) in rows for r in stats.sample("q")[0]) and stats.sample("q")[0].shape == (16, 8)
-    assert stats.sample("k")[0] is stats.sample("q")[0]  # one copy
-    assert stats.sample("v")[0] is not stats.sample("q")[0] and stats.sample("v")[0].shape == (16, 8)
-    assert not torch.equal(stats.sample("o")[0], stats.sample("q")[0])
-    kept = stats.sample("q")[0]
-    stats.release("q")
-    assert stats.sample("q") == {} and stats.sample("k")[0] is kept
-    stats.release("k")
-    assert stats.sample("k") == {} and "q" in stats.absmax and stats.sample("o")[0].shape == (16, 8)
+        x3 = xs[3].clone()
+        q(x3), x3.mul_(3), k(x3)
+    assert stats.sample("q")[0].shape == (64, 8) and _rows_of(stats.sample("q")[0], *xs)
+    assert _rows_of(stats.sample("v")[0], xs[0], xs[1], xs[2] * 2)  # not q's rows of xs[2]
+    assert _rows_of(stats.sample("k")[0], *xs[:3], xs[3] * 3)  # shared until x3 changed in place
+    assert not _rows_of(stats.sample("k")[0], *xs[:3])
+    with ActivationStats({"a": q, "b": k}, samples=200) as alone:
+        q(xs[0]), k(xs[0]), q(xs[1]), q(xs[2]), k(xs[2])  # a called alone in between: b never saw xs[1]
+    assert _rows_of(alone.sample("b")[0], xs[0], xs[2]) and alone.sample("b")[0].shape == (80, 8)
+    with ActivationStats({"q": q, "k": k}, samples=16) as shared:
+        q(xs[0]), k(xs[0])
+    assert shared.sample("k")[0] is shared.sample("q")[0]  # one copy
+    kept = shared.sample("k")[0]
+    shared.release("q")
+    assert shared.sample("q") == {} and shared.sample("k")[0] is kept
+    shared.release("k")
+    assert shared.sample("k") == {} and "q" in shared.absmax
 
 
 # -- transforms keep the float model ------------------------------------------------------------------

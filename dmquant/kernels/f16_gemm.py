@@ -22,6 +22,7 @@ from .common import avx512_capped, build_extension
 SOURCE = Path(__file__).with_name("csrc") / "f16_gemm.cpp"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512fp16", "-mf16c")
 PANEL, K_STEP = 64, 64  # output columns a panel; inputs are padded to whole fp16 partial sums
+FP16_MAX = 65504.0
 
 
 def cpu_reason() -> str | None:
@@ -82,7 +83,8 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: in
         raise ValueError("the fp16 kernel needs finite scales and zero points")
     col = torch.where(big > 0, torch.ldexp(torch.ones_like(big), torch.frexp(big).exponent), torch.ones_like(big))
     fill = lambda t, rows, cols: torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))  # noqa: E731
-    s16 = fill((s / col.unsqueeze(-1)).to(torch.float16), n_pad, g_pad)
+    # a group whose codes all sit on its zero point sets no bound on col: its (unused) scale is clamped
+    s16 = fill((s / col.unsqueeze(-1)).clamp(-FP16_MAX, FP16_MAX).to(torch.float16), n_pad, g_pad)
     z16 = fill(z.to(torch.float16), n_pad, g_pad)
     q = fill(codes.to(torch.uint8), n_pad, k_pad)
     values = q.view(n_pad // PANEL, 4, 16, k_pad // 2, 2).permute(0, 3, 1, 2, 4).reshape(n_pad // PANEL, -1, 128)
@@ -116,6 +118,8 @@ def half_rows(x2: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def linear(x: torch.Tensor, packed: PackedF16Gemm) -> torch.Tensor:
     """x (..., in) in any float dtype -> (..., out) float32."""
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"the layer takes {packed.in_features} inputs, got {x.shape[-1]}")
     module = _module()
     x2 = x.reshape(-1, x.shape[-1])
     a, row = half_rows(x2, packed.weight.shape[1] * 2)
@@ -130,13 +134,18 @@ def conv2d(x: torch.Tensor, packed: PackedF16Gemm, kernel: tuple[int, int], stri
            padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """A 2-D convolution (groups 1, zero padding) as one GEMM over its windows, one row a pixel, each
     scaled to fp16 by its own power of two (the windows are written in fp16 directly, input pairs
-    outermost). Returns float32 (N, out, H', W'), a channels-last view."""
+    outermost). Returns float32 (N, out, H', W') in channels-last memory format."""
+    if x.shape[1] * kernel[0] * kernel[1] != packed.in_features:
+        raise ValueError(f"the convolution takes {packed.in_features // (kernel[0] * kernel[1])} channels, "
+                         f"got {x.shape[1]}")
     module = _module()
     a, row = module.conv_rows(x.float().contiguous(), list(kernel), list(stride), list(padding), list(dilation),
                               packed.weight.shape[1] * 2)
     y = module.f16_gemm(a, row, packed.weight, packed.scale, packed.zero, packed.group, packed.col, packed.bias)
+    if y.shape[1] != packed.out_features:
+        y = y[:, :packed.out_features].contiguous()
     n, h, w = x.shape[0], *_out_size(x.shape[2:], kernel, stride, padding, dilation)
-    return y[:, :packed.out_features].view(n, h, w, -1).permute(0, 3, 1, 2)
+    return y.view(n, h, w, packed.out_features).permute(0, 3, 1, 2)  # a dense channels-last tensor
 
 
 def _out_size(size: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],

@@ -31,9 +31,12 @@ class ActivationStats:
         self._gen = torch.Generator().manual_seed(seed)
         self._handles: list[Any] = []
         # linears fed the very same tensor as the linear hooked just before (q, k and v) share that
-        # layer's kept rows instead of a copy of their own: (input, owner, bucket) of the last hook
-        self._alias: dict[str, str] = {}
-        self._last: tuple[weakref.ref, str, int] | None = None
+        # layer's kept rows instead of a copy of their own (`_shares`)
+        self._alias: dict[str, str] = {}  # layer -> the layer whose rows it shares
+        self._snap: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # its rows as of its last call
+        self._calls: dict[str, int] = {}  # calls of each layer that keeps its own rows
+        self._synced: dict[str, int] = {}  # the owner's call count at a sharer's last call
+        self._last: tuple[weakref.ref, int, str, int] | None = None  # (input, its version, owner, bucket)
 
     def _bucket(self) -> int:
         if self.buckets == 1:
@@ -70,18 +73,26 @@ class ActivationStats:
         return hook
 
     def _shares(self, name: str, src: torch.Tensor, bucket: int) -> bool:
-        """Whether `name` reads its rows from the layer whose input `src` also was (recording nothing of
-        its own). Decided at a layer's first call; a later call with another input ends the sharing
-        (the layer then keeps a copy of the rows so far, a valid sample of its own inputs, and goes on)."""
+        """Whether `name` takes the rows the layer hooked just before kept of this very input (same tensor,
+        unmodified, same bucket), recording nothing of its own. Decided at a layer's first call, and kept
+        only while every call of that owner is followed by one of this layer on the same input; once
+        they part, the layer goes on with its own rows, starting from those of the calls it shared."""
         last, owner = self._last, self._alias.get(name)
-        same = last is not None and last[0]() is src and last[2] == bucket
-        if owner is None and same and not self._kept[name] and last[1] != name:
-            owner = self._alias[name] = last[1]
-        elif owner is not None and not (same and last[1] == owner):
-            self._kept[name] = dict(self._kept[owner])
-            del self._alias[name]
-            owner = None
-        self._last = (weakref.ref(src), owner or name, bucket)
+        same = last is not None and last[0]() is src and last[1] == src._version and last[3] == bucket
+        if owner is None and same and not self._kept[name] and last[2] != name:
+            owner = self._alias[name] = last[2]
+            self._synced[name] = self._calls[owner] - 1
+        if owner is not None:
+            if same and last[2] == owner and self._calls[owner] == self._synced[name] + 1:
+                self._synced[name] = self._calls[owner]
+                self._snap[name] = dict(self._kept[owner])  # the same tensors, no copy
+            else:
+                self._kept[name] = self._snap.pop(name, {})
+                del self._alias[name], self._synced[name]
+                owner = None
+        if owner is None:
+            self._calls[name] = self._calls.get(name, 0) + 1
+        self._last = (weakref.ref(src), src._version, owner or name, bucket)
         return owner is not None
 
     def _crop(self, layer: QuantModule, x: torch.Tensor) -> torch.Tensor:
@@ -97,22 +108,14 @@ class ActivationStats:
 
     def sample(self, name: str) -> dict[int, torch.Tensor]:
         """{bucket: kept inputs} of a layer."""
-        kept = self._kept[self._alias.get(name, name)]
+        kept = self._snap[name] if name in self._alias else self._kept[name]
         return {b: units for b, (_, units) in sorted(kept.items())}
 
     def release(self, name: str) -> None:
         """Drop a layer's kept inputs (its absmax stays): a search frees each group's once it is done,
         so the largest later transients do not sit on top of every layer's samples. Rows another layer
         shares stay until that layer is released too."""
-        owner = self._alias.pop(name, None)
-        if owner is None and name in self._alias.values():  # hand the rows to one of the sharers
-            heir = next(n for n, o in self._alias.items() if o == name)
-            self._kept[heir] = self._kept[name]
-            for n, o in list(self._alias.items()):
-                if o == name:
-                    self._alias[n] = heir
-            del self._alias[heir]
-        self._kept[name] = {}
+        self._kept[name], self._snap[name] = {}, {}
 
     def __enter__(self) -> "ActivationStats":
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]

@@ -21,6 +21,14 @@ constexpr int64_t kPairs = 128;  // fp16 values of one input pair of a panel
 constexpr int64_t kFlush = 32;   // input pairs summed in fp16 before they join the fp32 sum
 constexpr int kRows = 6;         // 6 rows x 4 zmm = 24 fp16 accumulators
 
+// e with big = f 2^e, f in [0.5, 1), kept within [-125, 127] so that 2^e and 2^-e are finite floats
+// (a row of denormals then keeps values below 1, a row near FLT_MAX values below 2: both safe in fp16)
+inline int scale_exponent(float big) {
+  int e = 0;
+  std::frexp(big, &e);
+  return std::max(-125, std::min(e, 127));
+}
+
 // One panel's codes (pairs, 64 bytes: low nibbles the first 64 values of the pair, high nibbles the
 // next 64) -> fp16 weights (pairs, 128) = (q - z) * s, with the group's 128 lanes of s and z.
 void decode_panel(const uint8_t* src, int64_t pairs, const at::Half* s, const at::Half* z, int64_t group_pairs,
@@ -129,7 +137,7 @@ std::vector<torch::Tensor> half_rows(torch::Tensor x, int64_t k_pad) {
       }
       const float big = _mm512_reduce_max_ps(top);
       int e = 0;
-      if (std::isfinite(big) && big > 0) std::frexp(big, &e);  // big = f 2^e, f in [0.5, 1)
+      if (std::isfinite(big) && big > 0) e = scale_exponent(big);
       pr[m] = std::ldexp(1.0f, e);
       const __m512 inv = _mm512_set1_ps(std::ldexp(1.0f, -e));
       for (int64_t k = 0; k < K; k += 16) {
@@ -184,7 +192,7 @@ std::vector<torch::Tensor> conv_rows(torch::Tensor x, std::vector<int64_t> kerne
         }
       }
       int e = 0;
-      if (std::isfinite(big) && big > 0) std::frexp(big, &e);
+      if (std::isfinite(big) && big > 0) e = scale_exponent(big);
       pr[m] = std::ldexp(1.0f, e);
       pi[m] = std::ldexp(1.0f, -e);
     }
