@@ -33,11 +33,16 @@ def cpu_reason() -> str | None:
     return avx512_capped()
 
 
+def _build() -> tuple[object | None, str | None]:
+    """(the compiled module, None) or (None, why not); built once per process, cached on disk by torch."""
+    return build_extension("dmquant_f16_gemm", SOURCE, FLAGS)
+
+
 def unsupported_reason(group: int | None = None) -> str | None:
     """Why weights with this group size (None: one group a row) cannot take the kernel here."""
     if group is not None and group % 2:
         return f"group size {group} is odd (the kernel works in pairs of inputs)"
-    return cpu_reason() or build_extension("dmquant_f16_gemm", SOURCE, FLAGS)[1]
+    return cpu_reason() or _build()[1]
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def unpack(packed: PackedF16Gemm) -> torch.Tensor:
 
 def _module() -> object:
     reason = cpu_reason()
-    module, build_reason = (None, None) if reason else build_extension("dmquant_f16_gemm", SOURCE, FLAGS)
+    module, build_reason = (None, None) if reason else _build()
     if module is None:
         raise RuntimeError(f"the fp16 weight-only kernel cannot run here: {reason or build_reason}")
     return module

@@ -59,7 +59,8 @@ class ActivationStats:
             self.absmax[name][b] = amax if old is None else torch.maximum(old, amax)
             units = x.reshape(-1, x.shape[-1]) if axis == x.dim() - 1 else self._crop(layer, x)
             cap = self.samples if units.dim() == 2 else max(1, math.ceil(self.samples / math.prod(units.shape[2:])))
-            keys = torch.rand(units.shape[0], generator=self._gen)
+            keys = torch.rand(units.shape[0], generator=self._gen)  # drawn even when shared: the other
+            # layers' samples then do not depend on which layers share
             if units.dim() == 2 and self._shares(name, args[0], b):
                 return
             if b in self._kept[name]:
