@@ -135,6 +135,7 @@ class DistillConfig:
     trajectory: str = "float"  # inputs: "float" (the calibration trajectory) | "student" (re-sampled)
     refresh_every: int = 50  # "student": re-sample the trajectory every this many steps
     lr_schedule: str = "constant"  # every learning rate: "constant" | "cosine" (decays to 0 at `iters`)
+    drop: float = 0.0  # QDrop: probability that an activation element skips its quantizer while training
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -147,6 +148,9 @@ class DistillConfig:
                              f"{self.checkpoint_every}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop is the probability that an activation skips its quantizer while training: "
+                             f"it must be in [0, 1), got {self.drop}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 

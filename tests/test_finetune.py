@@ -149,10 +149,10 @@ def test_cosine_lr_factor_follows_the_formula():
 
 
 def test_resume_continues_identically(monkeypatch, tmp_path):
-    """qvgen with a cosine learning rate: a checkpoint between two rank cuts; the resumed run redraws the
-    same batches and continues the same learning-rate curve (the loaded optimizer state holds the decayed
-    rate of its last step, which the schedule overrides)."""
-    r = recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, lr_schedule="cosine")
+    """qvgen with a cosine learning rate and QDrop: a checkpoint between two rank cuts; the resumed run
+    redraws the same batches and drop masks and continues the same learning-rate curve (the loaded
+    optimizer state holds the decayed rate of its last step, which the schedule overrides)."""
+    r = recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, lr_schedule="cosine", drop=0.25)
     full = pipeline("tiny-pixart")
     dmquant.quantize(full, r, calibration=CALIB)
     interrupted = pipeline("tiny-pixart")
@@ -161,7 +161,7 @@ def test_resume_continues_identically(monkeypatch, tmp_path):
     ckpt = {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_every": 2}
     with pytest.raises(KeyboardInterrupt):
         dmquant.quantize(interrupted, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2,
-                                             lr_schedule="cosine", **ckpt), calibration=CALIB)
+                                             lr_schedule="cosine", drop=0.25, **ckpt), calibration=CALIB)
     assert all(torch.equal(p, floats[n]) for n, p in interrupted.transformer.named_parameters())  # untouched
     assert (tmp_path / "ckpt" / "qvgen.safetensors").is_file()
     monkeypatch.setattr(distill_module, "_batch", batch)
@@ -170,7 +170,7 @@ def test_resume_continues_identically(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a: lrs.append(self.param_groups[0]["lr"])
                         or adam_step(self, *a))
     resumed = pipeline("tiny-pixart")
-    dmquant.quantize(resumed, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, resume=True,
+    dmquant.quantize(resumed, recipe("qvgen-w4a4", iters=8, aux_rank=2, batch_size=2, resume=True, drop=0.25,
                                      lr_schedule="cosine", **ckpt), calibration=CALIB)
     assert results[0].start == 4 and len(results[0].losses) == 4
     base = dmquant.get_recipe("qvgen-w4a4").steps[1].args.get("lr", 1e-3)
@@ -178,7 +178,7 @@ def test_resume_continues_identically(monkeypatch, tmp_path):
     assert torch.equal(probe(resumed)(), probe(full)())
     with pytest.raises(ValueError, match="another run"):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("qvgen-w4a4", iters=8, aux_rank=2, seed=1, resume=True,
-                                                          lr_schedule="cosine", **ckpt), calibration=CALIB)
+                                                          lr_schedule="cosine", drop=0.25, **ckpt), calibration=CALIB)
 
 
 def test_fine_tuning_needs_ranges_for_lsq_and_a_trajectory():
@@ -263,3 +263,56 @@ def test_student_trajectory_resamples_with_the_quantized_model(monkeypatch, tmp_
     with pytest.raises(ValueError, match="refresh_every"):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", trajectory="student", refresh_every=3),
                          calibration=CALIB)
+
+
+def test_qdrop_mixes_quantized_and_float_elements_reproducibly():
+    """QDrop's hook: inside a training call every element is either its float input or its quantized
+    value, the float share is p within a binomial bound, the mask is a function of (seed, step, call)
+    alone, and outside a call (evaluation, the merged model) the quantizer quantizes everything."""
+    from dmquant.config import QuantSpec
+    from dmquant.finetune.qdrop import QDrop
+    from dmquant.nn.quantizer import TensorQuantizer
+
+    q = TensorQuantizer(QuantSpec("int4", "token", dynamic=True))
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    quantized = q(x)
+    differ = quantized != x
+    for p in (0.25, 0.5):
+        drop = QDrop([q], p, seed=3)
+        with drop.call(step=7, index=2):
+            mixed = q(x)
+        with drop.call(step=7, index=2):
+            again = q(x)
+        with drop.call(step=7, index=3):
+            other = q(x)
+        assert torch.equal(q(x), quantized)  # outside a call
+        drop.remove()
+        assert torch.equal(mixed, again) and not torch.equal(mixed, other)
+        is_float, is_quant = mixed == x, mixed == quantized
+        assert bool((is_float | is_quant).all())
+        n = int(differ.sum())
+        share = float((is_float & differ).sum()) / n
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n), (p, share)
+    assert not q._forward_hooks  # removed
+    none = QDrop([q], 0.0, seed=3)
+    with none.call(0, 0):
+        assert torch.equal(q(x), quantized)  # p = 0: no hooks at all
+
+
+def test_efficientdm_with_qdrop_trains_and_leaves_a_fully_quantized_model(monkeypatch):
+    """drop: 0.5 trains (output error down), the before/after figures and the merged model quantize every
+    activation (no hook left behind), and an out-of-range probability is refused."""
+    from dmquant.nn.quantizer import TensorQuantizer
+
+    pipe = pipeline("tiny-pixart")
+    results = recording(monkeypatch, "efficientdm")
+    dmquant.quantize(pipe, recipe("efficientdm-w4a4", iters=16, batch_size=2, lsq_lr=1e-3, drop=0.5),
+                     calibration=CALIB)
+    (res,) = results
+    assert res.mse_after < 0.8 * res.mse_before, (res.mse_before, res.mse_after)
+    assert not any(m._forward_hooks for m in pipe.transformer.modules() if isinstance(m, TensorQuantizer))
+    plain = pipeline("tiny-pixart")
+    dmquant.quantize(plain, recipe("efficientdm-w4a4", iters=16, batch_size=2, lsq_lr=1e-3), calibration=CALIB)
+    assert not torch.equal(probe(pipe)(), probe(plain)())  # the drop changed what was trained
+    with pytest.raises(ValueError, match="drop"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=1, drop=1.0), calibration=CALIB)

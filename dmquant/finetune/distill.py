@@ -6,9 +6,10 @@ no copy in memory. Inputs are the calibration trajectory's recorded denoiser cal
 step draws `batch_size` of them, i.e. timesteps spread over the whole trajectory, from a generator seeded
 by (seed, step) alone, so a resumed run draws the same batches. Loss: MSE between student and teacher
 outputs, plus optionally `feature_weight` times the relative MSE of every block's output (block-wise
-feature loss). Each call is its own backward (the memory of one sample's graph; the batch is gradient
-accumulation). Runs under `accelerate` (mixed precision autocast; with several processes each takes a
-share of the batch and gradients are averaged), with a progress bar and atomic checkpoints.
+feature loss); with `drop` the student's activations skip their quantizers at random (QDrop, `qdrop.py`).
+Each call is its own backward (the memory of one sample's graph; the batch is gradient accumulation).
+Runs under `accelerate` (mixed precision autocast; with several processes each takes a share of the
+batch and gradients are averaged), with a progress bar and atomic checkpoints.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ from ..algorithms.hooks import output_tensors
 from ..algorithms.units import find_units
 from ..components import denoiser_path, get_path
 from ..nn.qmodule import QuantModule
+from ..nn.quantizer import TensorQuantizer
 from ..nn.switch import quantization_disabled
 from ..observe import static_quantizers, trainable_static_scales
 from ..step_configs import DistillConfig
 from .adapters import LayerAdapters, adapter_buffers, adapter_parameters, merge_adapters, serving_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
+from .qdrop import QDrop
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +186,8 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     blocks = [u.module for u in find_units([denoiser], cfg.blocks) if not isinstance(u.module, QuantModule)] \
         if cfg.feature_weight else []
     features = _Features(blocks)
+    qdrop = QDrop([m for m in denoiser.modules() if isinstance(m, TensorQuantizer) and m.channel_axis is not None],
+                  cfg.drop, cfg.seed)
     path = Path(cfg.checkpoint) / f"{name}.safetensors" if cfg.checkpoint else None
     start = load_checkpoint(path, cfg.seed, params, buffers, optimizer) if cfg.resume and path and path.exists() else 0
     if device.type == "cuda":
@@ -226,7 +231,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                 for i in batch[accel.process_index::accel.num_processes]:
                     kwargs = on_device(inputs[i].kwargs, device)
                     target, target_features = teacher(i)
-                    with accel.autocast():
+                    with qdrop.call(step, i), accel.autocast():
                         loss = (output_tensors(denoiser(**kwargs))[0].float() - target).pow(2).mean()
                         if blocks:
                             loss = loss + cfg.feature_weight * sum(
@@ -259,6 +264,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
         raise
     finally:
         features.remove()
+        qdrop.remove()
         for t in scales.values():
             t.requires_grad_(False)
         for p, flag in flags:

@@ -73,7 +73,7 @@ def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bo
     of their SVD low-rank branches (learning rate `branch_lr`), with `smooth` a per-input-channel
     smoothing scale per layer (`smooth_lr`; see `SmoothingTwin`). Loop arguments (`iters`, `lr`,
     `batch_size`, `lsq_lr`, `branch_lr`, `smooth_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
-    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`): `DistillConfig`.
+    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`, `drop`): `DistillConfig`.
 
     >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
     """
