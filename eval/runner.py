@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import dmquant
+from dmquant.api import AUTO_PREFIX
 from dmquant.components import denoiser_path, get_path
 from dmquant.pipelines import generate, load
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
@@ -292,8 +293,10 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
     for model in cfg.models:
         if Path(model).is_dir():
             check_checkpoint(cfg.pipeline, model)
-        else:  # disjoint calibration prompts exist (raises otherwise)
-            calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)
+            continue
+        calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)  # disjoint ones exist
+        if ":" not in model and not model.lower().startswith(AUTO_PREFIX):
+            dmquant.get_recipe(model)  # a bad recipe or step argument fails now, not after the rows before it ran
     cfg.out.mkdir(parents=True, exist_ok=True)
     fp, fp_seconds, fp_bytes = _fp_samples(cfg)
     rows = [{"name": "FP", **_metrics(cfg, fp, None, None), "model_mb": fp_bytes / 2**20}]

@@ -83,3 +83,19 @@ def test_calibration_prompts_are_disjoint_from_the_scored_ones():
     assert not set(generic) & set(PROMPTS)
     with pytest.raises(ValueError, match="disjoint from the 16 evaluation prompts"):
         runner.calibration_prompts("tiny-pixart", list(GENERIC_PROMPTS), 16)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("w4a4-nonexistent", "unknown recipe"),
+    ("{tmp}/bad.yaml", "drop"),
+    ("{tmp}/colon.yaml", "mapping values"),
+])
+def test_a_bad_recipe_fails_before_any_row_runs(tmp_path, no_generation, bad, message):
+    """A typo in the last recipe of a list must not cost the runs before it."""
+    (tmp_path / "bad.yaml").write_text("name: bad\nweight: {format: int4}\nsteps:\n"
+                                       "  - {name: efficientdm, args: {drop: 1.5}}\n")
+    (tmp_path / "colon.yaml").write_text("name: colon\ndescription: QDrop: p\nweight: {format: int4}\n")
+    cfg = EvalConfig(pipeline="tiny-pixart", models=["w8a8", bad.format(tmp=tmp_path)], prompts=PROMPTS, steps=2,
+                     metrics=("psnr",), out=tmp_path / "ev")
+    with pytest.raises(ValueError, match=message):
+        evaluate(cfg)
