@@ -49,7 +49,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _calibration(args: argparse.Namespace) -> dict:
     """CalibrationSet settings from the flags; unset flags keep the recipe's defaults."""
     settings: dict = {"num_prompts": args.num_prompts, "steps": args.steps, "timesteps": args.timesteps,
-                      "guidance_scale": args.guidance_scale}
+                      "samples": args.samples, "guidance_scale": args.guidance_scale}
+    if args.samples is not None:
+        settings["batch_size"] = 1  # a sample is one prompt at one step (EDA-DM's unit)
     if args.calibration_prompts:
         settings["prompts"] = [p.strip() for p in Path(args.calibration_prompts).read_text().splitlines() if p.strip()]
     return {k: v for k, v in settings.items() if v is not None}
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (recipe default: 16)")
         q.add_argument("--steps", type=int, default=None, help="sampler steps of the calibration runs")
         q.add_argument("--timesteps", default=None, help="steps to record: K, uniform:K, eda:K or all")
+        q.add_argument("--samples", type=int, default=None,
+                       help="single-prompt denoiser calls to keep, shared out over the recorded steps (by "
+                            "EDA-DM's step weights with eda:K, evenly otherwise)")
         q.set_defaults(func=cmd_quantize)
     m = sub.add_parser("mixed", help="search per-layer formats under a budget from measured sensitivity; "
                                      "write a recipe")

@@ -48,6 +48,11 @@ def test_calibrate_reports_time_memory_and_trajectory(tmp_path, capsys):
     assert "2 denoiser calls at steps [0, 2]" in text and "peak memory" in text
     prov = json.loads((out / "quantization.json").read_text())["components"]["unet"]["parts"][""]["provenance"]
     assert prov["calibration"]["timesteps"] == "2" and len(prov["calibration"]["prompts"]) == 2
+    assert main(["calibrate", "--pipeline", "tiny-sd", "--recipe", "w4a8-tsa", "--num-prompts", "3", "--steps", "3",
+                 "--timesteps", "all", "--samples", "4", "--out", str(tmp_path / "s")]) == 0
+    assert "4 denoiser calls at steps [0, 1, 2]" in capsys.readouterr().out  # single-prompt calls, 2 + 1 + 1
+    prov = json.loads((tmp_path / "s" / "quantization.json").read_text())["components"]["unet"]["parts"][""]
+    assert prov["provenance"]["calibration"]["calls_per_step"] == [2, 1, 1]
     assert main(["calibrate", "--pipeline", "tiny-sd", "--recipe", "w4a8-tsa", "--timesteps", "sometimes",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "timestep selection" in capsys.readouterr().err and not (tmp_path / "bad").exists()
