@@ -179,16 +179,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .eval.table import compare_rows
-
-    path = Path(args.results)
+def _metrics_rows(results: str) -> tuple[list, list[dict]]:
+    """(prompts, rows) of an eval output directory or its metrics.json."""
+    path = Path(results)
     path = path / "metrics.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.json (write one with `dmquant eval --out DIR`)")
-    rows = json.loads(path.read_text()).get("rows")
-    if not isinstance(rows, list):
+    data = json.loads(path.read_text())
+    if not isinstance(data.get("rows"), list):
         raise ValueError(f"{path} has no 'rows' list: not a metrics.json written by `dmquant eval`")
+    return data.get("prompts", []), data["rows"]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Rows of several evaluations pool when they scored the same prompts; a name in two of them must
+    carry the same per-prompt values (evaluations are deterministic), so it is one row."""
+    from .eval.table import compare_rows
+
+    prompts, rows = _metrics_rows(args.results)
+    for other in args.also or []:
+        more_prompts, more = _metrics_rows(other)
+        if more_prompts != prompts:
+            raise ValueError(f"{other} scored other prompts than {args.results}: its rows cannot be paired")
+        known = {r.get("name"): r for r in rows}
+        for row in more:
+            seen = known.get(row.get("name"))
+            if seen is None:
+                rows.append(row)
+            elif seen.get("per_prompt") != row.get("per_prompt"):
+                raise ValueError(f"{row.get('name')}: different per-prompt values in {other}: rename one of the rows "
+                                 "or compare evaluations made with the same settings")
     print(compare_rows(rows, args.a, args.b, args.metrics.split(",") if args.metrics else None), end="")
     return 0
 
@@ -292,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="paired bootstrap interval of one recipe minus another, per metric, "
                                        "from an eval's metrics.json")
     c.add_argument("results", help="an eval output directory or its metrics.json")
-    c.add_argument("a", help="row name, e.g. svdquant-w4a4")
-    c.add_argument("b", help="row name to subtract, e.g. w4a8")
+    c.add_argument("a", help="row name, e.g. svdquant-w4a4, or comma-separated rows of one recipe's calibration "
+                             "runs (seeds): then also an interval over runs")
+    c.add_argument("b", help="row name(s) to subtract, e.g. w4a8")
+    c.add_argument("--also", action="append", help="another eval output of the same prompts whose rows join "
+                                                   "(repeatable)")
     c.add_argument("--metrics", default=None, help="comma-separated metric keys (default: all with per-prompt values)")
     c.set_defaults(func=cmd_compare)
     g = sub.add_parser("grid", help="comparison grid (PNG/GIF + HTML) of FP and recipes")

@@ -8,6 +8,12 @@ function of an index tensor (FID refits its Gaussians on the resampled features)
 
 >>> lo, hi = bootstrap_ci(psnr_per_prompt)                   # 95 % interval of the mean
 >>> lo, hi = paired_ci(psnr_model_a, psnr_model_b)           # of mean(a - b): separated if 0 is outside
+>>> lo, hi = runs_interval([36.5, 37.1], [38.4, 36.0])        # calibration runs (seeds) as the unit
+
+Prompts are not the only randomness: a calibrated recipe is one draw of its calibration (data, the
+reconstruction's batches), and on the miniatures two seeds of one recipe differ by up to 2.4 dB PSNR,
+separably over prompts (docs/results/methods-tfmq). `runs_interval` treats each calibration run as one
+observation, so a claim about a recipe holds across its runs, not for one draw of it.
 """
 from __future__ import annotations
 
@@ -75,6 +81,26 @@ def paired_ci(a: Statistic, b: Statistic, n: int | None = None, resamples: int =
         raise ValueError(f"paired statistics need the same prompts: {size} vs {_size(b, size)}")
     idx = resample_indices(size, resamples, seed)
     return percentile_interval(_stats(a, idx) - _stats(b, idx), confidence)
+
+
+def runs_interval(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Welch t-interval of mean(a) - mean(b), where a and b are one value per calibration run (each run's
+    mean over the same prompts). Few runs give wide intervals, as they should: with two runs each the t
+    quantile on ~1-2 degrees of freedom is 4-13."""
+    from scipy.stats import t  # the eval extra
+
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"an interval over calibration runs needs at least 2 runs of each, got {len(a)} and {len(b)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    x, y = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    va, vb = x.var() / len(x), y.var() / len(y)
+    diff, se = float(x.mean() - y.mean()), float((va + vb).sqrt())
+    if se == 0:
+        return diff, diff
+    dof = float((va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1)))
+    half = float(t.ppf((1 + confidence) / 2, dof)) * se
+    return diff - half, diff + half
 
 
 def separated(interval: tuple[float, float]) -> bool:

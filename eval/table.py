@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bootstrap import RESAMPLES, paired_ci, separated
+import torch
+
+from .bootstrap import RESAMPLES, paired_ci, runs_interval, separated
 
 # metric key -> (column title, "higher" / "lower" is better or "compare" with FP, family, decimals)
 METRICS: dict[str, tuple[str, str, str, int]] = {
@@ -113,37 +115,57 @@ def format_table(rows: list[dict[str, Any]], n_samples: int | None = None) -> st
 
 def compare_rows(rows: list[dict[str, Any]], a: str, b: str, keys: list[str] | None = None) -> str:
     """Markdown table of `a` minus `b` per metric, with the paired bootstrap interval over prompts and
-    whether it separates them: the evidence behind a sentence like "a beats b" (or "cannot tell")."""
+    whether it separates them: the evidence behind a sentence like "a beats b" (or "cannot tell").
+
+    `a` and `b` may each name several rows ("x,x-seed1,x-seed2"), one per calibration run of a recipe:
+    the prompt-paired interval is then that of the run-averaged per-prompt values, a second interval
+    treats each run as one observation (`runs_interval`), and a difference is stated only where both
+    separate it the same way."""
     names = [str(r.get("name")) for r in rows]
     by_name = dict(zip(names, rows))
-    missing = [n for n in (a, b) if n not in by_name]
+    runs_a, runs_b = ([n.strip() for n in x.split(",") if n.strip()] for x in (a, b))
+    missing = [n for n in (*runs_a, *runs_b) if n not in by_name]
     if missing:
         raise ValueError(f"no row named {', '.join(missing)}; rows: {', '.join(by_name)}")
-    twice = [n for n in (a, b) if names.count(n) > 1]
+    twice = [n for n in (*runs_a, *runs_b) if names.count(n) > 1]
     if twice:
         raise ValueError(f"{', '.join(twice)} names more than one row: compare results of one evaluation")
-    pa, pb = by_name[a].get("per_prompt", {}), by_name[b].get("per_prompt", {})
-    shared = [k for k in METRICS if k in pa and k in pb]
+    runs = len(runs_a) > 1
+    if runs != (len(runs_b) > 1):
+        raise ValueError("give one row of each side, or at least 2 calibration runs of each: an interval over "
+                         f"runs cannot be formed from {len(runs_a)} and {len(runs_b)}")
+    per_prompt = [by_name[n].get("per_prompt", {}) for n in (*runs_a, *runs_b)]
+    shared = [k for k in METRICS if all(k in p for p in per_prompt)]
     keys = [k.strip() for k in keys] if keys else shared
     if not keys:
         raise ValueError(f"{a} and {b} share no metric with per-prompt values: nothing to compare")
     unknown = [k for k in keys if k not in shared]
     if unknown:
         have = ", ".join(shared) or "none"
-        raise ValueError(f"{', '.join(unknown)}: no per-prompt values in both rows (have: {have})")
+        raise ValueError(f"{', '.join(unknown)}: no per-prompt values in every row (have: {have})")
     body = []
     for k in keys:
         decimals = METRICS[k][3] + 1
-        lo, hi = paired_ci(pa[k], pb[k])
+        va, vb = ([by_name[n]["per_prompt"][k] for n in side] for side in (runs_a, runs_b))
+        if len({len(v) for v in (*va, *vb)}) > 1:
+            raise ValueError(f"{k}: the rows score different numbers of prompts: compare evaluations of the same "
+                             "prompts")
+        pa, pb = (torch.tensor(v, dtype=torch.float64) for v in (va, vb))  # (runs, prompts)
+        intervals = [paired_ci(pa.mean(0), pb.mean(0))]
+        if runs:
+            intervals.append(runs_interval(pa.mean(1).tolist(), pb.mean(1).tolist()))
+        signs = {lo > 0 for lo, hi in intervals if separated((lo, hi))}
         direction = METRICS[k][1]
-        if not separated((lo, hi)):
+        if len(signs) != 1 or not all(map(separated, intervals)):
             verdict = "not separable"
         elif direction in ("higher", "lower"):
-            verdict = f"{a if (lo > 0) == (direction == 'higher') else b} better"
+            verdict = f"{a if signs.pop() == (direction == 'higher') else b} better"
         else:
             verdict = "different"
-        body.append([METRICS[k][0], _fmt(by_name[a][k], decimals), _fmt(by_name[b][k], decimals),
-                     _fmt(by_name[a][k] - by_name[b][k], decimals), f"[{_fmt(lo, decimals)}, {_fmt(hi, decimals)}]",
-                     verdict])
-    head = ["metric", a, b, f"{a} - {b}", "paired 95 % interval", "verdict"]
+        mean_a = sum(by_name[n][k] for n in runs_a) / len(runs_a)
+        mean_b = sum(by_name[n][k] for n in runs_b) / len(runs_b)
+        body.append([METRICS[k][0], _fmt(mean_a, decimals), _fmt(mean_b, decimals), _fmt(mean_a - mean_b, decimals),
+                     *(f"[{_fmt(lo, decimals)}, {_fmt(hi, decimals)}]" for lo, hi in intervals), verdict])
+    head = ["metric", a, b, f"{a} - {b}", "paired 95 % interval",
+            *([f"95 % over runs ({len(runs_a)} vs {len(runs_b)}, Welch)"] if runs else []), "verdict"]
     return "\n".join(_markdown(head, body)) + "\n"

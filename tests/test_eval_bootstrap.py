@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmquant.eval.bootstrap import bootstrap_ci, paired_ci, percentile_interval, resample_indices, separated
+from dmquant.eval.bootstrap import (
+    bootstrap_ci,
+    paired_ci,
+    percentile_interval,
+    resample_indices,
+    runs_interval,
+    separated,
+)
 from dmquant.eval.table import compare_rows, format_table, leaders
 
 
@@ -130,3 +137,55 @@ def test_fid_interval_is_centred_on_the_estimate():
     lo, hi = bootstrap_ci(fid, 64, resamples=100, center=value)
     assert raw[0] > value  # the bug this fixes: the estimate outside its own interval
     assert lo <= value <= hi and hi - lo == pytest.approx(raw[1] - raw[0])
+
+
+def test_runs_interval_is_welchs_and_matches_scipy():
+    from scipy.stats import ttest_ind
+
+    g = torch.Generator().manual_seed(4)
+    for na, nb in ((2, 2), (3, 2), (5, 4)):
+        a, b = (37 + torch.randn(na, generator=g)).tolist(), (36 + 2 * torch.randn(nb, generator=g)).tolist()
+        lo, hi = runs_interval(a, b)
+        ref = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    # by hand: a = [1, 3] (variance of the mean 1), b constant: 1 degree of freedom, t = 12.7062
+    assert runs_interval([1, 3], [0, 0, 0]) == pytest.approx((2 - 12.7062047, 2 + 12.7062047), abs=1e-6)
+    assert runs_interval([2, 2], [1, 1]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        runs_interval([1.0], [1.0, 2.0])
+
+
+def test_compare_over_calibration_runs_needs_both_intervals(tmp_path, capsys):
+    """Three runs of a recipe that each beat b by ~1 dB on every prompt: both intervals separate. Runs that
+    scatter by +-3 dB (the seed spread measured on miniature-sd) average to +1 and separate over prompts
+    (the prompts are shared), but not over runs: not stated."""
+    g = torch.Generator().manual_seed(5)
+    base = 30 + 5 * torch.randn(16, generator=g)
+
+    def row(name, p):
+        return {"name": name, "psnr": float(p.mean()), "per_prompt": {"psnr": p.tolist()}}
+    steady = [row(f"a{s}", base + 1 + 0.05 * s + 0.1 * torch.randn(16, generator=g)) for s in range(3)]
+    scattered = [row(f"c{s}", base + off + 0.1 * torch.randn(16, generator=g)) for s, off in enumerate((4, -2, 1))]
+    refs = [row(f"b{s}", base + 0.1 * torch.randn(16, generator=g)) for s in range(2)]
+    rows = steady + scattered + refs
+    line = compare_rows(rows, "a0,a1,a2", "b0,b1", ["psnr"]).splitlines()[-1]
+    assert line.rstrip(" |").endswith("a0,a1,a2 better") and line.count("[") == 2
+    line = compare_rows(rows, "c0,c1,c2", "b0,b1", ["psnr"]).splitlines()[-1]
+    paired = paired_ci(torch.tensor([r["per_prompt"]["psnr"] for r in scattered]).mean(0),
+                       torch.tensor([r["per_prompt"]["psnr"] for r in refs]).mean(0))
+    assert separated(paired) and "not separable" in line
+    with pytest.raises(ValueError, match="at least 2 calibration runs"):
+        compare_rows(rows, "a0,a1", "b0", ["psnr"])
+    from dmquant.cli import main
+
+    meta = {"prompts": ["p"] * 16}
+    (tmp_path / "one.json").write_text(json.dumps({**meta, "rows": steady + refs[:1]}))
+    (tmp_path / "two.json").write_text(json.dumps({**meta, "rows": refs}))  # b0 again, identical: one row
+    assert main(["compare", str(tmp_path / "one.json"), "a0,a1,a2", "b0,b1", "--also", str(tmp_path / "two.json")]) == 0
+    assert "a0,a1,a2 better" in capsys.readouterr().out
+    (tmp_path / "clash.json").write_text(json.dumps({**meta, "rows": [row("b0", base)]}))
+    assert main(["compare", str(tmp_path / "one.json"), "a0", "b0", "--also", str(tmp_path / "clash.json")]) == 2
+    assert "different per-prompt values" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps({"prompts": ["q"] * 16, "rows": refs}))
+    assert main(["compare", str(tmp_path / "one.json"), "a0", "b1", "--also", str(tmp_path / "other.json")]) == 2
+    assert "other prompts" in capsys.readouterr().err
