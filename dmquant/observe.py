@@ -15,11 +15,14 @@ from torch import nn
 from .nn.quantizer import TensorQuantizer
 
 
+def activation_quantizers(model: nn.Module) -> list[TensorQuantizer]:
+    """Every activation quantizer of `model` (layer inputs, attention Q/K/V and probabilities): not weights."""
+    return [m for m in model.modules() if isinstance(m, TensorQuantizer) and m.channel_axis is not None]
+
+
 def static_quantizers(model: nn.Module, uncalibrated_only: bool = False) -> list[TensorQuantizer]:
     """Activation quantizers whose scales must come from data (optionally only those without one)."""
-    return [m for m in model.modules()
-            if isinstance(m, TensorQuantizer) and m.channel_axis is not None and not m.spec.dynamic
-            and not (uncalibrated_only and m.calibrated)]
+    return [m for m in activation_quantizers(model) if not m.spec.dynamic and not (uncalibrated_only and m.calibrated)]
 
 
 @contextlib.contextmanager

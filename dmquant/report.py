@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .nn.quantizer import TensorQuantizer
+from .observe import activation_quantizers
 from .payload import extra_nbytes, weight_nbytes
 from .state import quant_layers, quantized_components
 
@@ -79,8 +79,7 @@ def _held_bytes(module: nn.Module) -> tuple[int, int]:
             held = (layer._parameters.get("weight"), *(layer._buffers.get(b) for b in
                                                         ("weight_packed", "vq_codebook", "vq_packed")))
             skip |= {id(t) for t in held if t is not None}
-    act = sum(_nbytes(q.buffers()) for q in module.modules()
-              if isinstance(q, TensorQuantizer) and q.channel_axis is not None)
+    act = sum(_nbytes(q.buffers()) for q in activation_quantizers(module))
     held = _nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in skip)
     return held, act
 

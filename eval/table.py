@@ -154,9 +154,9 @@ def compare_rows(rows: list[dict[str, Any]], a: str, b: str, keys: list[str] | N
         intervals = [paired_ci(pa.mean(0), pb.mean(0))]
         if runs:
             intervals.append(runs_interval(pa.mean(1).tolist(), pb.mean(1).tolist()))
-        signs = {lo > 0 for lo, hi in intervals if separated((lo, hi))}
+        signs = {lo > 0 for lo, _ in intervals}  # all positive or all negative, once all separate
         direction = METRICS[k][1]
-        if len(signs) != 1 or not all(map(separated, intervals)):
+        if not all(map(separated, intervals)) or len(signs) > 1:
             verdict = "not separable"
         elif direction in ("higher", "lower"):
             verdict = f"{a if signs.pop() == (direction == 'higher') else b} better"

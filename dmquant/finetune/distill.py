@@ -30,9 +30,8 @@ from ..algorithms.hooks import output_tensors
 from ..algorithms.units import find_units
 from ..components import denoiser_path, get_path
 from ..nn.qmodule import QuantModule
-from ..nn.quantizer import TensorQuantizer
 from ..nn.switch import quantization_disabled
-from ..observe import static_quantizers, trainable_static_scales
+from ..observe import activation_quantizers, static_quantizers, trainable_static_scales
 from ..step_configs import DistillConfig
 from .adapters import LayerAdapters, adapter_buffers, adapter_parameters, merge_adapters, serving_adapters
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -186,8 +185,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     blocks = [u.module for u in find_units([denoiser], cfg.blocks) if not isinstance(u.module, QuantModule)] \
         if cfg.feature_weight else []
     features = _Features(blocks)
-    qdrop = QDrop([m for m in denoiser.modules() if isinstance(m, TensorQuantizer) and m.channel_axis is not None],
-                  cfg.drop, cfg.seed)
+    qdrop = QDrop(activation_quantizers(denoiser), cfg.drop, cfg.seed)
     path = Path(cfg.checkpoint) / f"{name}.safetensors" if cfg.checkpoint else None
     start = load_checkpoint(path, cfg.seed, params, buffers, optimizer) if cfg.resume and path and path.exists() else 0
     if device.type == "cuda":

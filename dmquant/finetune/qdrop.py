@@ -1,5 +1,6 @@
 """QDrop (Wei et al. 2022) for the fine-tuning loop: while the student trains, each activation element
-skips its input quantizer with probability `p`, so the weights and step sizes are fitted to a mix of
+(layer inputs, and attention Q/K/V/probabilities where those are quantized) skips its quantizer with
+probability `p`, so the weights and step sizes are fitted to a mix of
 quantized and float inputs.
 
 Why: fitting the recorded calls with every activation quantized lets the adapters and step sizes
