@@ -175,11 +175,21 @@ def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = 16) -> 
     return chosen
 
 
+def _calib_count(cfg: EvalConfig, model: str) -> int:
+    """How many prompts calibrate `model`: --calib-prompts, else the recipe's own `calibration.num_prompts`
+    (a recipe tuned on more prompts is measured as shipped), else 16."""
+    if cfg.extra.get("calib_prompts"):
+        return cfg.extra["calib_prompts"]
+    if ":" in model or model.lower().startswith(AUTO_PREFIX):
+        return 16
+    return int(dmquant.get_recipe(model).calibration.get("num_prompts", 16))
+
+
 def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     if Path(model).is_dir():
         return dmquant.load_quantized(model, device=cfg.device, torch_dtype=cfg.torch_dtype)
     pipe = _load(cfg)
-    prompts = calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)
+    prompts = calibration_prompts(cfg.pipeline, cfg.prompts, _calib_count(cfg, model))
     seed = cfg.seed + 10**6
     if ":" in model:  # other libraries calibrate by running the pipeline
         def calibrate(p: Any = pipe) -> None:
@@ -294,9 +304,9 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
         if Path(model).is_dir():
             check_checkpoint(cfg.pipeline, model)
             continue
-        calibration_prompts(cfg.pipeline, cfg.prompts, cfg.extra.get("calib_prompts") or 16)  # disjoint ones exist
-        if ":" not in model and not model.lower().startswith(AUTO_PREFIX):
-            dmquant.get_recipe(model)  # a bad recipe or step argument fails now, not after the rows before it ran
+        # a bad recipe or step argument, or too few disjoint calibration prompts, fails now, not after
+        # the rows before it ran
+        calibration_prompts(cfg.pipeline, cfg.prompts, _calib_count(cfg, model))
     cfg.out.mkdir(parents=True, exist_ok=True)
     fp, fp_seconds, fp_bytes = _fp_samples(cfg)
     rows = [{"name": "FP", **_metrics(cfg, fp, None, None), "model_mb": fp_bytes / 2**20}]

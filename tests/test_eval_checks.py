@@ -99,3 +99,28 @@ def test_a_bad_recipe_fails_before_any_row_runs(tmp_path, no_generation, bad, me
                      metrics=("psnr",), out=tmp_path / "ev")
     with pytest.raises(ValueError, match=message):
         evaluate(cfg)
+
+
+def test_a_recipe_is_calibrated_on_its_own_prompt_count(tmp_path, monkeypatch, no_generation):
+    """Without --calib-prompts a recipe tuned on 5 calibration prompts is measured on 5 (others on 16);
+    --calib-prompts wins; a count the held-out prompts cannot meet fails before any row runs."""
+    (tmp_path / "five.yaml").write_text("name: five\nweight: {format: int8}\ncalibration: {num_prompts: 5}\n")
+    (tmp_path / "many.yaml").write_text("name: many\nweight: {format: int8}\ncalibration: {num_prompts: 3000}\n")
+    seen = []
+
+    def spy(pipe, recipe, calibration):
+        seen.append(calibration["prompts"])
+        return pipe
+
+    monkeypatch.setattr(dmquant, "quantize", spy)
+    monkeypatch.setattr(runner, "_load", lambda cfg: None)
+    for extra in ({}, {"calib_prompts": 3}):
+        cfg = EvalConfig(pipeline="miniature-sd", models=[], prompts=PROMPTS, steps=2, extra=extra)
+        for model in (str(tmp_path / "five.yaml"), "w8a8"):
+            runner._quantized_pipe(cfg, model)
+    assert [len(p) for p in seen] == [5, 16, 3, 3]
+    assert not set(seen[0]) & set(PROMPTS)
+    cfg = EvalConfig(pipeline="miniature-sd", models=["w8a8", str(tmp_path / "many.yaml")], prompts=PROMPTS,
+                     steps=2, metrics=("psnr",), out=tmp_path / "ev")
+    with pytest.raises(ValueError, match="disjoint"):
+        evaluate(cfg)
