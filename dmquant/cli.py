@@ -250,7 +250,8 @@ def _add_eval_args(p: argparse.ArgumentParser, metrics: bool) -> None:
     p.add_argument("--fid-extractor", choices=("judge", "inception", "clean-fid"), default=None,
                    help="features for FID (default: the judge for miniatures)")
     p.add_argument("--inception-weights", default=None, help="local Inception weights file for FID")
-    p.add_argument("--calib-prompts", type=int, default=None, help="held-out calibration prompts for every recipe (default: each recipe's calibration.num_prompts, else 16)")
+    p.add_argument("--calib-prompts", type=int, default=None, help="held-out calibration prompts for every recipe "
+                   "(default: each recipe's calibration.num_prompts, else 16)")
     p.add_argument("--calib-timesteps", default=None, help="recorded steps for every recipe (default: each recipe's)")
     if metrics:
         p.add_argument("--metrics", default=None, help="comma-separated; default: every metric that applies "

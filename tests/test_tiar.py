@@ -125,15 +125,16 @@ def test_tiar_needs_a_recorded_trajectory():
 
 @pytest.mark.slow
 def test_tfmq_with_tiar_on_a_pipeline(monkeypatch):
-    """FSC -> shortcut split -> ranges -> TIAR then BRECQ in one step: each block is matched to the float
+    """`tfmq-tiar-w4a8`: FSC -> shortcut split -> ranges -> TIAR then BRECQ in one step: each block is matched to the float
     model (float temporal features) from quantized inputs (TIAR's temporal features), and the codes TIAR
     chose are the ones packed."""
     from dmquant.pipelines import generate, load
 
     torch.manual_seed(0)
     pipe = load("tiny-sd")
-    base = dmquant.get_recipe("tfmq-w4a8")
-    adaround = Step("adaround", {"iters": 10, "batch_size": 2, "temporal": "role:temporal"})
+    base = dmquant.get_recipe("tfmq-tiar-w4a8")  # the shipped recipe, shortened
+    assert base.steps[-1].name == "adaround" and "temporal" in base.steps[-1].args
+    adaround = Step("adaround", {**base.steps[-1].args, "iters": 10, "batch_size": 2})
     temporal = dataclasses.replace(base.overrides[0], weight=QuantSpec("int4", "channel"))
     recipe = base.replace(steps=(*base.steps[:-1], adaround), overrides=(temporal,),
                           calibration={"num_prompts": 2, "steps": 5, "timesteps": "uniform:2"})
