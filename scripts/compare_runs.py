@@ -2,7 +2,7 @@
 calibrated on 16 prompts in one file and on 64 in another): each run is named FILE:ROW and pooled
 under that name, then compared like `dmquant compare` (paired over prompts and Welch over runs).
 
-    python docs/results/methods-tfmq/runs.py A.json:row,B.json:row C.json:row,D.json:row
+    python scripts/compare_runs.py A.json:row,B.json:row C.json:row,D.json:row
 """
 import json
 import sys
@@ -21,4 +21,4 @@ sides = [[run(s) for s in side.split(",")] for side in sys.argv[1:3]]
 if len({tuple(p) for side in sides for _, p in side}) != 1:
     raise SystemExit("the evaluations scored different prompts: their rows cannot be paired")
 rows = [r for side in sides for r, _ in side]
-print(compare_rows(rows, sys.argv[1], sys.argv[2], ["psnr", "ssim"]), end="")
+print(compare_rows(rows, sys.argv[1], sys.argv[2], None), end="")
