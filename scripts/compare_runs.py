@@ -10,11 +10,14 @@ import sys
 from dmquant.eval.table import compare_rows
 
 
-def run(spec: str) -> dict:
+def run(spec: str) -> tuple[dict, list[str]]:
+    """The row ROW of FILE, renamed FILE:ROW, and the prompts that FILE scored."""
     path, _, name = spec.partition(":")
     data = json.load(open(path))
-    row = next(r for r in data["rows"] if r["name"] == name)
-    return {**row, "name": spec}, data["prompts"]
+    rows = [r for r in data["rows"] if r["name"] == name]
+    if not rows:
+        raise SystemExit(f"{path} has no row {name!r} (rows: {[r['name'] for r in data['rows']]})")
+    return {**rows[0], "name": spec}, data["prompts"]
 
 
 sides = [[run(s) for s in side.split(",")] for side in sys.argv[1:3]]

@@ -125,9 +125,9 @@ def test_tiar_needs_a_recorded_trajectory():
 
 @pytest.mark.slow
 def test_tfmq_with_tiar_on_a_pipeline(monkeypatch):
-    """`tfmq-tiar-w4a8`: FSC -> shortcut split -> ranges -> TIAR then BRECQ in one step: each block is matched to the float
-    model (float temporal features) from quantized inputs (TIAR's temporal features), and the codes TIAR
-    chose are the ones packed."""
+    """`tfmq-tiar-w4a8`: FSC -> shortcut split -> ranges -> TIAR then BRECQ in one step: each block is
+    matched to the float model (float temporal features) from quantized inputs (TIAR's temporal features),
+    and the codes TIAR chose are the ones packed."""
     from dmquant.pipelines import generate, load
 
     torch.manual_seed(0)
