@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import dmquant
 from dmquant.api import AUTO_PREFIX
+from dmquant.calibration import CalibrationSet
 from dmquant.components import denoiser_path, get_path
 from dmquant.pipelines import generate, load
 from dmquant.pipelines.miniature import NAMES, WEIGHTS
@@ -158,7 +159,7 @@ def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float, int]:
     return samples, seconds, size
 
 
-def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = 16) -> list[str]:
+def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = CalibrationSet.num_prompts) -> list[str]:
     """`n` calibration prompts disjoint from the evaluation prompts: held-out procedural captions for
     a miniature, generic captions otherwise. Calibrating on the prompts that are then scored would
     flatter every calibrated recipe, so an overlap that cannot be avoided is an error."""
@@ -177,12 +178,12 @@ def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = 16) -> 
 
 def _calib_count(cfg: EvalConfig, model: str) -> int:
     """How many prompts calibrate `model`: --calib-prompts, else the recipe's own `calibration.num_prompts`
-    (a recipe tuned on more prompts is measured as shipped), else 16."""
+    (a recipe tuned on more prompts is measured as shipped), else CalibrationSet's default."""
     if cfg.extra.get("calib_prompts"):
         return cfg.extra["calib_prompts"]
     if ":" in model or model.lower().startswith(AUTO_PREFIX):
-        return 16
-    return int(dmquant.get_recipe(model).calibration.get("num_prompts", 16))
+        return CalibrationSet.num_prompts
+    return int(dmquant.get_recipe(model).calibration.get("num_prompts", CalibrationSet.num_prompts))
 
 
 def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:

@@ -4,20 +4,20 @@ under that name, then compared like `dmquant compare` (paired over prompts and W
 
     python scripts/compare_runs.py A.json:row,B.json:row C.json:row,D.json:row
 """
-import json
 import sys
 
+from dmquant.cli import _metrics_rows
 from dmquant.eval.table import compare_rows
 
 
 def run(spec: str) -> tuple[dict, list[str]]:
     """The row ROW of FILE, renamed FILE:ROW, and the prompts that FILE scored."""
     path, _, name = spec.partition(":")
-    data = json.load(open(path))
-    rows = [r for r in data["rows"] if r["name"] == name]
-    if not rows:
-        raise SystemExit(f"{path} has no row {name!r} (rows: {[r['name'] for r in data['rows']]})")
-    return {**rows[0], "name": spec}, data["prompts"]
+    prompts, rows = _metrics_rows(path)  # the reader `dmquant compare` uses, with its checks
+    chosen = [r for r in rows if r.get("name") == name]
+    if not chosen:
+        raise SystemExit(f"{path} has no row {name!r} (rows: {[r.get('name') for r in rows]})")
+    return {**chosen[0], "name": spec}, prompts
 
 
 sides = [[run(s) for s in side.split(",")] for side in sys.argv[1:3]]
