@@ -9,6 +9,7 @@ of the import graph: it imports nothing from dmquant.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -136,6 +137,8 @@ class DistillConfig:
     refresh_every: int = 50  # "student": re-sample the trajectory every this many steps
     lr_schedule: str = "constant"  # every learning rate: "constant" | "cosine" (decays to 0 at `iters`)
     drop: float = 0.0  # QDrop: probability that an activation element skips its quantizer while training
+    guidance: float | None = None  # loss on the classifier-free guided output at this scale (None: per half)
+    objective: str = "call"  # "call": each recorded call's output | "sample": final latents of whole sampling runs
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -146,11 +149,20 @@ class DistillConfig:
             raise ValueError("trajectory: student needs refresh_every >= 1 dividing checkpoint_every (a resumed "
                              f"run re-samples where the uninterrupted one did); got {self.refresh_every} and "
                              f"{self.checkpoint_every}")
+        if self.objective not in ("call", "sample"):
+            raise ValueError(f"objective must be call or sample, got {self.objective!r}")
+        if self.objective == "sample" and (self.trajectory != "float" or self.feature_weight or self.guidance):
+            raise ValueError("objective: sample trains on whole sampling runs of the quantized model (its own "
+                             "trajectory, guidance as sampled): trajectory, feature_weight and guidance are "
+                             "options of the per-call objective")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.drop < 1.0:
             raise ValueError(f"drop is the probability that an activation skips its quantizer while training: "
                              f"it must be in [0, 1), got {self.drop}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance > 1.0):
+            raise ValueError(f"guidance is the sampler's classifier-free guidance scale, which batches an "
+                             f"unconditional and a conditional half only above 1: got {self.guidance}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 

@@ -51,6 +51,11 @@ class StepRun:
     def trajectory(self) -> Any:
         return getattr(self.runner, "trajectory", None)
 
+    @property
+    def description(self) -> dict[str, Any] | None:
+        """The calibration's settings (prompts, steps, guidance, call arguments), when it has them."""
+        return getattr(self.runner, "description", None)
+
     def record(self) -> Any:
         """A new trajectory sampled with the model as it is now (same prompts, seeds and steps), or None
         when the calibration data cannot be re-sampled (a recorded trajectory or a plain callable)."""

@@ -226,14 +226,14 @@ def test_student_trajectory_resamples_with_the_quantized_model(monkeypatch, tmp_
     drawn = []
     original = qalora.distill_adapters
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         float_calls, resample = args[1], args[-1]
 
         def watched():
             drawn.append(resample())
             return drawn[-1]
         drawn.append(float_calls)
-        return original(*args[:-1], watched)
+        return original(*args[:-1], watched, **kwargs)
     monkeypatch.setattr(qalora, "distill_adapters", spy)
     args = dict(iters=6, batch_size=2, lsq_lr=1e-3, trajectory="student", refresh_every=2, checkpoint_every=2)
     full = pipeline("tiny-pixart")
@@ -316,3 +316,96 @@ def test_efficientdm_with_qdrop_trains_and_leaves_a_fully_quantized_model(monkey
     assert not torch.equal(probe(pipe)(), probe(plain)())  # the drop changed what was trained
     with pytest.raises(ValueError, match="drop"):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=1, drop=1.0), calibration=CALIB)
+
+
+def test_guided_loss_is_the_error_of_the_guided_prediction(monkeypatch):
+    """guidance: s makes the loss the MSE of u + s (c - u) over each call's [unconditional; conditional]
+    halves: its first step's loss and the before figure equal that formula computed here in float64 from
+    the float and the PTQ model; training lowers it; calls not batched that way, and scales that batch
+    nothing, are refused."""
+    from dmquant.algorithms.hooks import output_tensors
+    from dmquant.finetune import qalora
+    from dmquant.nn.switch import quantization_disabled
+
+    seen = {}
+    original = qalora.distill_adapters
+
+    def spy(denoiser, calls, *args, **kwargs):
+        with torch.no_grad():
+            outs = [[output_tensors(denoiser(**c.kwargs))[0].double() for c in calls]]
+            with quantization_disabled(denoiser):
+                outs.append([output_tensors(denoiser(**c.kwargs))[0].double() for c in calls])
+        seen.update(calls=calls, ptq=outs[0], fp=outs[1])
+        return original(denoiser, calls, *args, **kwargs)
+    monkeypatch.setattr(qalora, "distill_adapters", spy)
+    results = recording(monkeypatch, "efficientdm")
+    args = dict(iters=16, batch_size=2, lsq_lr=1e-3, guidance=3.0)
+    dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args), calibration=CALIB)
+    (res,) = results
+
+    def guided_mse(i):
+        (qu, qc), (fu, fc) = seen["ptq"][i].chunk(2), seen["fp"][i].chunk(2)
+        return float(((qu + 3.0 * (qc - qu)) - (fu + 3.0 * (fc - fu))).pow(2).mean())
+    n = len(seen["calls"])
+    assert all(c.kwargs["hidden_states"].shape[0] == 2 * CALIB["num_prompts"] for c in seen["calls"])
+    first = distill_module._batch(0, 0, n, 2)
+    assert res.losses[0] == pytest.approx(sum(map(guided_mse, first)) / 2, rel=1e-4)
+    held = torch.linspace(0, n - 1, min(16, n)).round().long().unique().tolist()
+    assert res.mse_before == pytest.approx(sum(map(guided_mse, held)) / len(held), rel=1e-4)
+    per_half = sum(float((seen["ptq"][i] - seen["fp"][i]).pow(2).mean()) for i in held) / len(held)
+    assert res.mse_before > per_half  # the guided error is another (larger) figure than the halves'
+    assert res.mse_after < 0.8 * res.mse_before, (res.mse_before, res.mse_after)
+
+    with pytest.raises(ValueError, match="unconditional"):  # no guidance: one half per prompt, halves differ
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args),
+                         calibration={**CALIB, "guidance_scale": 1.0})
+    with pytest.raises(ValueError, match="guidance"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=1, guidance=1.0), calibration=CALIB)
+
+
+def test_sample_objective_trains_the_final_latents_of_whole_sampling_runs(monkeypatch, tmp_path):
+    """objective: sample: a step's loss is the final-latent MSE between the quantized and the float
+    pipeline sampling the drawn calibration prompts from the same fresh noise, computed here with the
+    stock pipeline call on an independent PTQ and float copy; training lowers it; the pipeline's modules
+    collect no gradient and are left as they were; a resumed run ends where the uninterrupted one does."""
+    from dmquant.pipelines import calibration_prompts
+    from dmquant.pipelines.generate import call_defaults
+
+    args = dict(iters=6, batch_size=2, lsq_lr=1e-3, objective="sample")
+    calib = {**CALIB, "timesteps": "uniform:2"}
+    results = recording(monkeypatch, "efficientdm")
+    trained = pipeline("tiny-pixart")
+    grads = {id(p): p.requires_grad for p in trained.text_encoder.parameters()}
+    dmquant.quantize(trained, recipe("efficientdm-w4a4", **args), calibration=calib)
+    (res,) = results
+    assert {id(p): p.requires_grad for p in trained.text_encoder.parameters()} == grads
+    assert all(p.grad is None for p in trained.text_encoder.parameters())
+
+    fp, ptq = pipeline("tiny-pixart"), pipeline("tiny-pixart")
+    dmquant.quantize(ptq, dmquant.get_recipe("w4a4-static"), calibration=calib)
+    prompts = calibration_prompts(fp, CALIB["num_prompts"])
+
+    def final_latents(pipe, step):
+        batch = distill_module._batch(0, step, len(prompts), 2)
+        seeds = [2_000_000 + step * 1_000 + j for j in range(2)]
+        with torch.no_grad():
+            return pipe(prompt=[prompts[i] for i in batch], generator=[torch.Generator().manual_seed(s) for s in seeds],
+                        **call_defaults(pipe), num_inference_steps=CALIB["steps"], guidance_scale=4.0,
+                        output_type="latent")[0].double()
+
+    def error(pipe, step):
+        return float((final_latents(pipe, step) - final_latents(fp, step)).pow(2).flatten(1).mean(1).mean())
+    assert res.losses[0] == pytest.approx(error(ptq, 0), rel=1e-4)
+    assert error(trained, 0) < 0.8 * error(ptq, 0), (error(trained, 0), error(ptq, 0))
+
+    ckpt = {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_every": 2}
+    batch = crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args, **ckpt), calibration=calib)
+    monkeypatch.setattr(distill_module, "_batch", batch)
+    resumed = pipeline("tiny-pixart")
+    dmquant.quantize(resumed, recipe("efficientdm-w4a4", **args, **ckpt, resume=True), calibration=calib)
+    assert results[-1].start == 2 and torch.equal(probe(resumed)(), probe(trained)())
+    for bad in ({"guidance": 4.0}, {"trajectory": "student"}, {"objective": "images"}):
+        with pytest.raises(ValueError, match="objective"):
+            dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **{**args, **bad}), calibration=calib)

@@ -13,6 +13,7 @@ SVDQuant already pays for, trained in place, so the merged model keeps its size)
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ from torch import nn
 from ..nn.qmodule import QuantModule
 from .adapters import make_adapters
 from .distill import DistillConfig, DistillResult, Schedule, distill_adapters, lsq_scales, trajectory_inputs
+from .sampling import SampledLatentLoss, sampling_pipeline
 
 
 def weight_quantized_layers(module: nn.Module, skip: str | None = None) -> dict[str, QuantModule]:
@@ -57,8 +59,10 @@ def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: S
                              "pipeline calibrated with calibration settings or prompts")
         return list(trajectory.calls)
 
-    result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule,
-                              resample if recorder is not None else None)
+    sampler = SampledLatentLoss(run, cfg.seed, name) if cfg.objective == "sample" else None
+    with sampling_pipeline(run.obj) if sampler is not None else contextlib.nullcontext():
+        result = distill_adapters(denoiser, calls, adapters, scales, cfg, name, schedule,
+                                  resample if recorder is not None else None, sampler=sampler)
     result.notes.update(layers=len(layers), rank=rank, lsq_scales=len(scales),
                         branches=sum(a.branch is not None for a in adapters.values()),
                         smoothed=sum(a.smoothing is not None for a in adapters.values()))
@@ -73,7 +77,8 @@ def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bo
     of their SVD low-rank branches (learning rate `branch_lr`), with `smooth` a per-input-channel
     smoothing scale per layer (`smooth_lr`; see `SmoothingTwin`). Loop arguments (`iters`, `lr`,
     `batch_size`, `lsq_lr`, `branch_lr`, `smooth_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
-    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`, `drop`): `DistillConfig`.
+    `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`, `drop`, `guidance`,
+    `objective`): `DistillConfig`.
 
     >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
     """

@@ -1,0 +1,92 @@
+"""Distillation through the sampler: the fine-tuning option `objective: sample`.
+
+The per-call loss matches the quantized denoiser to the float one on the float trajectory's inputs, one
+call at a time. What an evaluation against the float model measures is the end of a whole sampling run,
+after the quantized model's errors have compounded along its own trajectory. This loss is that
+distance: between the final latents the quantized and the float pipeline reach from the same prompts
+and noise (guidance included), backpropagated through every denoising step. Every optimizer step draws
+`batch_size` of the calibration prompts and fresh noise, both a function of (seed, step) alone, so a
+resumed run draws the same; the pipeline's own call (its scheduler, guidance and conditioning) runs,
+without its `no_grad` decorator, so any pipeline whose call returns latents with `output_type="latent"`
+works.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..components import denoiser_path, get_path
+from ..nn.switch import quantization_disabled
+
+NOISE_SEED = 2_000_000  # away from the evaluation seeds (0, 1, ...) and the calibration seeds (1_000_000, ...)
+
+
+
+@contextlib.contextmanager
+def sampling_pipeline(pipe: Any) -> Iterator[None]:
+    """While training through the pipeline: no module of it but the trained adapters collects gradients
+    (the text encoder runs on every call), and its progress bars stay quiet; both restored after."""
+    modules = [m for m in vars(pipe).values() if isinstance(m, nn.Module)]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    bars = dict(getattr(pipe, "_progress_bar_config", {}))
+    for p, _ in flags:
+        p.requires_grad_(False)
+    pipe.set_progress_bar_config(**{**bars, "disable": True})
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        pipe._progress_bar_config = bars
+
+
+class SampledLatentLoss:
+    """The loss of `objective: sample` on the pipeline `run` calibrated: its prompts, step count,
+    guidance and call arguments. Call it inside `sampling_pipeline(run.obj)`."""
+
+    def __init__(self, run: Any, seed: int, name: str) -> None:
+        from dmquant.pipelines.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, call_defaults
+
+        pipe, description = run.obj, getattr(run, "description", None) or {}
+        if isinstance(pipe, nn.Module) or not description.get("prompts"):
+            raise ValueError(f"{name}: objective: sample runs the pipeline on the calibration prompts: quantize "
+                             "a pipeline with calibration settings or prompts, not a bare model")
+        self.pipe, self.seed, self.name = pipe, seed, name
+        self.prompts = list(description["prompts"])
+        self._call = inspect.unwrap(type(pipe).__call__)  # the pipeline call without its no_grad decorator
+        guidance = description.get("guidance_scale")
+        self._kwargs = dict(call_defaults(pipe), num_inference_steps=description.get("steps") or DEFAULT_STEPS,
+                            guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
+                            output_type="latent", **description.get("call_kwargs", {}))
+        self.denoiser = get_path(pipe, denoiser_path(pipe))
+
+    def latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """The pipeline's final latents for `prompts`, prompt i from the noise of generator seeds[i]."""
+        device = next(self.denoiser.parameters()).device
+        gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+        out = self._call(self.pipe, prompt=prompts, generator=gens, **self._kwargs)[0]
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{self.name}: objective: sample needs {type(self.pipe).__name__} to return latents "
+                             f"as a tensor with output_type='latent'; it returned {type(out).__name__}")
+        return out.float()
+
+    def noise_seeds(self, step: int, positions: list[int]) -> list[int]:
+        """Fresh noise for every (seed, optimizer step, position in the step's batch)."""
+        return [NOISE_SEED + (self.seed * 100_003 + step) * 1_000 + j for j in positions]
+
+    def __call__(self, step: int, chosen: list[tuple[int, int]]) -> torch.Tensor:
+        """Sum over `chosen` (position in the step's batch, prompt index) of the final-latent MSE of the
+        quantized pipeline against the float one from the same noise."""
+        prompts = [self.prompts[i] for _, i in chosen]
+        seeds = self.noise_seeds(step, [j for j, _ in chosen])
+        with quantization_disabled(self.denoiser), torch.no_grad():
+            target = self.latents(prompts, seeds)
+        out = self.latents(prompts, seeds)
+        if not out.requires_grad:
+            raise ValueError(f"{self.name}: no gradient reached the denoiser through "
+                             f"{type(self.pipe).__name__}'s call")
+        return (out - target).pow(2).flatten(1).mean(1).sum()
