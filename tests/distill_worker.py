@@ -1,8 +1,8 @@
 """Worker for the multi-process / mixed-precision fine-tuning tests: quantizes tiny-pixart with a
 short EfficientDM run and saves the denoiser's output on a fixed call (main process only).
 
-    python tests/distill_worker.py OUT.safetensors [no|bf16]
-    accelerate launch --cpu --num_processes 2 tests/distill_worker.py OUT.safetensors
+    python tests/distill_worker.py OUT.safetensors [no|bf16] [call|sample]
+    accelerate launch --cpu --num_processes 2 tests/distill_worker.py OUT.safetensors [no] [call|sample]
 """
 import sys
 
@@ -13,12 +13,13 @@ import dmquant
 from dmquant.config import Step
 from dmquant.pipelines import load
 
-out, precision = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "no"
+out, extra = sys.argv[1], sys.argv[2:]
+precision, objective = extra[0] if extra else "no", extra[1] if len(extra) > 1 else "call"
 torch.manual_seed(0)
 pipe = load("tiny-pixart")
 base = dmquant.get_recipe("efficientdm-w4a4")
 ranges, step = base.steps
-args = {**step.args, "iters": 6, "batch_size": 4, "mixed_precision": precision}
+args = {**step.args, "iters": 6, "batch_size": 4, "mixed_precision": precision, "objective": objective}
 dmquant.quantize(pipe, base.replace(steps=(ranges, Step(step.name, args))),
                  calibration={"num_prompts": 2, "steps": 4, "timesteps": "all"})
 d = pipe.transformer

@@ -207,10 +207,15 @@ def _worker(tmp_path, name, *extra, launch=None):
 
 
 def test_two_processes_train_like_one_and_bf16_autocast_runs(tmp_path, accelerate_launch):
-    """accelerate: two processes split each batch and sum gradients, so they train the same model as
-    one process (up to float summation order); bf16 autocast trains a nearby model."""
+    """accelerate: two processes split each batch (of calls, or with objective: sample of prompts) and sum
+    gradients, so they train the same model as one process (up to float summation order); bf16 autocast
+    trains a nearby model."""
     one = _worker(tmp_path, "one")
     two = _worker(tmp_path, "two", launch=accelerate_launch(2))
+    assert torch.allclose(one, two, rtol=1e-4, atol=1e-5 * float(one.abs().max()))
+    # objective: sample: each process samples its share of the step's prompts
+    one, two = _worker(tmp_path, "one_s", "no", "sample"), _worker(tmp_path, "two_s", "no", "sample",
+                                                                   launch=accelerate_launch(2))
     assert torch.allclose(one, two, rtol=1e-4, atol=1e-5 * float(one.abs().max()))
     bf16 = _worker(tmp_path, "bf16", "bf16")
     assert torch.isfinite(bf16).all() and not torch.equal(bf16, one)
