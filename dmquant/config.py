@@ -15,7 +15,7 @@ from .families import ROLES, resolve_pattern
 from .formats import BlockFormat, FloatFormat, get_format
 from .granularity import PerGroup, PerToken, parse_granularity
 from .observers import parse_observer
-from .step_configs import step_config
+from .step_configs import DistillConfig, step_config
 
 RECIPE_VERSION = 1
 BACKENDS = ("fake", "auto", "cpu", "fbgemm", "cuda")  # "fbgemm": the CPU int GEMM only (older name)
@@ -227,6 +227,11 @@ class Recipe:
             raise ValueError("include_roles adjusts the family's default exclusions: give it or exclude, not both")
         if self.weight is None and self.input is None and self.attention is None:
             raise ValueError(f"recipe {self.name!r} quantizes nothing: give weight, input or attention")
+        tuned = [s.name for s in self.steps if isinstance(s.config, DistillConfig)]
+        if len(tuned) > 1:
+            raise ValueError(f"recipe {self.name!r}: one fine-tuning step per recipe, got {tuned}. Each merges its "
+                             "adapters into the float weights, so a later one would distil against that merge "
+                             "instead of the float model: give the one step more iters")
 
     @property
     def needs_calibration(self) -> bool:

@@ -414,3 +414,10 @@ def test_sample_objective_trains_the_final_latents_of_whole_sampling_runs(monkey
     for bad in ({"guidance": 4.0}, {"trajectory": "student"}, {"objective": "images"}):
         with pytest.raises(ValueError, match="objective"):
             dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **{**args, **bad}), calibration=calib)
+
+
+def test_a_diverging_fine_tuning_fails_loudly(monkeypatch):
+    """A NaN loss stops the run with a clear error instead of merging NaN into the weights."""
+    monkeypatch.setattr(distill_module, "guided", lambda out, scale: out * float("nan"))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=2, batch_size=2), calibration=CALIB)

@@ -80,6 +80,18 @@ def test_recipe_composes_a_ptq_start_with_a_fine_tuner(name, steps, base):
     assert r.steps[-1].args["lsq"] is (r.input.dynamic is False)
 
 
+def test_a_recipe_fine_tunes_once():
+    """A second fine-tuning step would distil against the first one's merge (written into the float
+    weights), not the float model: refused when the recipe is built."""
+    from dmquant.config import Step
+
+    r = dmquant.get_recipe("efficientdm-w4a4")
+    with pytest.raises(ValueError, match="one fine-tuning step"):
+        r.replace(steps=(*r.steps, Step("efficientdm", {"objective": "sample"})))
+    with pytest.raises(ValueError, match="one fine-tuning step"):
+        r.replace(steps=(*r.steps, Step("quest", {})))
+
+
 def test_gptq_then_efficientdm_fine_tunes_the_gptq_rounding(monkeypatch):
     """With 0 steps the composed recipe is its GPTQ start exactly; with steps the adapters move GPTQ's
     on-grid codes (a LoRA step below half a grid step rounds away, hence the large learning rate here)

@@ -286,6 +286,9 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                     total = float(loss.detach())
                 else:
                     total = call_losses(step, batch)
+                if not math.isfinite(total):  # NaN parameters would be merged into every weight
+                    raise FloatingPointError(f"{name}: the loss is {total} at optimizer step {step}: training "
+                                             "diverged; lower lr / lsq_lr")
                 extra = schedule.penalty(step)
                 if extra is not None:
                     accel.backward(extra / accel.num_processes)  # summed over processes below
