@@ -417,7 +417,28 @@ def test_sample_objective_trains_the_final_latents_of_whole_sampling_runs(monkey
 
 
 def test_a_diverging_fine_tuning_fails_loudly(monkeypatch):
-    """A NaN loss stops the run with a clear error instead of merging NaN into the weights."""
+    """A NaN loss stops the run with a clear error instead of merging NaN into the weights; a step whose
+    backward overflows (finite loss, non-finite gradient) is skipped, and so many of them are an error."""
+    guided = distill_module.guided
     monkeypatch.setattr(distill_module, "guided", lambda out, scale: out * float("nan"))
     with pytest.raises(FloatingPointError, match="diverged"):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=2, batch_size=2), calibration=CALIB)
+
+    injected = []
+
+    def overflowing(out, scale, steps=1):  # sqrt at 0: forward 0, backward inf; in the first `steps` steps only
+        if torch.is_grad_enabled() and len(injected) < 2 * steps:  # 2 calls a step: output and target
+            injected.append(1)
+            out = out + torch.sqrt(out - out.detach())
+        return guided(out, scale)
+    monkeypatch.setattr(distill_module, "guided", overflowing)
+    results = recording(monkeypatch, "efficientdm")
+    dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=8, batch_size=1, lsq_lr=1e-3),
+                     calibration=CALIB)
+    (res,) = results
+    assert res.notes["skipped_steps"] == [0] and all(map(math.isfinite, res.losses))
+    assert res.mse_after < res.mse_before
+    injected.clear()
+    monkeypatch.setattr(distill_module, "guided", lambda out, scale: overflowing(out, scale, steps=10**6))
+    with pytest.raises(FloatingPointError, match="non-finite gradients at 11"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=12, batch_size=1), calibration=CALIB)

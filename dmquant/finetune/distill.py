@@ -255,7 +255,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
         return total
 
     held = torch.linspace(0, len(calls) - 1, min(16, len(calls))).round().long().unique().tolist()
-    was_training, t0, losses = denoiser.training, time.perf_counter(), []
+    was_training, t0, losses, skipped = denoiser.training, time.perf_counter(), [], []
     denoiser.eval()
     denoiser.requires_grad_(False)
     inputs, teacher = calls, teacher_of(calls)  # what training draws from: the student's own calls once re-sampled
@@ -297,7 +297,14 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                         if p.grad is not None:
                             p.grad = accel.reduce(p.grad, reduction="sum")
                     total = float(accel.reduce(torch.tensor(total, device=device), reduction="sum"))
-                optimizer.step()
+                if all(bool(torch.isfinite(p.grad).all()) for p in params.values() if p.grad is not None):
+                    optimizer.step()
+                else:  # an overflow in the backward (long graphs: objective sample): skip the step, as AMP does
+                    skipped.append(step)
+                    log.warning("%s: non-finite gradient at optimizer step %d: step skipped", name, step)
+                    if len(skipped) > max(10, cfg.iters // 10):
+                        raise FloatingPointError(f"{name}: non-finite gradients at {len(skipped)} optimizer "
+                                                 "steps: training diverged; lower lr / lsq_lr")
                 with torch.no_grad():
                     for t in scales.values():  # step sizes may not cross zero
                         t.clamp_(min=torch.finfo(t.dtype).tiny)
@@ -324,7 +331,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     peak, kind = _peak_memory(device)
     trainable = sum(p.numel() for p in params.values())
     result = DistillResult(losses, start, before, after, trainable, round(peak, 1), kind,
-                           round(time.perf_counter() - t0, 3))
+                           round(time.perf_counter() - t0, 3), {"skipped_steps": skipped} if skipped else {})
     log.info("%s: %d trainable parameters, output MSE vs float %.4g -> %.4g, peak memory %.0f MB (%s)", name,
              trainable, before, after, peak, kind)
     return result
