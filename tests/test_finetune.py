@@ -442,3 +442,18 @@ def test_a_diverging_fine_tuning_fails_loudly(monkeypatch):
     monkeypatch.setattr(distill_module, "guided", lambda out, scale: overflowing(out, scale, steps=10**6))
     with pytest.raises(FloatingPointError, match="non-finite gradients at 11"):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=12, batch_size=1), calibration=CALIB)
+
+
+def test_learnt_step_sizes_stop_at_a_thousandth_of_their_calibrated_value():
+    """LSQ may drive a step size towards zero (where its gradient is 0 x inf): a huge rate pushes rows
+    to the floor, 1e-3 of the calibrated value, and the model stays finite."""
+    from dmquant.finetune.distill import SCALE_FLOOR
+    from dmquant.observe import static_quantizers
+
+    ptq, tuned = pipeline("tiny-pixart"), pipeline("tiny-pixart")
+    dmquant.quantize(ptq, dmquant.get_recipe("w4a4-static"), calibration=CALIB)
+    dmquant.quantize(tuned, recipe("efficientdm-w4a4", iters=6, batch_size=1, lsq_lr=30.0), calibration=CALIB)
+    calibrated = {q.name: q.scale for q in static_quantizers(ptq.transformer)}
+    ratios = torch.cat([(q.scale / calibrated[q.name]).flatten() for q in static_quantizers(tuned.transformer)])
+    assert float(ratios.min()) == pytest.approx(SCALE_FLOOR, rel=1e-5)
+    assert bool(torch.isfinite(probe(tuned)()).all())

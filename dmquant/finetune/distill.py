@@ -45,6 +45,8 @@ from .sampling import SampledLatentLoss
 
 log = logging.getLogger(__name__)
 
+SCALE_FLOOR = 1e-3  # learnt activation step sizes stay above this share of their calibrated value
+
 
 @dataclass
 class DistillResult:
@@ -213,6 +215,9 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     optimizer = torch.optim.Adam([g for g in groups if g["params"]])
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     initial = {k: t.detach().clone() for k, t in scales.items()}
+    # A step size may shrink a thousandfold, not to zero: there its LSQ gradient is 0 x inf (NaN). Through
+    # the sampler (objective sample) the loss drives some to zero, i.e. prunes that activation.
+    floors = {k: (t * SCALE_FLOOR).clamp_min(torch.finfo(t.dtype).tiny) for k, t in initial.items()}
     flags = [(p, p.requires_grad) for p in denoiser.parameters()]
     blocks = [u.module for u in find_units([denoiser], cfg.blocks) if not isinstance(u.module, QuantModule)] \
         if cfg.feature_weight else []
@@ -306,8 +311,8 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                         raise FloatingPointError(f"{name}: non-finite gradients at {len(skipped)} optimizer "
                                                  "steps: training diverged; lower lr / lsq_lr")
                 with torch.no_grad():
-                    for t in scales.values():  # step sizes may not cross zero
-                        t.clamp_(min=torch.finfo(t.dtype).tiny)
+                    for k, t in scales.items():
+                        t.clamp_(min=floors[k])
                 losses.append(total)
                 if path is not None and accel.is_main_process and ((step + 1) % cfg.checkpoint_every == 0
                                                                    or step + 1 == cfg.iters):
