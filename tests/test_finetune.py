@@ -391,8 +391,8 @@ def test_sample_objective_trains_the_final_latents_of_whole_sampling_runs(monkey
     prompts = calibration_prompts(fp, CALIB["num_prompts"])
 
     def final_latents(pipe, step):
-        batch = distill_module._batch(0, step, len(prompts), 2)
-        seeds = [2_000_000 + step * 1_000 + j for j in range(2)]
+        batch = distill_module._batch(0, step, len(prompts), 2) if step >= 0 else list(range(len(prompts)))
+        seeds = [2_000_000 + step * 1_000 + j for j in range(2)]  # step -1: the before / after figure's noise
         with torch.no_grad():
             return pipe(prompt=[prompts[i] for i in batch], generator=[torch.Generator().manual_seed(s) for s in seeds],
                         **call_defaults(pipe), num_inference_steps=CALIB["steps"], guidance_scale=4.0,
@@ -402,6 +402,8 @@ def test_sample_objective_trains_the_final_latents_of_whole_sampling_runs(monkey
         return float((final_latents(pipe, step) - final_latents(fp, step)).pow(2).flatten(1).mean(1).mean())
     assert res.losses[0] == pytest.approx(error(ptq, 0), rel=1e-4)
     assert error(trained, 0) < 0.8 * error(ptq, 0), (error(trained, 0), error(ptq, 0))
+    assert (res.mse_before, res.mse_after) == pytest.approx((error(ptq, -1), error(trained, -1)), rel=1e-4)
+    assert res.mse_after < res.mse_before
 
     ckpt = {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_every": 2}
     batch = crash_at(monkeypatch, 3)

@@ -55,7 +55,7 @@ class DistillResult:
     losses: list[float]
     start: int
     mse_before: float  # output MSE vs float on up to 16 evenly spaced calls at the start (PTQ, or the checkpoint);
-    # of the guided prediction when the loss is guided
+    # of the guided prediction when the loss is guided; with objective sample the final-latent MSE of 4 prompts
     mse_after: float  # the same, for the merged model
     trainable_params: int
     peak_memory_mb: float
@@ -265,9 +265,16 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
     denoiser.requires_grad_(False)
     inputs, teacher = calls, teacher_of(calls)  # what training draws from: the student's own calls once re-sampled
     held_teacher = teacher
+
+    def figure() -> float:
+        """The before / after figure: the objective's error on held inputs (per-call targets are cached)."""
+        if sampler is not None:
+            return sampler.held_error()
+        return _output_mse(denoiser, calls, held, held_teacher, features, device, cfg.guidance)
+
     try:
         with serving_adapters(adapters):
-            before = _output_mse(denoiser, calls, held, held_teacher, features, device, cfg.guidance)  # caches targets
+            before = figure()
         with serving_adapters(adapters), torch.enable_grad():
             for step in tqdm(range(start, cfg.iters), desc=name, unit="step", initial=start, total=cfg.iters,
                              disable=None if accel.is_main_process else True):
@@ -319,7 +326,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
                     save_checkpoint(path, step + 1, cfg.seed, params, buffers, optimizer)
         schedule.before_step(cfg.iters, optimizer)  # lets a schedule finish (QVGen: the last rank cut)
         merge_adapters(adapters)
-        after = _output_mse(denoiser, calls, held, held_teacher, features, device, cfg.guidance)
+        after = figure()
     except BaseException:
         with torch.no_grad():
             for k, t in scales.items():

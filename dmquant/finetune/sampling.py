@@ -23,6 +23,7 @@ from ..components import denoiser_path, get_path
 from ..nn.switch import quantization_disabled
 
 NOISE_SEED = 2_000_000  # away from the evaluation seeds (0, 1, ...) and the calibration seeds (1_000_000, ...)
+HELD_STEP = -1  # the noise of the before / after figure: no optimizer step's
 
 
 
@@ -63,6 +64,7 @@ class SampledLatentLoss:
                             guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
                             output_type="latent", **description.get("call_kwargs", {}))
         self.denoiser = get_path(pipe, denoiser_path(pipe))
+        self._held: torch.Tensor | None = None  # float targets of the before / after figure
 
     def latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """The pipeline's final latents for `prompts`, prompt i from the noise of generator seeds[i]."""
@@ -78,15 +80,35 @@ class SampledLatentLoss:
         """Fresh noise for every (seed, optimizer step, position in the step's batch)."""
         return [NOISE_SEED + (self.seed * 100_003 + step) * 1_000 + j for j in positions]
 
-    def __call__(self, step: int, chosen: list[tuple[int, int]]) -> torch.Tensor:
+    def error(self, step: int, chosen: list[tuple[int, int]], target: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over `chosen` (position in the step's batch, prompt index) of the final-latent MSE of the
-        quantized pipeline against the float one from the same noise."""
+        quantized pipeline against the float one from the same noise (or against `target`)."""
         prompts = [self.prompts[i] for _, i in chosen]
         seeds = self.noise_seeds(step, [j for j, _ in chosen])
-        with quantization_disabled(self.denoiser), torch.no_grad():
-            target = self.latents(prompts, seeds)
-        out = self.latents(prompts, seeds)
-        if not out.requires_grad:
+        if target is None:
+            target = self.float_latents(prompts, seeds)
+        return (self.latents(prompts, seeds) - target).pow(2).flatten(1).mean(1).sum()
+
+    @torch.no_grad()
+    def float_latents(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        with quantization_disabled(self.denoiser):
+            return self.latents(prompts, seeds)
+
+    def __call__(self, step: int, chosen: list[tuple[int, int]]) -> torch.Tensor:
+        """`error`, to backpropagate."""
+        loss = self.error(step, chosen)
+        if not loss.requires_grad:
             raise ValueError(f"{self.name}: no gradient reached the denoiser through "
                              f"{type(self.pipe).__name__}'s call")
-        return (out - target).pow(2).flatten(1).mean(1).sum()
+        return loss
+
+    @torch.no_grad()
+    def held_error(self) -> float:
+        """Mean final-latent MSE of the first (up to) 4 calibration prompts from noise no training step
+        draws: the before / after figure of this objective. The float targets are kept from the first
+        call: after the merge the float weights hold W + B A, no longer the float model."""
+        chosen = list(enumerate(range(min(4, len(self.prompts)))))
+        if self._held is None:
+            self._held = self.float_latents([self.prompts[i] for _, i in chosen],
+                                            self.noise_seeds(HELD_STEP, [j for j, _ in chosen]))
+        return float(self.error(HELD_STEP, chosen, self._held)) / len(chosen)
