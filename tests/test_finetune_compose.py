@@ -200,7 +200,8 @@ def test_efficientdm_trains_the_svd_branch_in_place_while_the_teacher_stays_floa
                                        ("svdquant-efficientdm-w4a4", {"branch": True, "branch_lr": 1e-4}),
                                        # smooth_lr 1e-2 left this one's 12-step error within 2 % of its start
                                        # on an AMD EPYC under the AVX2 caps (up, not down): 1e-3 descends
-                                       ("efficientdm-w4a4", {"rank": 0, "lsq_lr": 1e-3, "smooth_lr": 1e-3})])
+                                       ("efficientdm-w4a4", {"rank": 0, "lsq_lr": 1e-3, "smooth_lr": 1e-3,
+                                                             "objective": "call"})])
 def test_learned_smoothing_is_an_equivalence_folded_into_weight_branch_and_transform(monkeypatch, tmp_path, name,
                                                                                         args):
     """smooth: true trains e^v per input channel (x / e^v, weight and branch down factor times e^v). The

@@ -10,7 +10,6 @@ import torch
 
 import dmquant
 from dmquant.eval.runner import calibration_prompts
-from dmquant.nn.switch import quantization_disabled
 from dmquant.pipelines import generate, load, miniature_prompts
 from dmquant.state import quant_layers
 
@@ -29,13 +28,12 @@ def record(_module, args, kwargs):
 handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
 generate(pipe, prompts[:8], seed=0, steps=10, progress=False)
 handle.remove()
+with torch.no_grad():  # the float outputs before quantizing: a fine-tuning merge rewrites the float weights
+    reference = [denoiser(**c)[0] for c in calls]
 # calibrated as `dmquant eval` does: held-out prompts, seed 10**6; float masters kept for the switches
 dmquant.quantize(pipe, recipe, calibration={"prompts": calibration_prompts("miniature-pixart", prompts, 16),
                                             "steps": 10, "seed": 10**6}, pack=False)
 with torch.no_grad():
-    with quantization_disabled(denoiser):
-        reference = [denoiser(**c)[0] for c in calls]
-
     def mse() -> float:
         return sum(float((denoiser(**c)[0] - r).pow(2).mean()) for c, r in zip(calls, reference)) / len(calls)
 
