@@ -51,10 +51,11 @@ class StepRun:
     def trajectory(self) -> Any:
         return getattr(self.runner, "trajectory", None)
 
-    @property
-    def description(self) -> dict[str, Any] | None:
-        """The calibration's settings (prompts, steps, guidance, call arguments), when it has them."""
-        return getattr(self.runner, "description", None)
+    def sampling(self) -> tuple[list[str], dict[str, Any]] | None:
+        """(prompts, pipeline call arguments) the calibration sampled the pipeline with, or None (a recorded
+        trajectory, a plain callable, a bare model)."""
+        sampling = getattr(self.runner, "sampling", None)
+        return sampling(self.obj) if sampling is not None else None
 
     def record(self) -> Any:
         """A new trajectory sampled with the model as it is now (same prompts, seeds and steps), or None

@@ -67,6 +67,18 @@ def crash_at(monkeypatch, crash_step):
     return batch
 
 
+def resumed_after_a_crash(monkeypatch, args, calibration):
+    """tiny-pixart fine-tuned with `args` (which name a checkpoint), interrupted at step 3, then a fresh
+    copy resumed from the checkpoint to the end."""
+    batch = crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args), calibration=calibration)
+    monkeypatch.setattr(distill_module, "_batch", batch)
+    resumed = pipeline("tiny-pixart")
+    dmquant.quantize(resumed, recipe("efficientdm-w4a4", **args, resume=True), calibration=calibration)
+    return resumed
+
+
 def test_efficientdm_distils_merges_exactly_and_saves(monkeypatch, tmp_path):
     pipe = pipeline("tiny-pixart")
     run = probe(pipe)
@@ -258,13 +270,7 @@ def test_student_trajectory_resamples_with_the_quantized_model(monkeypatch, tmp_
     assert not torch.equal(latents(student[0], 3), latents(student[2], 3))  # the student changed meanwhile
     assert results[0].mse_after < results[0].mse_before
 
-    ckpt = {"checkpoint": str(tmp_path / "ckpt")}
-    batch = crash_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args, **ckpt), calibration=CALIB)
-    monkeypatch.setattr(distill_module, "_batch", batch)
-    resumed = pipeline("tiny-pixart")
-    dmquant.quantize(resumed, recipe("efficientdm-w4a4", **args, **ckpt, resume=True), calibration=CALIB)
+    resumed = resumed_after_a_crash(monkeypatch, {**args, "checkpoint": str(tmp_path / "ckpt")}, CALIB)
     assert results[-1].start == 2
     assert torch.equal(probe(resumed)(), probe(full)())
     with pytest.raises(ValueError, match="refresh_every"):
@@ -407,13 +413,8 @@ def test_sample_objective_trains_the_final_latents_of_whole_sampling_runs(monkey
     assert (res.mse_before, res.mse_after) == pytest.approx((error(ptq, -1), error(trained, -1)), rel=1e-4)
     assert res.mse_after < res.mse_before
 
-    ckpt = {"checkpoint": str(tmp_path / "ckpt"), "checkpoint_every": 2}
-    batch = crash_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", **args, **ckpt), calibration=calib)
-    monkeypatch.setattr(distill_module, "_batch", batch)
-    resumed = pipeline("tiny-pixart")
-    dmquant.quantize(resumed, recipe("efficientdm-w4a4", **args, **ckpt, resume=True), calibration=calib)
+    resumed = resumed_after_a_crash(monkeypatch, {**args, "checkpoint": str(tmp_path / "ckpt"),
+                                                  "checkpoint_every": 2}, calib)
     assert results[-1].start == 2 and torch.equal(probe(resumed)(), probe(trained)())
     for bad in ({"guidance": 4.0}, {"trajectory": "student"}, {"objective": "images"}):
         with pytest.raises(ValueError, match="objective"):

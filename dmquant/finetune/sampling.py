@@ -50,19 +50,15 @@ class SampledLatentLoss:
     guidance and call arguments. Call it inside `sampling_pipeline(run.obj)`."""
 
     def __init__(self, run: Any, seed: int, name: str) -> None:
-        from dmquant.pipelines.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, call_defaults
-
-        pipe, description = run.obj, getattr(run, "description", None) or {}
-        if isinstance(pipe, nn.Module) or not description.get("prompts"):
+        sampling = run.sampling()
+        if sampling is None:
             raise ValueError(f"{name}: objective: sample runs the pipeline on the calibration prompts: quantize "
                              "a pipeline with calibration settings or prompts, not a bare model")
+        pipe = run.obj
         self.pipe, self.seed, self.name = pipe, seed, name
-        self.prompts = list(description["prompts"])
+        self.prompts, kwargs = sampling
+        self._kwargs = {**kwargs, "output_type": "latent"}
         self._call = inspect.unwrap(type(pipe).__call__)  # the pipeline call without its no_grad decorator
-        guidance = description.get("guidance_scale")
-        self._kwargs = dict(call_defaults(pipe), num_inference_steps=description.get("steps") or DEFAULT_STEPS,
-                            guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
-                            output_type="latent", **description.get("call_kwargs", {}))
         self.denoiser = get_path(pipe, denoiser_path(pipe))
         self._held: torch.Tensor | None = None  # float targets of the before / after figure
 

@@ -9,6 +9,7 @@ import sys
 import torch
 
 import dmquant
+from dmquant.calibration.trajectory import TrajectoryRecorder
 from dmquant.eval.runner import calibration_prompts
 from dmquant.pipelines import generate, load, miniature_prompts
 from dmquant.pipelines.generate import DEFAULT_GUIDANCE
@@ -17,17 +18,10 @@ recipe = sys.argv[1] if len(sys.argv) > 1 else "w4a4-static"
 torch.manual_seed(0)
 pipe = load("miniature-pixart")
 prompts = miniature_prompts("miniature-pixart", 16)
-denoiser, calls = pipe.transformer, []
-
-
-def record(_module, args, kwargs):
-    kwargs = {**kwargs, **({"hidden_states": args[0]} if args else {}), "return_dict": False}
-    calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-
-
-handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
-generate(pipe, prompts[:8], seed=0, steps=10, progress=False)
-handle.remove()
+denoiser = pipe.transformer
+with TrajectoryRecorder(denoiser, lambda _step: True) as recorder:
+    recorder.run(lambda: generate(pipe, prompts[:8], seed=0, steps=10, progress=False), first=True)
+calls = [c.kwargs for c in recorder.trajectory.calls]
 with torch.no_grad():
     reference = [denoiser(**c)[0] for c in calls]
 dmquant.quantize(pipe, recipe, calibration={"prompts": calibration_prompts("miniature-pixart", prompts, 16),
