@@ -243,6 +243,7 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
 
     if cfg.guidance is not None:
         check_guidance_batched(calls, name)
+
     def call_losses(step: int, batch: list[int]) -> float:
         """Backward of this process's share of the step's calls (the per-call objective); the mean loss."""
         total = 0.0
