@@ -160,15 +160,13 @@ class TrajectoryRunner:
         """(every calibration prompt, the pipeline call arguments they were sampled with: size, quirks,
         steps, guidance), for a fine-tuning step that samples the pipeline itself; None without a
         sampling run behind the trajectory."""
-        from dmquant.pipelines.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, call_defaults
+        from dmquant.pipelines.generate import sampling_kwargs
 
         prompts = self.description.get("prompts")
         if not prompts or isinstance(pipe, nn.Module):
             return None
-        guidance = self.description.get("guidance_scale")
-        return list(prompts), dict(call_defaults(pipe), num_inference_steps=self.steps or DEFAULT_STEPS,
-                                   guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
-                                   **self.call_kwargs)
+        return list(prompts), sampling_kwargs(pipe, self.steps, self.description.get("guidance_scale"),
+                                              **self.call_kwargs)
 
     def __call__(self, obj: Any) -> None:
         denoiser = obj if isinstance(obj, nn.Module) else get_path(obj, denoiser_path(obj))

@@ -28,10 +28,7 @@ def generate(pipe: Any, prompts: list[str], seed: int = 0, steps: int | None = N
     `start_index` is the global index of prompts[0] (for sharded runs); extra keyword arguments go to
     the pipeline call (height, width, num_frames, ...)."""
     family = family_of(pipe)
-    kwargs: dict[str, Any] = dict(call_defaults(pipe), num_inference_steps=steps or DEFAULT_STEPS,
-                                  guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale,
-                                  output_type="pt")
-    kwargs.update(call_kwargs)
+    kwargs = sampling_kwargs(pipe, steps, guidance_scale, **{"output_type": "pt", **call_kwargs})
     device = getattr(pipe, "device", torch.device("cpu"))
     outs = []
     starts = range(0, len(prompts), batch_size)
@@ -43,6 +40,14 @@ def generate(pipe: Any, prompts: list[str], seed: int = 0, steps: int | None = N
         samples = out.frames if family.is_video else out.images
         outs.append(torch.as_tensor(samples).float().cpu())
     return torch.cat(outs).clamp(0, 1)
+
+
+def sampling_kwargs(pipe: Any, steps: int | None = None, guidance_scale: float | None = None,
+                    **call_kwargs: Any) -> dict[str, Any]:
+    """The pipeline call arguments `generate` samples with (a fine-tuning step that samples the pipeline
+    itself uses the same): the call defaults, step count and guidance, then `call_kwargs` over them."""
+    return {**call_defaults(pipe), "num_inference_steps": steps or DEFAULT_STEPS,
+            "guidance_scale": DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale, **call_kwargs}
 
 
 def call_defaults(pipe: Any) -> dict[str, Any]:

@@ -26,7 +26,6 @@ NOISE_SEED = 2_000_000  # away from the evaluation seeds (0, 1, ...) and the cal
 HELD_STEP = -1  # the noise of the before / after figure: no optimizer step's
 
 
-
 @contextlib.contextmanager
 def sampling_pipeline(pipe: Any) -> Iterator[None]:
     """While training through the pipeline: no module of it but the trained adapters collects gradients
