@@ -9,7 +9,7 @@ and seeds as FP. Writes learning_curve.png (mean PSNR with its 95 % bootstrap in
 curve.md and the eval outputs.
 
     python scripts/learning_curve.py --pipeline miniature-pixart --recipe efficientdm-w4a4 \\
-        --iters 0,50,100,200,400 --out docs/results/learning-curve-pixart
+        --iters 0,100,200,400,800 --num-prompts 16 --out outputs/learning-curve
 """
 from __future__ import annotations
 
