@@ -12,10 +12,9 @@ one-sample t-interval of the runs' gains (the Welch interval with a zero-varianc
 import sys
 
 import torch
-from scipy.stats import t
 
 from dmquant.cli import _metrics_rows
-from dmquant.eval.bootstrap import CONFIDENCE, paired_ci
+from dmquant.eval.bootstrap import paired_ci, runs_interval
 from dmquant.eval.table import compare_rows
 
 
@@ -34,13 +33,14 @@ def gain_over_fixed(runs: list[dict], base: dict, metric: str = "psnr") -> str:
     over runs."""
     pa = torch.tensor([r["per_prompt"][metric] for r in runs], dtype=torch.float64)  # (runs, prompts)
     pb = torch.tensor(base["per_prompt"][metric], dtype=torch.float64)
-    gains = pa.mean(1) - pb.mean()
-    half = float(t.ppf((1 + CONFIDENCE) / 2, len(runs) - 1)) * float(gains.std() / len(runs) ** 0.5)
+    base_mean = float(pb.mean())
+    # Welch's interval with a zero-variance side is the one-sample t-interval of the runs' gains
+    rlo, rhi = runs_interval(pa.mean(1).tolist(), [base_mean, base_mean])
     lo, hi = paired_ci(pa.mean(0), pb)
     values = " / ".join(f"{float(v):.2f}" for v in pa.mean(1))
-    return (f"{metric}: runs {values}, mean {float(pa.mean()):.2f}; fixed baseline {float(pb.mean()):.2f}\n"
-            f"gain {float(gains.mean()):+.2f}, paired 95 % interval [{lo:+.2f}, {hi:+.2f}], "
-            f"over runs (t, {len(runs) - 1} dof) [{float(gains.mean()) - half:+.2f}, {float(gains.mean()) + half:+.2f}]\n")
+    return (f"{metric}: runs {values}, mean {float(pa.mean()):.2f}; fixed baseline {base_mean:.2f}\n"
+            f"gain {float(pa.mean()) - base_mean:+.2f}, paired 95 % interval [{lo:+.2f}, {hi:+.2f}], "
+            f"over runs (t, {len(runs) - 1} dof) [{rlo:+.2f}, {rhi:+.2f}]\n")
 
 
 sides = [[run(s) for s in side.split(",")] for side in sys.argv[1:3]]
