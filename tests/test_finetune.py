@@ -449,6 +449,18 @@ def test_a_diverging_fine_tuning_fails_loudly(monkeypatch):
         dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=12, batch_size=1), calibration=CALIB)
 
 
+def test_a_fine_tuning_that_ends_worse_than_its_start_says_so(monkeypatch, caplog):
+    """Finite losses all along but a model further from float than the PTQ start (a far too large rate):
+    no error fires, so the run warns and notes it rather than handing back a worse model silently."""
+    results = recording(monkeypatch, "efficientdm")
+    with caplog.at_level("WARNING", logger="dmquant.finetune.distill"):
+        dmquant.quantize(pipeline("tiny-pixart"), recipe("efficientdm-w4a4", iters=4, batch_size=1, lr=3.0,
+                                                         lsq=False), calibration=CALIB)
+    (res,) = results
+    assert res.mse_after > res.mse_before and res.notes["worse_than_start"]
+    assert "further from the float one than its start" in caplog.text
+
+
 def test_learnt_step_sizes_stop_at_a_thousandth_of_their_calibrated_value():
     """LSQ may drive a step size towards zero (where its gradient is 0 x inf): a huge rate pushes rows
     to the floor, 1e-3 of the calibrated value, and the model stays finite."""

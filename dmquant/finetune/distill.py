@@ -109,7 +109,9 @@ def lr_factor(schedule: str, step: int, iters: int) -> float:
     """Multiplier of every base learning rate at optimizer step `step`: a function of the step alone (no
     scheduler state), so a resumed run continues the same curve. Cosine decays to 0 at `iters`; on the
     pixart miniature it scored 1.2 dB below a constant rate (docs/results.md): the activation step sizes
-    were still moving when their rate decayed, so the recipes keep "constant"."""
+    were still moving when their rate decayed, so the LSQ recipes keep "constant". Without step sizes
+    (svdquant-efficientdm-w4a4: dynamic activations) it settles the end of the run, which otherwise swings
+    by up to 2 dB between checkpoints on the SD miniature."""
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * step / max(iters, 1)))
     return 1.0
@@ -343,8 +345,14 @@ def distill_adapters(denoiser: nn.Module, calls: list, adapters: dict[str, Layer
         denoiser.train(was_training)
     peak, kind = _peak_memory(device)
     trainable = sum(p.numel() for p in params.values())
+    notes: dict[str, Any] = {"skipped_steps": skipped} if skipped else {}
+    if after > before:  # finite all along, yet worse than the start: no error fired, so say it here
+        notes["worse_than_start"] = True
+        log.warning("%s: the fine-tuned model is further from the float one than its start on the held figure "
+                    "(%.4g -> %.4g): training did not converge; lower lr / lsq_lr or compare it against the "
+                    "recipe without fine-tuning before using it", name, before, after)
     result = DistillResult(losses, start, before, after, trainable, round(peak, 1), kind,
-                           round(time.perf_counter() - t0, 3), {"skipped_steps": skipped} if skipped else {})
+                           round(time.perf_counter() - t0, 3), notes)
     log.info("%s: %d trainable parameters, output MSE vs float %.4g -> %.4g, peak memory %.0f MB (%s)", name,
              trainable, before, after, peak, kind)
     return result
