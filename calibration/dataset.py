@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -48,6 +48,7 @@ class CalibrationSet:
     height: int | None = None
     width: int | None = None
     call_kwargs: dict[str, Any] | None = None  # any other pipeline call arguments
+    exclude: list[str] | None = None  # prompts the default ones must avoid (an evaluation's scored prompts)
 
     def __post_init__(self) -> None:
         parse_selection(self.timesteps)  # fail early on a bad selection
@@ -89,7 +90,7 @@ class CalibrationSet:
             raise TypeError("CalibrationSet generates data with a pipeline; for a bare model record a Trajectory "
                             "yourself and pass TrajectoryRunner(trajectory) as calibration")
         denoiser = get_path(pipe, denoiser_path(pipe))
-        prompts = list(self.prompts) if self.prompts else calibration_prompts(pipe, self.num_prompts)
+        prompts = list(self.prompts) if self.prompts else calibration_prompts(pipe, self.num_prompts, self.exclude)
         steps = self.steps or DEFAULT_STEPS
         selection = parse_selection(self.timesteps)
         batches = [prompts[s:s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
@@ -123,7 +124,8 @@ class CalibrationSet:
         description = {**asdict(self), "prompts": prompts, "steps": steps, "timestep_scale": scale,
                        "call_kwargs": call, "recorded_steps": sorted(keep), "recorded_calls": len(trajectory.calls),
                        "calls_per_step": [sum(c.step == k for c in trajectory.calls) for k in sorted(keep)]}
-        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed, call, record)
+        return TrajectoryRunner(trajectory, description, prompts[: self.batch_size], steps, self.seed, call, record,
+                                self)
 
 
 def _sampled(calls: list[DenoiserCall], total: int, features: torch.Tensor | None) -> list[DenoiserCall]:
@@ -147,8 +149,9 @@ class TrajectoryRunner:
     def __init__(self, trajectory: Trajectory, description: dict[str, Any] | None = None,
                  prompts: list[str] | None = None, steps: int | None = None, seed: int = 1_000_000,
                  call_kwargs: dict[str, Any] | None = None,
-                 record: Callable[[], Trajectory] | None = None) -> None:
+                 record: Callable[[], Trajectory] | None = None, calibration: CalibrationSet | None = None) -> None:
         self.trajectory = trajectory
+        self.calibration = calibration  # the settings that recorded it (None: recorded elsewhere)
         # Re-samples the same prompts, seeds and steps with the denoiser as it is then (a fine-tuning
         # step's own trajectory); None when the runner only holds a trajectory recorded elsewhere.
         self.record = record
@@ -167,6 +170,18 @@ class TrajectoryRunner:
             return None
         return list(prompts), sampling_kwargs(pipe, self.steps, self.description.get("guidance_scale"),
                                               **self.call_kwargs)
+
+    def with_prompts(self, pipe: Any, n: int) -> TrajectoryRunner:
+        """The same calibration settings on `n` default prompts, recorded now with `pipe` as it is: a
+        fine-tuning step's own data set, larger than what the recipe's other steps calibrate on."""
+        if self.calibration is None:
+            raise ValueError(f"a data set of {n} prompts of its own is recorded with calibration settings (a "
+                             "CalibrationSet), and this calibration is a trajectory recorded elsewhere")
+        if self.calibration.prompts:
+            raise ValueError(f"a data set of {n} prompts of its own draws the default calibration prompts, and "
+                             f"this calibration was given a list of {len(self.calibration.prompts)}: leave the "
+                             "step's prompts unset to fine-tune on that list")
+        return replace(self.calibration, num_prompts=n).prepare(pipe)
 
     def __call__(self, obj: Any) -> None:
         denoiser = obj if isinstance(obj, nn.Module) else get_path(obj, denoiser_path(obj))

@@ -139,6 +139,7 @@ class DistillConfig:
     drop: float = 0.0  # QDrop: probability that an activation element skips its quantizer while training
     guidance: float | None = None  # loss on the classifier-free guided output at this scale (None: per half)
     objective: str = "call"  # "call": each recorded call's output | "sample": final latents of whole sampling runs
+    prompts: int | None = None  # own data set: this many calibration prompts' float trajectory (None: the recipe's)
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -149,6 +150,9 @@ class DistillConfig:
             raise ValueError("trajectory: student needs refresh_every >= 1 dividing checkpoint_every (a resumed "
                              f"run re-samples where the uninterrupted one did); got {self.refresh_every} and "
                              f"{self.checkpoint_every}")
+        if self.prompts is not None and self.prompts < 1:
+            raise ValueError(f"prompts is the number of calibration prompts to fine-tune on: it must be >= 1, "
+                             f"got {self.prompts}")
         if self.objective not in ("call", "sample"):
             raise ValueError(f"objective must be call or sample, got {self.objective!r}")
         if self.objective == "sample" and (self.trajectory != "float" or self.feature_weight or self.guidance):

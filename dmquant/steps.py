@@ -57,6 +57,15 @@ class StepRun:
         sampling = getattr(self.runner, "sampling", None)
         return sampling(self.obj) if sampling is not None else None
 
+    def with_prompts(self, n: int) -> StepRun:
+        """A run on the same calibration settings with `n` prompts, recorded now with the model as it is
+        (a fine-tuning step's own data set; see `TrajectoryRunner.with_prompts`)."""
+        resize = getattr(self.runner, "with_prompts", None)
+        if resize is None:
+            raise ValueError(f"a data set of {n} prompts of its own is recorded with calibration settings; "
+                             "this calibration is a plain callable")
+        return StepRun(resize(self.obj, n), self.obj)
+
     def record(self) -> Any:
         """A new trajectory sampled with the model as it is now (same prompts, seeds and steps), or None
         when the calibration data cannot be re-sampled (a recorded trajectory or a plain callable)."""

@@ -160,20 +160,15 @@ def _fp_samples(cfg: EvalConfig) -> tuple[torch.Tensor, float, int]:
 
 
 def calibration_prompts(pipeline: str, eval_prompts: list[str], n: int = CalibrationSet.num_prompts) -> list[str]:
-    """`n` calibration prompts disjoint from the evaluation prompts: held-out procedural captions for
-    a miniature, generic captions otherwise. Calibrating on the prompts that are then scored would
-    flatter every calibrated recipe, so an overlap that cannot be avoided is an error."""
+    """`n` calibration prompts of `pipeline` disjoint from the evaluation prompts (see
+    `dmquant.pipelines.calibration_prompts`), with the flag that fixes a shortfall."""
     from dmquant.pipelines import calibration_prompts as held_out
 
-    scored = set(eval_prompts)
-    # Procedural captions repeat evaluation ones by chance: top up from a larger draw.
-    pool = held_out(pipeline, n) + held_out(pipeline, 4 * n)
-    chosen = [p for p in dict.fromkeys(pool) if p not in scored][:n]
-    if len(chosen) < n:
-        raise ValueError(f"only {len(chosen)} calibration prompts of {pipeline!r} are disjoint from the "
-                         f"{len(scored)} evaluation prompts (need {n}): evaluate on other prompts or fewer "
-                         "calibration prompts (--calib-prompts)")
-    return chosen
+    try:
+        return held_out(pipeline, n, exclude=eval_prompts)
+    except ValueError as e:
+        raise ValueError(f"{pipeline!r}: {e}: evaluate on other prompts or fewer calibration prompts "
+                         "(--calib-prompts)") from None
 
 
 def _calib_count(cfg: EvalConfig, model: str) -> int:
@@ -199,8 +194,10 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
         calibrate.description = {"prompts": prompts, "steps": cfg.steps, "seed": seed,
                                   "guidance_scale": cfg.guidance_scale}
         return apply_backend(pipe, model, calibrate)
-    # dmquant records the float trajectory on held-out prompts (recipe timestep selection kept)
-    settings = {"prompts": prompts, "steps": cfg.steps, "seed": seed, "timesteps": cfg.extra.get("calib_timesteps"),
+    # dmquant records the float trajectory on held-out prompts (recipe timestep selection kept); drawn
+    # by the calibration set, so a fine-tuning step's own larger set is disjoint from the scored ones too
+    settings = {"num_prompts": len(prompts), "exclude": cfg.prompts, "steps": cfg.steps, "seed": seed,
+                "timesteps": cfg.extra.get("calib_timesteps"),
                 "guidance_scale": cfg.guidance_scale}
     return dmquant.quantize(pipe, model, calibration={k: v for k, v in settings.items() if v is not None})
 

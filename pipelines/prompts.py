@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .data import COLOURS, DIRECTIONS, POSITIONS, SHAPES, make_images, make_videos
 from .miniature import NAMES, WEIGHTS
@@ -45,9 +45,20 @@ def miniature_name(pipe: Any) -> str | None:
     return path.name if path.name in NAMES and path.parent.resolve() == WEIGHTS.resolve() else None
 
 
-def calibration_prompts(pipe_or_name: Any, n: int = 16) -> list[str]:
+def calibration_prompts(pipe_or_name: Any, n: int = 16, exclude: Sequence[str] | None = None) -> list[str]:
     """Default calibration prompts: held-out procedural captions for a miniature (never its evaluation
-    prompts), otherwise generic captions."""
+    prompts), otherwise generic captions. With `exclude` (the prompts an evaluation scores), `n` prompts
+    none of which is excluded: calibrating on scored prompts would flatter every calibrated recipe, so
+    an overlap that cannot be avoided is an error."""
+    if exclude is not None:
+        scored = set(exclude)
+        # Procedural captions repeat evaluation ones by chance: top up from a larger draw.
+        pool = calibration_prompts(pipe_or_name, n) + calibration_prompts(pipe_or_name, 4 * n)
+        chosen = [p for p in dict.fromkeys(pool) if p not in scored][:n]
+        if len(chosen) < n:
+            raise ValueError(f"only {len(chosen)} calibration prompts are disjoint from the {len(scored)} "
+                             f"evaluation prompts (need {n})")
+        return chosen
     name = pipe_or_name if isinstance(pipe_or_name, str) else miniature_name(pipe_or_name)
     if name in NAMES:
         return (make_videos if name == "miniature-latte" else make_images)(n, seed=HELD_OUT_SEED).prompts

@@ -7,7 +7,7 @@ from dmquant.cli import main
 from dmquant.eval import EvalConfig, evaluate, runner
 from dmquant.eval.checks import check_checkpoint
 from dmquant.eval.metrics.fid import MIN_SAMPLES
-from dmquant.pipelines import load, miniature_prompts
+from dmquant.pipelines import calibration_prompts, load, miniature_prompts
 from dmquant.pipelines.prompts import GENERIC_PROMPTS
 
 PROMPTS = ["a red circle at the top", "a blue square", "a cyan cross in the center"]
@@ -109,7 +109,7 @@ def test_a_recipe_is_calibrated_on_its_own_prompt_count(tmp_path, monkeypatch, n
     seen = []
 
     def spy(pipe, recipe, calibration):
-        seen.append(calibration["prompts"])
+        seen.append(calibration)
         return pipe
 
     monkeypatch.setattr(dmquant, "quantize", spy)
@@ -118,8 +118,9 @@ def test_a_recipe_is_calibrated_on_its_own_prompt_count(tmp_path, monkeypatch, n
         cfg = EvalConfig(pipeline="miniature-sd", models=[], prompts=PROMPTS, steps=2, extra=extra)
         for model in (str(tmp_path / "five.yaml"), "w8a8"):
             runner._quantized_pipe(cfg, model)
-    assert [len(p) for p in seen] == [5, 16, 3, 3]
-    assert not set(seen[0]) & set(PROMPTS)
+    assert [c["num_prompts"] for c in seen] == [5, 16, 3, 3]
+    assert all(c["exclude"] == PROMPTS for c in seen)  # the calibration set draws around the scored prompts
+    assert not set(calibration_prompts("miniature-sd", 5, exclude=PROMPTS)) & set(PROMPTS)
     cfg = EvalConfig(pipeline="miniature-sd", models=["w8a8", str(tmp_path / "many.yaml")], prompts=PROMPTS,
                      steps=2, metrics=("psnr",), out=tmp_path / "ev")
     with pytest.raises(ValueError, match="disjoint"):

@@ -232,3 +232,39 @@ def test_learned_smoothing_is_an_equivalence_folded_into_weight_branch_and_trans
     assert sqnr_db(trained, out) > 40, sqnr_db(trained, out)
     dmquant.save_quantized(pipe, tmp_path / "ft")
     assert torch.equal(run(dmquant.load_quantized(tmp_path / "ft").transformer), out)
+
+
+def test_a_fine_tuning_step_distils_on_its_own_float_data_set(monkeypatch):
+    """`prompts: n` records the calibration settings on n prompts when the step starts, every quantizer
+    off: the calls it trains on are the float pipeline's (an independent float recording, to float
+    rounding of the smoothing and branch algebra), not the quantized model's, which differ by far more."""
+    from dmquant.calibration import CalibrationSet
+    from dmquant.finetune import qalora
+
+    seen, distill = {}, qalora.distill_adapters
+
+    def watched(denoiser, calls, *a, **k):
+        seen["calls"] = calls
+        return distill(denoiser, calls, *a, **k)
+    monkeypatch.setattr(qalora, "distill_adapters", watched)
+    calib = {**CALIB, "batch_size": 1}
+    dmquant.quantize(pipeline(), composed(iters=2, batch_size=2, prompts=3), calibration=calib)
+    float_calls = CalibrationSet(**{**calib, "num_prompts": 3}).prepare(pipeline()).trajectory.calls
+    calls = seen["calls"]
+    assert len(calls) == len(float_calls) == 3 * CALIB["steps"]  # not the recipe's 2 prompts
+
+    def gap(a, b):  # worst relative difference of the latent inputs
+        x, y = a.kwargs["hidden_states"].double(), b.kwargs["hidden_states"].double()
+        return ((x - y).norm() / y.norm()).item()
+    assert max(gap(c, f) for c, f in zip(calls, float_calls)) < 1e-4
+    student = pipeline()
+    dmquant.quantize(student, composed(iters=0), calibration=CALIB)
+    student_calls = CalibrationSet(**{**calib, "num_prompts": 3}).prepare(student).trajectory.calls
+    assert max(gap(c, f) for c, f in zip(student_calls, float_calls)) > 1e-2
+
+
+def test_a_fine_tuning_data_set_of_its_own_is_refused_where_it_cannot_be_drawn():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        composed(prompts=0)  # checked when the recipe is built, before any data is recorded
+    with pytest.raises(ValueError, match="given a list of 2"):
+        dmquant.quantize(pipeline(), composed(iters=1, prompts=3), calibration=["a red circle", "a blue square"])

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..nn.qmodule import QuantModule
+from ..nn.switch import quantization_disabled
 from .adapters import make_adapters
 from .distill import DistillConfig, DistillResult, Schedule, distill_adapters, lsq_scales, trajectory_inputs
 from .sampling import SampledLatentLoss, sampling_pipeline
@@ -41,6 +42,9 @@ def finetune_layers(modules: Sequence[nn.Module], run: Any, name: str, select: S
     their step sizes if `lsq` (all of them when every weight-quantized layer trains), the distillation
     loop, the merge."""
     cfg = DistillConfig(**loop)
+    if cfg.prompts is not None:  # its own data set, from the float model (every quantizer off)
+        with quantization_disabled(*modules):
+            run = run.with_prompts(cfg.prompts)
     denoiser, calls = trajectory_inputs(modules, run, name)
     layers = select(denoiser, calls)
     every = len(layers) == len(weight_quantized_layers(denoiser))
@@ -78,7 +82,7 @@ def apply_efficientdm(modules: list[nn.Module], run: Any, rank: int = 8, lsq: bo
     smoothing scale per layer (`smooth_lr`; see `SmoothingTwin`). Loop arguments (`iters`, `lr`,
     `batch_size`, `lsq_lr`, `branch_lr`, `smooth_lr`, `feature_weight`, `blocks`, `mixed_precision`, `checkpoint`,
     `checkpoint_every`, `resume`, `seed`, `trajectory`, `refresh_every`, `lr_schedule`, `drop`, `guidance`,
-    `objective`): `DistillConfig`.
+    `objective`, `prompts`): `DistillConfig`.
 
     >>> dmquant.quantize(pipe, "efficientdm-w4a4")   # ranges, then this step
     """
