@@ -131,6 +131,7 @@ def _search(mods: dict[str, nn.Module], seen: dict[str, str], stats: ActivationS
     if len(alphas) > 1:
         candidates.append((None, torch.ones_like(act, dtype=torch.float64)))
     best: tuple[float | None, float, torch.Tensor] | None = None
+    losses = {}
     for a, s in candidates:
         errors = []
         for c, k in seen.items():
@@ -140,9 +141,11 @@ def _search(mods: dict[str, nn.Module], seen: dict[str, str], stats: ActivationS
                 ref = refs[c][b]
                 errors.append(float((layer(x) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
             layer.lowrank = None
-        loss = sum(errors) / len(errors)
+        loss = losses[a] = sum(errors) / len(errors)
         if best is None or loss < best[1]:
             best = (a, loss, s)
+    # How decisive the choice was: a near-tie is decided by float rounding, i.e. by the code path
+    log.debug("smoothquant: %s: %s", ",".join(mods), ", ".join(f"{a}: {v:.6g}" for a, v in losses.items()))
     for c, m in mods.items():  # back to the unsmoothed state; _apply commits the winner
         set_weight(m, originals[c])
         if isinstance(m, QuantModule) and m.transform is not None:
