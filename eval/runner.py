@@ -185,9 +185,10 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
     if Path(model).is_dir():
         return dmquant.load_quantized(model, device=cfg.device, torch_dtype=cfg.torch_dtype)
     pipe = _load(cfg)
-    prompts = calibration_prompts(cfg.pipeline, cfg.prompts, _calib_count(cfg, model))
-    seed = cfg.seed + 10**6
+    n, seed = _calib_count(cfg, model), cfg.seed + 10**6
     if ":" in model:  # other libraries calibrate by running the pipeline
+        prompts = calibration_prompts(cfg.pipeline, cfg.prompts, n)
+
         def calibrate(p: Any = pipe) -> None:
             generate(p, prompts, seed=seed, steps=cfg.steps, progress=False, guidance_scale=cfg.guidance_scale)
 
@@ -196,7 +197,7 @@ def _quantized_pipe(cfg: EvalConfig, model: str) -> Any:
         return apply_backend(pipe, model, calibrate)
     # dmquant records the float trajectory on held-out prompts (recipe timestep selection kept); drawn
     # by the calibration set, so a fine-tuning step's own larger set is disjoint from the scored ones too
-    settings = {"num_prompts": len(prompts), "exclude": cfg.prompts, "steps": cfg.steps, "seed": seed,
+    settings = {"num_prompts": n, "exclude": cfg.prompts, "steps": cfg.steps, "seed": seed,
                 "timesteps": cfg.extra.get("calib_timesteps"),
                 "guidance_scale": cfg.guidance_scale}
     return dmquant.quantize(pipe, model, calibration={k: v for k, v in settings.items() if v is not None})

@@ -130,8 +130,7 @@ def _search(mods: dict[str, nn.Module], seen: dict[str, str], stats: ActivationS
     candidates = [(a, smoothing_factors(act, w_max, a)) for a in alphas]
     if len(alphas) > 1:
         candidates.append((None, torch.ones_like(act, dtype=torch.float64)))
-    best: tuple[float | None, float, torch.Tensor] | None = None
-    losses = {}
+    losses: dict[float | None, float] = {}
     for a, s in candidates:
         errors = []
         for c, k in seen.items():
@@ -141,18 +140,17 @@ def _search(mods: dict[str, nn.Module], seen: dict[str, str], stats: ActivationS
                 ref = refs[c][b]
                 errors.append(float((layer(x) - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
             layer.lowrank = None
-        loss = losses[a] = sum(errors) / len(errors)
-        if best is None or loss < best[1]:
-            best = (a, loss, s)
-    # How decisive the choice was: a near-tie is decided by float rounding, i.e. by the code path
-    log.debug("smoothquant: %s: %s", ",".join(mods), ", ".join(f"{a}: {v:.6g}" for a, v in losses.items()))
+        losses[a] = sum(errors) / len(errors)
+    best = min(losses, key=losses.__getitem__)  # the first of equal errors, in candidate order
+    if log.isEnabledFor(logging.DEBUG):  # how decisive the choice was: float rounding settles near-ties
+        log.debug("smoothquant: %s: %s", ",".join(mods), ", ".join(f"{a}: {v:.6g}" for a, v in losses.items()))
     for c, m in mods.items():  # back to the unsmoothed state; _apply commits the winner
         set_weight(m, originals[c])
         if isinstance(m, QuantModule) and m.transform is not None:
             m.transform.in_scale, m.transform.smooth = None, None
             if m.transform.is_identity():
                 m.transform = None
-    return best[0], best[2]
+    return best, dict(candidates)[best]
 
 
 def _smooth_layer(layer: QuantModule, weight: torch.Tensor, s: torch.Tensor, rank: int) -> None:
